@@ -1,0 +1,213 @@
+"""bias_act: add a per-channel bias, apply an activation, scale by a gain, clamp; in one op.
+
+    y = clamp(act(x + b) * gain, -clamp, clamp)
+
+StyleGAN2 follows every (modulated) convolution and every equalized-lr linear layer with this:
+leaky ReLU (alpha 0.2) with gain sqrt(2), which keeps unit variance through the layer (Karras et al.
+2020, App. B), or linear with gain 1. The clamp guards fp16 activations in the high-resolution layers.
+
+Two implementations with identical maths, chosen by `impl`:
+
+* 'ref'  - public PyTorch ops; autograd gives every derivative order.
+* 'cuda' - one elementwise kernel (bias_act.cu) for the forward pass, one for the gradient and one for
+           the second derivative, wired as autograd Functions whose backward is again such a Function,
+           so first and second derivatives (R1 and path length need the second) are exact.
+           For linear, relu and lrelu the gradient is computed from the output's sign, so the input
+           is not kept alive for backward.
+
+`impl=None` takes 'cuda' for CUDA tensors (unless SEMANTICGAN_OPS=ref) and 'ref' otherwise.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .cuda_loader import load_plugin, ops_forced_to_ref, warn_once
+
+# name: (kernel id, default alpha, default gain, whether the gradient can be computed from the output)
+ACTIVATIONS = {
+    "linear": (1, 0.0, 1.0, True),
+    "relu": (2, 0.0, 2 ** 0.5, True),
+    "lrelu": (3, 0.2, 2 ** 0.5, True),
+    "tanh": (4, 0.0, 1.0, False),
+    "sigmoid": (5, 0.0, 1.0, False),
+}
+
+
+def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, impl=None):
+    """Fused bias, activation, gain and clamp.
+
+    Args:
+        x:     input tensor of any shape and float dtype.
+        b:     bias, a vector of x.shape[dim] values, or None.
+        dim:   the dimension of x that b runs along (1 = channels).
+        act:   'linear', 'relu', 'lrelu', 'tanh' or 'sigmoid'.
+        alpha: the negative slope of 'lrelu' (default 0.2); ignored by the others.
+        gain:  positive output scale; None takes the activation's default (sqrt(2) for relu and lrelu, else 1).
+        clamp: clamp the output to [-clamp, clamp]; None (or a negative value) disables it.
+        impl:  'cuda', 'ref' or None (= 'cuda' for CUDA tensors unless SEMANTICGAN_OPS=ref).
+
+    Returns:
+        A tensor of x's shape, dtype and memory format.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"bias_act: unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}")
+    _, default_alpha, default_gain, _ = ACTIVATIONS[act]
+    alpha = float(default_alpha if alpha is None else alpha)
+    gain = float(default_gain if gain is None else gain)
+    clamp = float(-1 if clamp is None else clamp)
+    if gain <= 0:
+        raise ValueError(f"bias_act: gain must be positive, got {gain}")
+    if b is not None and (b.ndim != 1 or b.shape[0] != x.shape[dim]):
+        raise ValueError(f"bias_act: b has shape {tuple(b.shape)}, expected [{x.shape[dim]}] (x.shape[{dim}])")
+    if _use_cuda(x, impl):
+        b = None if b is None else b.to(x.dtype)  # a differentiable cast, so b's gradient comes back in b's dtype
+        return _bias_act_cuda(dim % x.ndim, act, alpha, gain, clamp).apply(x, b)
+    return _bias_act_ref(x, b, dim, act, alpha, gain, clamp)
+
+
+def _bias_act_ref(x, b, dim, act, alpha, gain, clamp):
+    if b is not None:
+        x = x + b.to(x.dtype).reshape([-1 if i == dim % x.ndim else 1 for i in range(x.ndim)])
+    if act == "relu":
+        x = F.relu(x)
+    elif act == "lrelu":
+        x = F.leaky_relu(x, alpha)
+    elif act == "tanh":
+        x = torch.tanh(x)
+    elif act == "sigmoid":
+        x = torch.sigmoid(x)
+    if gain != 1:
+        x = x * gain
+    if clamp >= 0:
+        x = x.clamp(-clamp, clamp)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA path
+
+
+def _use_cuda(x, impl):
+    if impl not in (None, "cuda", "ref"):
+        raise ValueError(f"impl must be 'cuda', 'ref' or None, got {impl!r}")
+    if impl == "ref" or not x.is_cuda or (impl is None and ops_forced_to_ref()):
+        return False
+    return _cuda_ok(x.device)
+
+
+def _plugin():
+    return load_plugin("bias_act_plugin")
+
+
+_checked_devices = {}
+
+
+def _cuda_ok(device):
+    """Build the kernel once and, once per device, check it against the reference; fall back on a mismatch."""
+    key = str(device)
+    if key not in _checked_devices:
+        _checked_devices[key] = _plugin() is not None  # provisional: the self-check itself runs the kernel
+        if _checked_devices[key]:
+            _checked_devices[key] = _self_check(device)
+    return _checked_devices[key]
+
+
+@torch.enable_grad()
+@torch.autocast("cuda", enabled=False)
+def _self_check(device):
+    """Forward, gradient and second derivative of every activation against 'ref', in float32."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for act in ACTIVATIONS:
+        for clamp, layout in ((None, torch.contiguous_format), (0.7, torch.channels_last)):
+            x0 = torch.randn(2, 5, 3, 4, generator=gen).to(device).contiguous(memory_format=layout)
+            b0 = torch.randn(5, generator=gen).to(device)
+            _, alpha, gain, _ = ACTIVATIONS[act]
+            clamp_value = -1.0 if clamp is None else clamp
+            results = []
+            for fn in (_bias_act_cuda(1, act, alpha, gain, clamp_value).apply,
+                       lambda x, b: _bias_act_ref(x, b, 1, act, alpha, gain, clamp_value)):
+                x, b = x0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+                y = fn(x, b)
+                dy = torch.cos(torch.arange(y.numel(), device=device, dtype=y.dtype)).reshape(y.shape)
+                dy.requires_grad_(True)  # so the double backward is also checked w.r.t. the incoming gradient
+                dx, db = torch.autograd.grad(y, [x, b], dy, create_graph=True)
+                second = torch.autograd.grad((dx ** 2).sum() + (db ** 2).sum(), [x, b, dy], allow_unused=True)
+                second = [torch.zeros_like(t) if g is None else g for g, t in zip(second, (x, b, dy))]
+                results.append([t.detach() for t in (y, dx, db, *second)])
+            for name, a, want in zip(("forward", "dx", "db", "ddx", "ddb", "ddy"), *results):
+                err = (a - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+                if not err < 1e-4:
+                    warn_once("bias_act-selfcheck",
+                              f"the CUDA bias_act disagrees with the reference ({act}, clamp={clamp}, {name}, "
+                              f"relative error {err:.2e}); using the reference implementation for the rest of this run.")
+                    return False
+    return True
+
+
+_EMPTY = {}
+
+
+def _empty(like):
+    """A zero-element tensor standing for 'absent' in the kernel's argument list."""
+    key = (like.device, like.dtype)
+    if key not in _EMPTY:
+        _EMPTY[key] = torch.empty([0], device=like.device, dtype=like.dtype)
+    return _EMPTY[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _bias_act_cuda(dim, act, alpha, gain, clamp):
+    """autograd.Functions for one configuration: forward, gradient (itself differentiable), second derivative."""
+    act_id, _, _, grad_from_y = ACTIVATIONS[act]
+    has_second_derivative = not grad_from_y
+
+    def kernel(x, b, xref, yref, dy, mode):
+        return _plugin().bias_act(x, _empty(x) if b is None else b, xref, yref, dy, mode, act_id, dim, alpha, gain, clamp)
+
+    def sum_to_bias(t, b):
+        return t.sum([i for i in range(t.ndim) if i != dim]) if b is not None else None
+
+    class BiasActCuda(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, b):
+            y = kernel(x, b, _empty(x), _empty(x), _empty(x), 0)
+            # Keep only what the gradient reads: the output for linear/relu/lrelu, the input otherwise.
+            ctx.save_for_backward(*((_empty(x), b, y) if grad_from_y else (x, b, _empty(x))))
+            ctx.has_bias = b is not None
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, b, y = ctx.saved_tensors
+            b = b if ctx.has_bias else None
+            dx = BiasActGradCuda.apply(dy, x, b, y)
+            return dx, sum_to_bias(dx, b) if ctx.needs_input_grad[1] else None
+
+    class BiasActGradCuda(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, dy, x, b, y):
+            dy = dy.contiguous(memory_format=_memory_format(y if grad_from_y else x))
+            dx = kernel(dy, b, x, y, _empty(dy), 1)
+            ctx.save_for_backward(dy, x, b, y)
+            ctx.has_bias = b is not None
+            return dx
+
+        @staticmethod
+        def backward(ctx, d_dx):
+            dy, x, b, y = ctx.saved_tensors
+            b = b if ctx.has_bias else None
+            d_dy = BiasActGradCuda.apply(d_dx, x, b, y) if ctx.needs_input_grad[0] else None
+            d_x = d_b = None
+            if has_second_derivative and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+                d_x = kernel(d_dx.contiguous(memory_format=_memory_format(x)), b, x, y, dy, 2)
+                d_b = sum_to_bias(d_x, b) if ctx.needs_input_grad[2] else None
+            return d_dy, d_x, d_b, None
+
+    return BiasActCuda
+
+
+def _memory_format(t):
+    return torch.channels_last if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous() else torch.contiguous_format

@@ -1,0 +1,143 @@
+"""Lazy, once-only compilation of the fused CUDA ops.
+
+What StyleGAN2 users ran into, and what this file does instead:
+
+* Compiling at import broke every CPU-only machine. Here nothing happens at import: `load_plugin` is
+  called by an op the first time it sees a CUDA tensor.
+* A failed build retried on every call made training crawl. Here a failure is reported once, with the
+  compiler's own error, and remembered for the life of the process: the caller gets `None` and uses the
+  reference path from then on.
+* A stale build lock (a process killed mid-build) hung every later start-up. Here there is no lock:
+  each process compiles in a fresh private folder and atomically renames the finished library into the
+  cache folder, which is keyed by a hash of the sources and the toolchain. A cache hit imports the
+  library directly, without ninja and without touching the build system.
+* A kernel that compiled is not yet a kernel that is right. Each op module runs a self-check against its
+  reference on a tiny input the first time it uses the plugin (see `ops.upfirdn2d._cuda_ok`) and falls
+  back, loudly and once, if they disagree.
+
+Environment variables:
+    SEMANTICGAN_OPS=ref          never build or use the CUDA kernels (every op takes the reference path).
+    SEMANTICGAN_OPS_CACHE=DIR    where built libraries live (default ~/.cache/semanticgan/ops).
+    SEMANTICGAN_OPS_VERBOSE=1    show the compiler's command lines while building.
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+import torch
+
+_SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
+PLUGIN_SOURCES = {  # extension name -> its files in ops/
+    "upfirdn2d_plugin": ["upfirdn2d.cpp", "upfirdn2d.cu"],
+    "bias_act_plugin": ["bias_act.cpp", "bias_act.cu"],
+}
+_plugins = {}  # name -> loaded module, or None after a failure (never retried)
+
+
+def ops_forced_to_ref():
+    """True when the user asked for the reference path everywhere (SEMANTICGAN_OPS=ref)."""
+    return os.environ.get("SEMANTICGAN_OPS", "").strip().lower() == "ref"
+
+
+def warn_once(key, message, _seen=set()):
+    """Print a warning a single time per process (a fallback must be loud, but not on every call)."""
+    if key not in _seen:
+        _seen.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        print(f"semanticgan.ops: {message}", file=sys.stderr, flush=True)
+
+
+def _cache_root():
+    default = os.path.join(os.path.expanduser("~"), ".cache", "semanticgan", "ops")
+    return os.environ.get("SEMANTICGAN_OPS_CACHE", default)
+
+
+def _build_key(name, sources):
+    """Hash of everything that changes the binary: the sources and headers, torch, CUDA, the GPU arch list."""
+    h = hashlib.sha256()
+    for path in sorted(sources):
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    for path in sorted(p for p in os.listdir(_SOURCE_DIR) if p.endswith((".h", ".cuh"))):
+        with open(os.path.join(_SOURCE_DIR, path), "rb") as f:
+            h.update(f.read())
+    h.update(torch.__version__.encode())
+    h.update(str(torch.version.cuda).encode())
+    h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    h.update(sys.version.encode())
+    return f"{name}_{h.hexdigest()[:16]}"
+
+
+def _import_library(module_name, path):
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_plugin(name):
+    """Return the compiled extension `name` (a key of PLUGIN_SOURCES), or None.
+
+    None means: the reference path must be used. The reason has then been printed once. Call this only
+    when a CUDA tensor is about to be processed; it compiles on the first call (a minute or two).
+    """
+    if name in _plugins:
+        return _plugins[name]
+    _plugins[name] = None
+    if ops_forced_to_ref():
+        return None
+    if not torch.cuda.is_available():
+        warn_once(f"{name}-nocuda", f"{name}: CUDA is not available, using the reference implementation.")
+        return None
+    try:
+        _plugins[name] = build(name)
+    except Exception as e:  # noqa: BLE001 - any failure means "use the reference", reported once
+        detail = str(e).strip()
+        if len(detail) > 4000:
+            detail = "...\n" + detail[-4000:]
+        warn_once(f"{name}-build", f"could not build the CUDA op '{name}'; using the reference implementation "
+                                   f"for the rest of this run. Set SEMANTICGAN_OPS=ref to silence this. Error:\n{detail}")
+    return _plugins[name]
+
+
+def build(name):
+    """Import the cached library of plugin `name`, compiling it first if needed. Raises on failure.
+
+    Needs a CUDA compiler but no GPU, so `python -m ops.cuda_loader` can check the sources anywhere.
+    """
+    sources = [os.path.join(_SOURCE_DIR, s) for s in PLUGIN_SOURCES[name]]
+    key = _build_key(name, sources)
+    final_dir = os.path.join(_cache_root(), key)
+    final_lib = os.path.join(final_dir, key + (".so" if os.name != "nt" else ".pyd"))
+    if os.path.isfile(final_lib):
+        return _import_library(key, final_lib)
+    return _compile(key, sources, final_dir, final_lib)
+
+
+def _compile(key, sources, final_dir, final_lib):
+    from torch.utils.cpp_extension import load  # imported here: pulls in the build machinery only on demand
+
+    os.makedirs(os.path.dirname(final_dir), exist_ok=True)
+    print(f"semanticgan.ops: compiling {key} (once; cached in {final_dir})", file=sys.stderr, flush=True)
+    private_dir = tempfile.mkdtemp(prefix=key + ".", dir=os.path.dirname(final_dir))
+    try:
+        module = load(name=key, sources=sources, build_directory=private_dir, extra_cflags=["-O3"],
+             extra_cuda_cflags=["-O3", "-lineinfo"], verbose=os.environ.get("SEMANTICGAN_OPS_VERBOSE") == "1")
+        built = [f for f in os.listdir(private_dir) if f.startswith(key) and f.endswith((".so", ".pyd"))]
+        if not built:
+            raise RuntimeError(f"the build finished but left no library in {private_dir}")
+        # Publish atomically: a reader sees either no library or a complete one, never half a file.
+        os.makedirs(final_dir, exist_ok=True)
+        staged = os.path.join(final_dir, f".{os.getpid()}.{os.path.basename(final_lib)}")
+        shutil.copyfile(os.path.join(private_dir, built[0]), staged)
+        os.replace(staged, final_lib)
+        return module
+    finally:
+        shutil.rmtree(private_dir, ignore_errors=True)
+
