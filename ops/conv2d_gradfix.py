@@ -17,11 +17,14 @@ so there is no private cuDNN call and no PyTorch version list to keep up to date
 
 `no_weight_gradients()`: when R1 or path length take a gradient w.r.t. an input only, the weight
 gradient of that first pass is waste; inside this context it is skipped (the second pass still gets
-the weight gradients it needs through conv_transpose(dy, w)).
+the weight gradients it needs through conv_transpose(dy, w)). Use it only where the inputs of that
+gradient do not reach the output *through* a convolution weight: a fused modulated convolution (style
+folded into a per-sample grouped weight) is such a case, and there the dropped weight gradient is
+the very gradient w.r.t. the style. model.py modulates activations instead, so it is safe there.
 
 `impl`: 'gradfix' (these Functions) or 'ref' (F.conv2d / F.conv_transpose2d, PyTorch's own derivatives).
-None takes 'gradfix' for CUDA tensors unless SEMANTICGAN_OPS=ref, and 'ref' on the CPU, where the two
-take about the same time (ops/benchmark.py measures it).
+None takes 'gradfix' for CUDA tensors unless SEMANTICGAN_OPS=ref, and 'ref' on the CPU, where gradfix
+measured 0.77-1.18x PyTorch's speed (`python -m ops.benchmark --device cpu`): nothing to gain there.
 """
 
 import contextlib
