@@ -1,0 +1,650 @@
+"""The four networks of SemanticGAN (Li et al., CVPR 2021, Fig. 2 and 3).
+
+    G    : z -> w (mapping, 8 layers) -> (image x, mask logits y)     StyleGAN2 config-f + a tSeg branch
+    D_r  : x -> realism score                                         StyleGAN2 residual discriminator
+    D_m  : (x, y) -> per-patch scores at 3 scales (+ features)        pix2pixHD multi-scale patch discriminator
+    E    : x -> w+ (one w per style input of G)                       pSp encoder (feature pyramid over IR-SE)
+
+Generator. The synthesis network is StyleGAN2's (Karras et al. 2020): a learned 4x4 constant, two modulated
+3x3 convolutions per resolution (weight demodulation, per-pixel noise with a learned strength, bias + leaky
+ReLU), and the "skip" output architecture. SemanticGAN adds, beside every tImage layer (ToRGB), a tSeg
+layer fed by the same features and the same style: a 1x1 modulated convolution without demodulation plus a
+bias, producing K mask logits. Both outputs are upsampled and summed across resolutions (Fig. 3), so
+    x = sum_r up(tImage_r(h_r, w_r)),   y = sum_r up(tSeg_r(h_r, w_r)).
+The style of a modulated convolution scales its input channels and the demodulation coefficient scales its
+output channels,
+    y = (W * (x . s)) . d,   d_o = 1 / sqrt(sum_{i,k} (s_i W_oik)^2 + 1e-8),
+which equals convolving with the per-sample weight s_i W_oik d_o (StyleGAN2 Eq. 1-3) but stays one ordinary
+convolution for the whole batch: faster than a grouped convolution, and its double backward (path length)
+never needs the gradient w.r.t. a convolution weight to reach the style.
+
+Discriminators. D_r follows StyleGAN2 (residual blocks, minibatch standard deviation). D_m follows the
+official SemanticGAN code, which takes pix2pixHD's multi-scale discriminator (Wang et al. 2018): 3 scales,
+the input average-pooled (3x3, stride 2) between them; each scale 3 strided 4x4 convolutions from 64 channels,
+a stride-1 4x4 layer and a 1-channel 4x4 output, spectral norm on every convolution, instance norm after all
+but the first, LeakyReLU 0.2; every layer's output is returned for the feature-matching loss. Its input is
+the image and K mask channels concatenated: one-hot real masks, and for generated pairs the mask's class
+probabilities (softmax; sigmoid for K = 1). The official code feeds raw logits; probabilities live in the
+same [0, 1] range as one-hot masks, so D_m judges the shape and the alignment of a mask, not the scale of
+its logits (as in Luc et al. 2016, adversarial segmentation).
+
+The stop-gradient. D_m must shape only the mask branch: in the generator's step the image of a generated
+pair is detached before D_m sees it (`generated_pair`). D_m's gradient then reaches the tSeg layers and,
+through them, the shared synthesis layers and the mapping network, and never the tImage layers.
+
+Encoder. pSp (Richardson et al. 2021): an IR-SE ResNet body (trained from scratch: no pretrained weights
+are downloaded), a feature pyramid with lateral 1x1 connections, and one map2style head (strided 3x3
+convolutions + LeakyReLU down to 1x1, then an equalized linear layer) per style: styles 0-2 from the coarse
+map (1/16 of the input), 3-6 from the middle one (1/8), the rest from the fine one (1/4). It predicts
+offsets from the generator's mean latent.
+
+Equalized learning rate (Karras et al. 2018): weights are stored N(0, 1) and scaled by 1/sqrt(fan_in) (times
+a learning-rate multiplier) at run time; `ops.bias_act` applies bias + leaky ReLU with gain sqrt(2).
+"""
+
+import math
+import random
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ops
+
+# ----------------------------------------------------------------------------------------------------
+# Widths
+
+
+def stylegan_channels(resolution, channel_multiplier=2, max_channels=512):
+    """Feature maps at a resolution in StyleGAN2 config-f (512 up to 32 px, then halving), capped.
+
+    The cap makes narrow networks for CPU demos and tests; the paper's widths are the default.
+    """
+    width = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier, 128: 128 * channel_multiplier,
+             256: 64 * channel_multiplier, 512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}[resolution]
+    return min(width, max_channels)
+
+
+def check_resolution(resolution):
+    if resolution not in (32, 64, 128, 256, 512, 1024):
+        raise ValueError(f"resolution must be a power of two from 32 to 1024, got {resolution}")
+    return int(math.log2(resolution))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Equalized-learning-rate layers
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate: y = act(x (W c)^T + b lr_mul), c = lr_mul / sqrt(in)."""
+
+    def __init__(self, in_dim, out_dim, bias=True, bias_init=0.0, lr_mul=1.0, activation=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
+        self.bias = nn.Parameter(torch.full([out_dim], float(bias_init))) if bias else None
+        self.scale = lr_mul / math.sqrt(in_dim)
+        self.lr_mul = lr_mul
+        self.activation = activation  # None or 'lrelu'
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias * self.lr_mul
+        if self.activation:
+            return ops.bias_act(F.linear(x, self.weight * self.scale), bias, act=self.activation)
+        return F.linear(x, self.weight * self.scale, bias)
+
+
+class EqualConv2d(nn.Module):
+    """Convolution with equalized learning rate (weight scaled by 1/sqrt(in * k * k) at run time)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x):
+        return ops.conv2d(x, self.weight * self.scale, self.bias, stride=self.stride, padding=self.padding)
+
+
+class PixelNorm(nn.Module):
+    """Normalise each latent to unit root-mean-square (the input of the mapping network)."""
+
+    def forward(self, z):
+        return z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generator
+
+
+class MappingNetwork(nn.Module):
+    """z -> w: pixel norm, then n_layers equalized linear layers with lr multiplier 0.01 and leaky ReLU."""
+
+    def __init__(self, style_dim=512, n_layers=8, lr_mul=0.01):
+        super().__init__()
+        layers = [PixelNorm()]
+        layers += [EqualLinear(style_dim, style_dim, lr_mul=lr_mul, activation="lrelu") for _ in range(n_layers)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class ModulatedConv2d(nn.Module):
+    """Modulated convolution (StyleGAN2 Eq. 1-3), optionally upsampling by 2 and demodulating.
+
+    Upsampling is a stride-2 transposed convolution followed by the [1, 3, 3, 1] low-pass filter (never a
+    zero-inserted tensor), as in StyleGAN2.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, style_dim, demodulate=True, upsample=False,
+                 blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.modulation = EqualLinear(style_dim, in_channels, bias_init=1.0)  # styles start at 1: identity
+        self.demodulate, self.upsample = demodulate, upsample
+        self.padding = kernel_size // 2
+        if upsample:
+            self.register_buffer("blur_kernel", ops.setup_filter(blur_kernel), persistent=False)
+
+    def forward(self, x, w):
+        style = self.modulation(w)                                      # [B, in]
+        weight = self.weight * self.scale                               # [out, in, k, k]
+        x = x * style.to(x.dtype)[:, :, None, None]
+        if self.upsample:
+            x = ops.conv_transpose2d(x, weight.transpose(0, 1), stride=2)  # 2H + k - 2
+            # the filter crops the extra k - 2 = 1 sample and smooths: 2H exactly
+            x = ops.upfirdn2d(x, self.blur_kernel, pad=1, gain=4)
+        else:
+            x = ops.conv2d(x, weight, padding=self.padding)
+        if self.demodulate:
+            # d[b, o] = 1 / sqrt(sum_i s[b, i]^2 sum_k W[o, i, k]^2): the norm of the per-sample weight
+            demod = torch.rsqrt(style.square() @ weight.square().sum([2, 3]).t() + 1e-8)  # [B, out]
+            x = x * demod.to(x.dtype)[:, :, None, None]
+        return x
+
+
+class NoiseInjection(nn.Module):
+    """x + strength * noise, with one learned strength per layer (zero at start)."""
+
+    def __init__(self):
+        super().__init__()
+        self.strength = nn.Parameter(torch.zeros([]))
+
+    def forward(self, x, noise):
+        return x + self.strength * noise
+
+
+class StyledConv(nn.Module):
+    """Modulated conv -> noise -> bias + leaky ReLU: one layer of the synthesis network."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, style_dim, upsample=False, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, out_channels, kernel_size, style_dim, upsample=upsample,
+                                    blur_kernel=blur_kernel)
+        self.noise = NoiseInjection()
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x, w, noise):
+        x = self.noise(self.conv(x, w), noise)
+        return ops.bias_act(x, self.bias.to(x.dtype), act="lrelu")
+
+
+class ToOutput(nn.Module):
+    """tImage (ToRGB) and tSeg: a 1x1 modulated conv without demodulation + bias, added to the upsampled
+    output of the resolution below (the skip architecture)."""
+
+    def __init__(self, in_channels, out_channels, style_dim, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, out_channels, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.register_buffer("blur_kernel", ops.setup_filter(blur_kernel), persistent=False)
+
+    def forward(self, x, w, skip=None):
+        out = ops.bias_act(self.conv(x, w), self.bias.to(x.dtype))
+        if skip is not None:
+            out = out + ops.upsample2d(skip, self.blur_kernel)
+        return out
+
+
+class Generator(nn.Module):
+    """SemanticGAN's generator: StyleGAN2 with a tSeg beside every tImage. Returns (image, mask logits)."""
+
+    def __init__(self, resolution=256, num_classes=8, image_channels=3, style_dim=512, n_mlp=8,
+                 channel_multiplier=2, max_channels=512, lr_mlp=0.01, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        log_size = check_resolution(resolution)
+        self.resolution, self.num_classes, self.image_channels = resolution, num_classes, image_channels
+        self.style_dim = style_dim
+        self.n_latent = 2 * log_size - 2  # one w per modulated conv layer that reads a new style
+        ch = lambda r: stylegan_channels(r, channel_multiplier, max_channels)  # noqa: E731
+
+        self.mapping = MappingNetwork(style_dim, n_mlp, lr_mlp)
+        self.constant = nn.Parameter(torch.randn(1, ch(4), 4, 4))
+        self.conv1 = StyledConv(ch(4), ch(4), 3, style_dim, blur_kernel=blur_kernel)
+        self.t_image = nn.ModuleList([ToOutput(ch(4), image_channels, style_dim, blur_kernel)])
+        self.t_seg = nn.ModuleList([ToOutput(ch(4), num_classes, style_dim, blur_kernel)])
+        self.convs = nn.ModuleList()
+        for log_r in range(3, log_size + 1):
+            r = 2 ** log_r
+            self.convs.append(StyledConv(ch(r // 2), ch(r), 3, style_dim, upsample=True, blur_kernel=blur_kernel))
+            self.convs.append(StyledConv(ch(r), ch(r), 3, style_dim, blur_kernel=blur_kernel))
+            self.t_image.append(ToOutput(ch(r), image_channels, style_dim, blur_kernel))
+            self.t_seg.append(ToOutput(ch(r), num_classes, style_dim, blur_kernel))
+        # Fixed noise maps for reproducible samples (used with randomize_noise=False).
+        self.noise_resolutions = [4] + [2 ** (k // 2 + 3) for k in range(len(self.convs))]
+        for i, r in enumerate(self.noise_resolutions):
+            self.register_buffer(f"noise_{i}", torch.randn(1, 1, r, r))
+
+    # -- latents
+
+    @torch.no_grad()
+    def mean_latent(self, n=4096, device=None):
+        """The average w of n random z: the centre that truncation pulls towards."""
+        z = torch.randn(n, self.style_dim, device=device or self.constant.device)
+        return self.mapping(z).mean(0, keepdim=True)
+
+    def make_w_plus(self, latents, input_is_w=False, truncation=1.0, truncation_latent=None, mixing_index=None):
+        """Turn z / w codes into W+ [B, n_latent, style_dim].
+
+        latents: a tensor [B, D], or a list of one or two of them (two = style mixing: the first code drives
+        the styles before `mixing_index`, the second the rest; a random index if None), or, with input_is_w,
+        a W+ tensor [B, n_latent, D]. Truncation pulls every w towards `truncation_latent` (default: the
+        mean latent, estimated on the spot).
+        """
+        if isinstance(latents, torch.Tensor) and latents.ndim == 3:
+            if not input_is_w:
+                raise ValueError("a [B, n_latent, D] latent is a W+ code: pass input_is_w=True")
+            w_plus = latents
+        else:
+            codes = [latents] if isinstance(latents, torch.Tensor) else list(latents)
+            ws = codes if input_is_w else [self.mapping(z) for z in codes]
+            if len(ws) == 1:
+                w_plus = ws[0][:, None].expand(-1, self.n_latent, -1)
+            else:
+                index = random.randint(1, self.n_latent - 1) if mixing_index is None else mixing_index
+                w_plus = torch.cat([ws[0][:, None].expand(-1, index, -1),
+                                    ws[1][:, None].expand(-1, self.n_latent - index, -1)], dim=1)
+        if truncation != 1.0:
+            center = truncation_latent if truncation_latent is not None else self.mean_latent()
+            w_plus = center + truncation * (w_plus - center)
+        return w_plus
+
+    def make_noise(self, batch, randomize_noise=True):
+        if not randomize_noise:
+            return [getattr(self, f"noise_{i}") for i in range(len(self.noise_resolutions))]
+        return [torch.randn(batch, 1, r, r, device=self.constant.device) for r in self.noise_resolutions]
+
+    # -- synthesis
+
+    def synthesis(self, w_plus, noise):
+        """W+ [B, n_latent, D] and noise maps -> (image [B, C, R, R], mask logits [B, K, R, R])."""
+        x = self.constant.expand(w_plus.shape[0], -1, -1, -1)
+        x = self.conv1(x, w_plus[:, 0], noise[0])
+        image = self.t_image[0](x, w_plus[:, 1])
+        mask = self.t_seg[0](x, w_plus[:, 1])
+        i = 1
+        for up_conv, conv, t_image, t_seg, n1, n2 in zip(self.convs[::2], self.convs[1::2], self.t_image[1:],
+                                                         self.t_seg[1:], noise[1::2], noise[2::2]):
+            x = up_conv(x, w_plus[:, i], n1)
+            x = conv(x, w_plus[:, i + 1], n2)
+            image = t_image(x, w_plus[:, i + 2], image)
+            mask = t_seg(x, w_plus[:, i + 2], mask)
+            i += 2
+        return image, mask
+
+    def forward(self, latents, input_is_w=False, truncation=1.0, truncation_latent=None, mixing_index=None,
+                noise=None, randomize_noise=True, return_latents=False):
+        """(image, mask logits), or (image, mask logits, W+) with return_latents (path length needs W+)."""
+        w_plus = self.make_w_plus(latents, input_is_w, truncation, truncation_latent, mixing_index)
+        if noise is None:
+            noise = self.make_noise(w_plus.shape[0], randomize_noise)
+        image, mask = self.synthesis(w_plus, noise)
+        return (image, mask, w_plus) if return_latents else (image, mask)
+
+
+def mask_probabilities(mask_logits):
+    """Class probabilities of mask logits: softmax over K channels, or a sigmoid when K = 1."""
+    return torch.sigmoid(mask_logits) if mask_logits.shape[1] == 1 else torch.softmax(mask_logits, dim=1)
+
+
+def real_mask_input(mask, num_classes):
+    """A class-index mask [B, H, W] as D_m sees it: one-hot [B, K, H, W], or (mask > 0) when K = 1."""
+    if num_classes == 1:
+        return (mask > 0).float()[:, None]
+    return F.one_hot(mask.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+def generated_pair(image, mask_logits):
+    """The (image, mask) pair D_m judges for the generator: the stop-gradient of SemanticGAN.
+
+    The image is detached, so the generator's loss from D_m reaches the mask branch (tSeg, and through it
+    the shared synthesis layers) but never the image branch (tImage): D_m can only make masks agree with
+    images, never bend images towards masks.
+    """
+    return image.detach(), mask_probabilities(mask_logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# D_r: the image discriminator
+
+
+class ConvLayer(nn.Sequential):
+    """[blur + stride-2 conv | conv] + optional bias and leaky ReLU (StyleGAN2 discriminator layer)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, downsample=False, blur_kernel=(1, 3, 3, 1),
+                 bias=True, activate=True):
+        layers = []
+        if downsample:
+            # low-pass first, then a strided conv: the padding makes an even input exactly halve
+            p = (len(blur_kernel) - 2) + (kernel_size - 1)
+            layers.append(Blur(blur_kernel, pad=((p + 1) // 2, p // 2)))
+            stride, padding = 2, 0
+        else:
+            stride, padding = 1, kernel_size // 2
+        layers.append(EqualConv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias and not activate))
+        if activate:
+            layers.append(BiasLeakyReLU(out_channels, bias=bias))
+        super().__init__(*layers)
+
+
+class Blur(nn.Module):
+    def __init__(self, kernel, pad):
+        super().__init__()
+        self.register_buffer("kernel", ops.setup_filter(kernel), persistent=False)
+        self.pad = (pad[0], pad[1], pad[0], pad[1])
+
+    def forward(self, x):
+        return ops.upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+class BiasLeakyReLU(nn.Module):
+    def __init__(self, channels, bias=True):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def forward(self, x):
+        return ops.bias_act(x, None if self.bias is None else self.bias.to(x.dtype), act="lrelu")
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs (the second halving the resolution) plus a 1x1 downsampled skip, summed / sqrt(2)."""
+
+    def __init__(self, in_channels, out_channels, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.conv1 = ConvLayer(in_channels, in_channels, 3)
+        self.conv2 = ConvLayer(in_channels, out_channels, 3, downsample=True, blur_kernel=blur_kernel)
+        self.skip = ConvLayer(in_channels, out_channels, 1, downsample=True, blur_kernel=blur_kernel,
+                              bias=False, activate=False)
+
+    def forward(self, x):
+        return (self.conv2(self.conv1(x)) + self.skip(x)) * (1 / math.sqrt(2))
+
+
+def minibatch_stddev(x, group_size=4):
+    """Append the average standard deviation of features over groups of samples (StyleGAN, Sec. 3).
+
+    The group is the largest divisor of the batch that is <= group_size, so any batch size works.
+    """
+    B, C, H, W = x.shape
+    group = math.gcd(B, group_size)
+    std = x.reshape(group, -1, C, H, W).var(0, unbiased=False).add(1e-8).sqrt()  # [B/group, C, H, W]
+    std = std.mean([1, 2, 3]).reshape(-1, 1, 1, 1).repeat(group, 1, H, W)
+    return torch.cat([x, std.to(x.dtype)], dim=1)
+
+
+class ImageDiscriminator(nn.Module):
+    """D_r: StyleGAN2's residual discriminator on images. Returns one logit per image [B, 1]."""
+
+    def __init__(self, resolution=256, image_channels=3, channel_multiplier=2, max_channels=512,
+                 blur_kernel=(1, 3, 3, 1), stddev_group=4):
+        super().__init__()
+        log_size = check_resolution(resolution)
+        ch = lambda r: stylegan_channels(r, channel_multiplier, max_channels)  # noqa: E731
+        blocks = [ConvLayer(image_channels, ch(resolution), 1)]
+        for log_r in range(log_size, 2, -1):
+            blocks.append(ResBlock(ch(2 ** log_r), ch(2 ** (log_r - 1)), blur_kernel))
+        self.blocks = nn.Sequential(*blocks)
+        self.stddev_group = stddev_group
+        self.final_conv = ConvLayer(ch(4) + 1, ch(4), 3)
+        self.final_linear = EqualLinear(ch(4) * 4 * 4, ch(4), activation="lrelu")
+        self.out = EqualLinear(ch(4), 1)
+
+    def forward(self, image):
+        x = self.blocks(image)
+        x = self.final_conv(minibatch_stddev(x, self.stddev_group))
+        return self.out(self.final_linear(x.flatten(1)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# D_m: the image-and-mask discriminator
+
+
+class SpectralConv2d(nn.Conv2d):
+    """A 4x4 convolution with spectral norm (Miyato et al. 2018) that runs through ops.conv2d, whose double
+    backward (R1) is the cheap one."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__(in_channels, out_channels, kernel_size=4, stride=stride, padding=2)
+        nn.utils.parametrizations.spectral_norm(self)
+
+    def forward(self, x):
+        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+
+
+class PatchDiscriminator(nn.Module):
+    """One scale of pix2pixHD's discriminator; returns every layer's output (the last is the logit map)."""
+
+    def __init__(self, in_channels, base_channels=64, n_layers=3, max_channels=512):
+        super().__init__()
+        conv = SpectralConv2d
+        layers = [nn.Sequential(conv(in_channels, base_channels, 2), nn.LeakyReLU(0.2))]
+        c = base_channels
+        for n in range(1, n_layers + 1):
+            c_next = min(c * 2, max_channels)
+            stride = 2 if n < n_layers else 1  # n_layers strided convs in all (with the first), then stride 1
+            layers.append(nn.Sequential(conv(c, c_next, stride), nn.InstanceNorm2d(c_next), nn.LeakyReLU(0.2)))
+            c = c_next
+        layers.append(conv(c, 1, 1))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        features = []
+        for layer in self.layers:
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+class MaskDiscriminator(nn.Module):
+    """D_m: multi-scale patch discriminator on (image, mask) concatenated.
+
+    forward(image, mask) -> a list with, per scale (finest first), the list of that scale's layer outputs;
+    [-1] of each is the logit map. `mask` is one-hot (real) or class probabilities (generated), [B, K, H, W].
+    """
+
+    def __init__(self, image_channels=3, num_classes=8, num_scales=3, base_channels=64, n_layers=3,
+                 max_channels=512):
+        super().__init__()
+        self.scales = nn.ModuleList([PatchDiscriminator(image_channels + num_classes, base_channels, n_layers,
+                                                        max_channels) for _ in range(num_scales)])
+
+    def forward(self, image, mask):
+        x = torch.cat([image, mask.to(image.dtype)], dim=1)
+        outputs = []
+        for i, scale in enumerate(self.scales):
+            if i > 0:
+                x = F.avg_pool2d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False)
+            outputs.append(scale(x))
+        return outputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# E: the pSp encoder
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(),
+                                nn.Conv2d(hidden, channels, 1, bias=False), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.fc(x)
+
+
+class BottleneckIRSE(nn.Module):
+    """IR-SE unit (ArcFace's improved residual unit with squeeze-excitation), as in pSp's backbone."""
+
+    def __init__(self, in_channels, depth, stride):
+        super().__init__()
+        if in_channels == depth:
+            self.shortcut = nn.MaxPool2d(1, stride)
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
+        self.residual = nn.Sequential(
+            nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, depth, 3, 1, 1, bias=False), nn.PReLU(depth),
+            nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth), SqueezeExcite(depth))
+
+    def forward(self, x):
+        return self.shortcut(x) + self.residual(x)
+
+
+class Map2Style(nn.Module):
+    """Strided 3x3 convs + LeakyReLU from a spatial x spatial map down to 1x1, then an equalized linear."""
+
+    def __init__(self, in_channels, style_dim, spatial):
+        super().__init__()
+        layers = []
+        for k in range(int(math.log2(spatial))):
+            layers += [nn.Conv2d(in_channels if k == 0 else style_dim, style_dim, 3, 2, 1), nn.LeakyReLU(0.2)]
+        self.convs = nn.Sequential(*layers)
+        self.linear = EqualLinear(style_dim, style_dim)
+
+    def forward(self, x):
+        return self.linear(self.convs(x).flatten(1))
+
+
+class Encoder(nn.Module):
+    """pSp's GradualStyleEncoder: x -> W+ [B, n_latent, style_dim] = latent_avg + predicted offsets."""
+
+    def __init__(self, resolution=256, image_channels=3, style_dim=512, units=(3, 4, 14, 3),
+                 widths=(64, 128, 256, 512), max_channels=512):
+        super().__init__()
+        log_size = check_resolution(resolution)
+        self.n_latent = 2 * log_size - 2
+        self.coarse, self.middle = 3, 7  # styles [0, 3) coarse, [3, 7) middle, [7, n) fine
+        widths = [min(w, max_channels) for w in widths]
+        pyramid = min(512, max_channels)
+        self.input_layer = nn.Sequential(nn.Conv2d(image_channels, widths[0], 3, 1, 1, bias=False),
+                                         nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
+        stages, c = [], widths[0]
+        for n, depth in zip(units, widths):  # each stage halves the resolution
+            stages.append(nn.Sequential(*[BottleneckIRSE(c if k == 0 else depth, depth, 2 if k == 0 else 1)
+                                          for k in range(n)]))
+            c = depth
+        self.stages = nn.ModuleList(stages)
+        # lateral connections bring the 1/8 and 1/4 maps to the pyramid's width
+        self.lateral_middle = nn.Conv2d(widths[2], pyramid, 1)
+        self.lateral_fine = nn.Conv2d(widths[1], pyramid, 1)
+        self.top = nn.Conv2d(widths[3], pyramid, 1) if widths[3] != pyramid else nn.Identity()
+        self.heads = nn.ModuleList()
+        for i in range(self.n_latent):
+            spatial = resolution // (16 if i < self.coarse else 8 if i < self.middle else 4)
+            self.heads.append(Map2Style(pyramid, style_dim, spatial))
+        self.register_buffer("latent_avg", torch.zeros(style_dim))
+
+    def forward(self, x):
+        x = self.input_layer(x)
+        x = self.stages[0](x)
+        fine = self.stages[1](x)       # 1/4 resolution
+        middle = self.stages[2](fine)  # 1/8
+        coarse = self.top(self.stages[3](middle))  # 1/16
+        styles = [head(coarse) for head in self.heads[:self.coarse]]
+        p_middle = _upsample_add(coarse, self.lateral_middle(middle))
+        styles += [head(p_middle) for head in self.heads[self.coarse:self.middle]]
+        p_fine = _upsample_add(p_middle, self.lateral_fine(fine))
+        styles += [head(p_fine) for head in self.heads[self.middle:]]
+        return torch.stack(styles, dim=1) + self.latent_avg
+
+
+def _upsample_add(x, lateral):
+    return F.interpolate(x, size=lateral.shape[2:], mode="bilinear", align_corners=True) + lateral
+
+
+# ----------------------------------------------------------------------------------------------------
+# `python model.py`: parameter counts and forward+backward timings of the three trained networks
+
+
+def _time_forward_backward(step, device, iters, warmup):
+    """Median seconds of step() (a forward and a backward), CUDA events on a GPU, perf_counter on the CPU."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _benchmark(args):
+    import os
+
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    G = Generator(args.resolution, args.classes, args.image_channels, max_channels=args.max_channels).to(device)
+    D_r = ImageDiscriminator(args.resolution, args.image_channels, max_channels=args.max_channels).to(device)
+    D_m = MaskDiscriminator(args.image_channels, args.classes, base_channels=min(64, args.max_channels),
+                            max_channels=args.max_channels).to(device)
+    print(f"{'network':<8} {'parameters':>12}")
+    for name, net in (("G", G), ("D_r", D_r), ("D_m", D_m)):
+        print(f"{name:<8} {sum(p.numel() for p in net.parameters()):>12,}")
+    B, R = args.batch, args.resolution
+    z = torch.randn(B, G.style_dim, device=device)
+    image = torch.randn(B, args.image_channels, R, R, device=device)
+    mask = torch.rand(B, args.classes, R, R, device=device)
+    steps = {
+        "G": lambda: sum(t.float().mean() for t in G(z)).backward(),
+        "D_r": lambda: D_r(image).sum().backward(),
+        "D_m": lambda: sum(s[-1].mean() for s in D_m(image, mask)).backward(),
+    }
+    print(f"\nforward+backward, {device}, {R} px, batch {B}: median ms of {args.iters} runs after {args.warmup}")
+    print(f"{'network':<8} " + " ".join(f"{impl:>10}" for impl in args.impls.split(",")))
+    for name, step in steps.items():
+        row = []
+        for impl in args.impls.split(","):
+            os.environ["SEMANTICGAN_OPS"] = "ref" if impl == "ref" else ""
+            row.append(_time_forward_backward(step, device, args.iters, args.warmup) * 1000)
+        print(f"{name:<8} " + " ".join(f"{ms:>10.2f}" for ms in row))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Parameter counts and forward+backward time of G, D_r and D_m.")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--classes", type=int, default=8)
+    parser.add_argument("--image-channels", type=int, default=3)
+    parser.add_argument("--max-channels", type=int, default=512, help="cap on feature maps (narrow networks)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--impls", default="cuda,ref", help="ops implementations to time ('cuda' = fused kernels "
+                                                            "and gradfix convolutions, 'ref' = plain PyTorch)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    _benchmark(parser.parse_args())
