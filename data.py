@@ -1,0 +1,1912 @@
+"""data.py: from what is on disk to the tensors SemanticGAN trains on.
+
+SemanticGAN (Li et al., CVPR 2021) learns from a few labeled pairs (image + segmentation mask) and many
+unlabeled images. This file turns folders into those two streams, converts the public datasets of the
+paper into one folder format, makes a procedural demo set, and stops with one clear line on bad data.
+
+The on-disk format
+------------------
+A labeled folder:                          An unlabeled folder:
+
+    LABELED/images/NAME.png (or .jpg ...)      ANY/.../*.png|jpg|jpeg|bmp|tif|tiff   (searched recursively)
+    LABELED/masks/NAME.png
+    LABELED/classes.txt        (optional: one class name per line, line 1 = class 0)
+
+A mask has the same name (sub-folders included) and the same size as its image; each pixel holds a class
+index, 0 = background. Masks are read as indices whatever their PNG mode: 8-bit, 16-bit, palette (the
+palette index is the class) and 1-bit all work; a colour mask is an error unless its three channels are
+equal; JPEG masks are refused (lossy compression changes class values at edges). Images may be grey,
+RGB, palette, 16-bit (stretched to 8 bits per image, min to max) or RGBA (alpha is ignored).
+
+What `build_datasets` makes of them
+-----------------------------------
+    labeled    (image, mask): image float32 [C, R, R] in [-1, 1], mask int64 [R, R] of class ids
+    unlabeled  image float32 [C, R, R]: every image, including the labeled ones (the paper feeds all of
+               them to the image discriminator D_r); images of pairs that --split leaves out are removed
+               so that test images never reach training
+    info       dict: channels, num_classes, class_names, counts, ...
+
+* Resizing: images bilinear (Pillow's resize is antialiased when it shrinks; JPEGs are first decoded at
+  a reduced scale when they are at least twice the target), masks nearest.
+* Non-square images (`--fit`): `pad` (default) pads the short side symmetrically with black / background
+  and keeps everything in view, which suits X-rays and dermoscopy whose edges matter; `crop` takes the
+  centred square; `stretch` resizes straight to R x R, as the official code does.
+* Augmentation of labeled pairs (on by default, `--no-augment`): the official code's albumentations
+  pipeline, re-written with Pillow and applied identically to image and mask: horizontal flip with
+  probability 0.5, then with probability 0.5 a shift (up to 10% of the size per axis), scale (0.8 to 1.2)
+  and rotation (up to 15 degrees) about the centre, borders filled with 0 (black / background), bilinear
+  for the image and nearest for the mask. The flip defaults to on for RGB data (faces, skin lesions,
+  mirror-symmetric) and off for grayscale data (chest X-ray, CT, MRI: the heart and the liver sit on one
+  side, so a flipped image is anatomy that does not occur; JSRT's masks merge both lungs into one class,
+  so a flip would not swap labels, but it would teach the generator mirrored chests). `--flip` and
+  `--no-flip` override. Unlabeled images are not augmented (nor are they in the official code).
+* Classes: `--num-classes K`, else the largest destination of `--class-map` + 1, else classes.txt, else
+  the largest value in (up to 64) masks + 1. `--class-map` is a table name (`celebamask19to8`), a file of
+  `SRC:DST` lines or inline `255:1,128:2`; values it does not list keep their value.
+* `--labels N` keeps N labeled pairs, chosen by a fixed seed (`--labels-seed`, default 0, independent of
+  the training `--seed`): the N pairs are the first N of one seeded permutation, so 9 of them are inside
+  the 35, which are inside the 175; the masks of the other pairs are hidden, their images stay unlabeled.
+* `--split FILE` keeps the labeled pairs named in FILE (one name per line, extension optional);
+  `python data.py split` writes seeded train/val/test files.
+
+Streams: `InfiniteLoader` iterates forever over seeded, per-epoch reshuffled batches (seed + epoch, via
+`DistributedSampler`, so DDP ranks see disjoint shards), drops incomplete batches, and resumes exactly
+from `state_dict()`. The random augmentation of a sample is derived from (seed, epoch, position), not from
+worker state, so a stream is the same whatever the number of workers and across a resume.
+
+Converters (`python data.py prepare NAME SRC OUT`) write the public releases into the format above;
+each documents the layout it expects. `--data demo` needs no download at all (`DemoDataset`).
+
+Every problem with the input raises `DataError`, whose message is one line naming the file and what to
+do; `python data.py ...` prints it as `error: ...` and exits with status 2.
+
+Command line:
+    python data.py prepare NAME SRC OUT [--size N]     convert a public release (NAME: see CONVERTERS)
+    python data.py check --data PATH [...]             open every file once, list every problem
+    python data.py show  --data PATH --out grid.png    images with their masks, to look at
+    python data.py bench --data PATH [--batch 16]      loader throughput at --resolution
+    python data.py split --data LABELED --out DIR      seeded train.txt / val.txt / test.txt
+"""
+
+import argparse
+import gzip
+import math
+import os
+import re
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+MAX_CLASSES = 256  # masks are resized and augmented as 8-bit images
+FITS = ("pad", "crop", "stretch")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+# The 19 CelebAMask-HQ classes, in the order of the index maps its authors' g_mask.py writes (and of
+# ../shared/data/celebamask): the value of a pixel is the position in this list.
+CELEBAMASK19_CLASSES = (
+    "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
+    "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
+
+# The paper's 8 face classes. Neither the paper nor the official code (nv-tlabs/semanticGAN_code, whose
+# CelebAMaskDataset only lists 8 colours) states which of the 19 classes go where, so this grouping is
+# ours: the face parts are kept, left and right merged, lips into mouth and neck into skin; accessories and
+# clothing (eye_g, hat, ear_r, neck_l, cloth) become background.
+FACE8_CLASSES = ("background", "skin", "hair", "eyes", "brows", "nose", "mouth", "ears")
+CELEBAMASK19_TO_8 = {
+    0: 0, 1: 1, 2: 5, 3: 0, 4: 3, 5: 3, 6: 4, 7: 4, 8: 7, 9: 7,
+    10: 6, 11: 6, 12: 6, 13: 2, 14: 0, 15: 0, 16: 0, 17: 1, 18: 0}
+CLASS_MAPS = {"celebamask19to8": (CELEBAMASK19_TO_8, FACE8_CLASSES)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors
+
+
+class DataError(Exception):
+    """Bad input data. The message is one line: the file, what is wrong, what to do."""
+
+
+def one_line(error):
+    """The message of a DataError, also when a DataLoader worker wrapped it in a traceback."""
+    text = str(error).strip()
+    if "Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split("DataError: ", 1)[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading one image or one mask
+
+
+def open_image_file(path):
+    """Pillow's lazy open (the header only); every failure becomes a DataError naming the file."""
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as error:  # UnidentifiedImageError, permissions, decompression bombs...
+        raise DataError(f"{path}: not a readable image ({error}); re-export it as PNG or remove it") from None
+
+
+def decode(image, path):
+    try:
+        image.load()
+    except Exception as error:  # truncated or corrupt data (OSError, SyntaxError, zlib errors...)
+        raise DataError(f"{path}: corrupt or truncated image ({error}); re-download or re-export it, "
+                        "or remove it") from None
+    return image
+
+
+def stretch_to_8bit(array):
+    """16-bit or float pixels to 0..255, from the image's own minimum to its maximum."""
+    array = np.asarray(array, dtype=np.float64)
+    low, high = float(array.min()), float(array.max())
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return ((array - low) * scale + 0.5).astype(np.uint8)
+
+
+def to_channels(image, channels):
+    """Any Pillow mode to 'L' (channels 1) or 'RGB' (channels 3); alpha is dropped."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        image = Image.fromarray(stretch_to_8bit(image), "L")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def load_image(path, channels, min_size=None):
+    """The image at `path` as a Pillow image in mode 'L' (channels 1) or 'RGB' (channels 3).
+
+    `min_size` lets a JPEG decode at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay at least
+    that large: a 1024 px photo for a 256 px model decodes four times faster.
+    """
+    image = open_image_file(path)
+    if min_size and image.format == "JPEG":
+        image.draft(image.mode, (min_size, min_size))
+    return to_channels(decode(image, path), channels)
+
+
+def looks_grayscale(path):
+    """True when the image at `path` has one channel, or three equal ones (a grey image saved as RGB)."""
+    image = open_image_file(path)
+    if image.mode in GRAY_MODES:
+        return True
+    if image.format == "JPEG":
+        image.draft("RGB", (64, 64))
+    rgb = np.asarray(decode(image, path).convert("RGB"), dtype=np.int16)
+    return int(np.abs(rgb - rgb[..., :1]).max()) <= 2  # JPEG chroma rounding leaves +-1 or 2
+
+
+def mask_values(image, path):
+    """The class indices of a decoded mask image, as an integer array [H, W]."""
+    mode = image.mode
+    if mode in ("1", "L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image)
+        if values.dtype == bool:
+            values = values.astype(np.uint8)
+    elif mode in ("LA", "PA"):
+        values = np.asarray(image)[..., 0]
+    elif mode == "F":
+        values = np.asarray(image)
+        if not np.all(values == np.round(values)):
+            raise DataError(f"{path}: mask holds fractional values; save class indices as integers "
+                            "(an 8-bit PNG, value = class)")
+        values = values.astype(np.int64)
+    elif mode in ("RGB", "RGBA"):
+        rgb = np.asarray(image)[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise DataError(f"{path}: mask is a colour image; masks hold class indices: convert the colours "
+                            "to indices and save a single-channel PNG (value = class, 0 = background)")
+        values = rgb[..., 0]
+    else:
+        raise DataError(f"{path}: mask has Pillow mode {mode}; save it as a single-channel PNG of class indices")
+    if values.size and int(values.min()) < 0:
+        raise DataError(f"{path}: mask holds negative values; class indices start at 0 (background)")
+    return values
+
+
+def load_mask(path):
+    """The mask at `path` as an integer array [H, W] of class indices (palette masks: the index)."""
+    return mask_values(decode(open_image_file(path), path), path)
+
+
+def binary_mask(path):
+    """A released binary mask (0 / 255, 0 / 1, a two-colour GIF...) as bool [H, W]: not black. A palette
+    is read through its colours here, since in a GIF black need not be index 0."""
+    image = decode(open_image_file(path), path)
+    if image.mode in ("P", "PA"):
+        image = image.convert("L")
+    return mask_values(image, path) > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classes: merge tables and class counts
+
+
+def parse_class_map(spec):
+    """`--class-map`: a table name, a file of `SRC:DST` lines, or inline `SRC:DST,SRC:DST`.
+
+    Returns (table dict, class names or None)."""
+    if spec in CLASS_MAPS:
+        table, names = CLASS_MAPS[spec]
+        return dict(table), list(names)
+    if os.path.isfile(spec):
+        text, where = Path(spec).read_text(), spec
+        entries = [line.split("#")[0].strip() for line in text.splitlines()]
+    elif ":" in spec:
+        where, entries = "--class-map", [e.strip() for e in spec.split(",")]
+    else:
+        raise DataError(f"--class-map {spec}: neither a file nor a known table ({', '.join(CLASS_MAPS)}); "
+                        "give a table name, a file of SRC:DST lines or SRC:DST,SRC:DST")
+    table = {}
+    for entry in entries:
+        if not entry:
+            continue
+        match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", entry)
+        if not match:
+            raise DataError(f"{where}: cannot read class-map entry '{entry}'; write SRC:DST with integers, "
+                            "e.g. 255:1")
+        table[int(match.group(1))] = int(match.group(2))
+    if not table:
+        raise DataError(f"{where}: the class map is empty; write one SRC:DST per line")
+    return table, None
+
+
+def lookup_table(table):
+    """The class map as an array: lut[value] = class; unlisted values keep their value."""
+    lut = np.arange(65536, dtype=np.int64)
+    for source, destination in table.items():
+        lut[source] = destination
+    return lut
+
+
+def remap(values, lut, path):
+    if lut is None:
+        return values
+    if values.size and int(values.max()) >= len(lut):
+        raise DataError(f"{path}: mask value {int(values.max())} is beyond 16 bits; masks hold class indices")
+    return lut[values]
+
+
+def read_class_names(folder):
+    path = Path(folder) / "classes.txt"
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return names or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry: square fit, resize, augmentation
+
+
+def fit_square(image, size, fit, resample, fill=0):
+    """`image` (Pillow) to `size` x `size`: pad, centre-crop or stretch a non-square image first."""
+    width, height = image.size
+    if width != height and fit == "crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    elif width != height and fit == "pad":
+        side = max(width, height)
+        canvas = Image.new(image.mode, (side, side), fill)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        image = canvas
+    if image.size != (size, size):
+        image = image.resize((size, size), resample)
+    return image
+
+
+class Augment:
+    """The official pipeline: HorizontalFlip(p 0.5), ShiftScaleRotate(shift 0.1, scale 0.2, rotate 15,
+    constant border 0, p 0.5), applied with the same parameters to an image and its mask."""
+
+    def __init__(self, flip=True, affine=True, shift=0.1, scale=0.2, rotate=15.0):
+        self.flip, self.affine = flip, affine
+        self.shift, self.scale, self.rotate = shift, scale, rotate
+
+    def __call__(self, image, mask, rng):
+        # draw every number whatever the switches, so that turning one off leaves the others' draws alone
+        flip = rng.random() < 0.5
+        transform = rng.random() < 0.5
+        dx, dy = rng.uniform(-self.shift, self.shift, size=2)
+        scale = rng.uniform(1 - self.scale, 1 + self.scale)
+        angle = math.radians(rng.uniform(-self.rotate, self.rotate))
+        if self.flip and flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.affine and transform:
+            size = image.size[0]
+            coefficients = inverse_affine(size, dx * size, dy * size, scale, angle)
+            image = image.transform(image.size, Image.Transform.AFFINE, coefficients,
+                                    Image.Resampling.BILINEAR, fillcolor=0)
+            mask = mask.transform(mask.size, Image.Transform.AFFINE, coefficients,
+                                  Image.Resampling.NEAREST, fillcolor=0)
+        return image, mask
+
+
+def inverse_affine(size, shift_x, shift_y, scale, angle):
+    """Pillow's AFFINE wants, for each output pixel, where to read the input: the inverse of
+    "scale and rotate about the centre, then shift"."""
+    centre = size / 2
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    # input = R(-angle) / scale @ (output - centre - shift) + centre
+    ox, oy = centre + shift_x, centre + shift_y
+    return (cos, sin, centre - cos * ox - sin * oy,
+            -sin, cos, centre + sin * ox - cos * oy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensors
+
+
+def image_to_tensor(image):
+    """A Pillow 'L' or 'RGB' image to float32 [C, H, W] in [-1, 1]."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    array = array[None] if array.ndim == 2 else array.permute(2, 0, 1)
+    return array / 127.5 - 1.0
+
+
+def one_hot(mask, num_classes):
+    """Class ids [N, R, R] (long) to float one-hot [N, K, R, R], the form D_m sees a real mask in.
+
+    (The official code shifts it to [-1, 1] with (x - 0.5) / 0.5 before D_m; that choice is the model's.)
+    A mask without the batch axis [R, R] gives [K, R, R]."""
+    mask = torch.as_tensor(mask).long()
+    if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= num_classes):
+        raise ValueError(f"one_hot: mask values span {int(mask.min())}..{int(mask.max())}, "
+                         f"outside 0..{num_classes - 1}")
+    return torch.nn.functional.one_hot(mask, num_classes).movedim(-1, -3).float()
+
+
+def sample_key(key):
+    """Datasets take an index, or (index, entropy) from InfiniteLoader: the entropy seeds the sample's
+    augmentation, so that a stream does not depend on which worker loads what. A bare index draws
+    fresh randomness."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), np.random.default_rng([int(v) % 2 ** 63 for v in key[1]])
+    return int(key), np.random.default_rng()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Indexing folders (names only: no pixel is read at start-up except a few samples)
+
+
+def existing_folder(path, option):
+    folder = Path(path)
+    if not folder.exists():
+        raise DataError(f"{folder}: no such folder; pass {option} a folder of images, a labeled folder "
+                        "(images/ + masks/) or demo")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder; pass {option} a folder (images are found recursively)")
+    return folder
+
+
+def is_labeled_folder(folder):
+    return (Path(folder) / "images").is_dir() and (Path(folder) / "masks").is_dir()
+
+
+def list_images(folder, exclude=()):
+    """Image files under `folder` (recursive, sorted, hidden entries skipped), minus the `exclude` folders."""
+    folder = Path(folder)
+    excluded = {Path(e).resolve() for e in exclude}
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in excluded)
+        found += [Path(root) / f for f in sorted(files)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def files_by_name(folder):
+    """{NAME: path} for the images under `folder`; NAME is the path inside it without the extension."""
+    by_name = {}
+    for path in list_images(folder):
+        name = path.relative_to(folder).with_suffix("").as_posix()
+        if name in by_name:
+            raise DataError(f"{path}: two files named {name} ({by_name[name].name} and {path.name}); "
+                            "keep one of them")
+        by_name[name] = path
+    return by_name
+
+
+class Pair:
+    __slots__ = ("name", "image", "mask")
+
+    def __init__(self, name, image, mask):
+        self.name, self.image, self.mask = name, image, mask
+
+
+def index_labeled_folder(folder, skip_unpaired=False):
+    """Pairs images/NAME.* with masks/NAME.* by name. Unpaired files are an error, or with
+    `skip_unpaired` are left out with one warning line that counts them."""
+    folder = Path(folder)
+    images, masks = files_by_name(folder / "images"), files_by_name(folder / "masks")
+    for name, path in masks.items():
+        if path.suffix.lower() in LOSSY_EXTENSIONS:
+            raise DataError(f"{path}: masks must be lossless (JPEG changes class values at edges); "
+                            "save it as PNG")
+    no_mask = [images[n] for n in images if n not in masks]
+    no_image = [masks[n] for n in masks if n not in images]
+    if not images and not masks:
+        raise DataError(f"{folder}: images/ and masks/ hold no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    if (no_mask or no_image) and not skip_unpaired:
+        if no_mask:
+            more = f" (and {len(no_mask) - 1} more images without masks)" if len(no_mask) > 1 else ""
+            raise DataError(f"{no_mask[0]}: image has no mask {folder / 'masks'}/"
+                            f"{no_mask[0].relative_to(folder / 'images').with_suffix('.png').as_posix()}{more}; "
+                            "add it, move the image to an unlabeled folder, or pass --skip-unpaired")
+        more = f" (and {len(no_image) - 1} more masks without images)" if len(no_image) > 1 else ""
+        raise DataError(f"{no_image[0]}: mask has no image in {folder / 'images'}{more}; add the image, "
+                        "remove the mask, or pass --skip-unpaired")
+    if no_mask or no_image:
+        print(f"warning: {folder}: left out {len(no_mask)} images without masks and {len(no_image)} masks "
+              f"without images (--skip-unpaired)", file=sys.stderr)
+    pairs = [Pair(n, images[n], masks[n]) for n in sorted(images) if n in masks]
+    if not pairs:
+        raise DataError(f"{folder}: no image has a mask of the same name")
+    return pairs
+
+
+def read_split_file(path):
+    """Names listed in a split file: one per line, extension optional, '#' starts a comment."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: split file not found; write one NAME per line, or make one with "
+                        "`python data.py split`")
+    names = [line.split("#")[0].strip() for line in file.read_text().splitlines()]
+    names = [re.sub(r"\.(png|jpe?g|bmp|tiff?)$", "", n, flags=re.IGNORECASE) for n in names if n]
+    if not names:
+        raise DataError(f"{file}: split file lists no names")
+    return names
+
+
+def choose_labeled_subset(pairs, count, seed=0):
+    """`count` pairs: the first `count` of one seeded permutation of the name-sorted pairs, so that a
+    smaller subset is always inside a larger one. Returned in name order."""
+    if count > len(pairs):
+        raise DataError(f"--labels {count}: only {len(pairs)} labeled pairs are there; pass at most "
+                        f"--labels {len(pairs)}")
+    order = np.random.default_rng(seed).permutation(len(pairs))[:count]
+    return [pairs[i] for i in sorted(order)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+
+
+class LabeledFolder(Dataset):
+    """(image [C, R, R] in [-1, 1], mask [R, R] long) for a list of Pairs."""
+
+    def __init__(self, pairs, resolution, channels, num_classes, class_map=None, fit="pad", augment=None):
+        self.pairs, self.resolution, self.channels = list(pairs), resolution, channels
+        self.num_classes, self.fit, self.augment = num_classes, fit, augment
+        self.class_map = class_map
+        self.lut = None if class_map is None else lookup_table(class_map)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def read_mask(self, pair, opened=None):
+        """The mask of `pair` after the class map, at its own size, checked against num_classes."""
+        mask_file = opened if opened is not None else open_image_file(pair.mask)
+        values = remap(mask_values(decode(mask_file, pair.mask), pair.mask), self.lut, pair.mask)
+        if values.size and int(values.max()) >= self.num_classes:
+            bad = int(values.max())
+            hint = " (a 0/255 binary mask: use --class-map 255:1)" if bad == 255 and self.num_classes <= 2 else ""
+            raise DataError(f"{pair.mask}: mask value {bad} is not a class: there are {self.num_classes} "
+                            f"classes (0..{self.num_classes - 1}){hint}; pass --num-classes or --class-map")
+        return values
+
+    def load(self, index, rng=None):
+        pair = self.pairs[index]
+        image_file, mask_file = open_image_file(pair.image), open_image_file(pair.mask)
+        if image_file.size != mask_file.size:
+            raise DataError(f"{pair.mask}: mask is {mask_file.size[0]}x{mask_file.size[1]} but its image "
+                            f"{pair.image} is {image_file.size[0]}x{image_file.size[1]}; save the mask at "
+                            "the image's size")
+        values = self.read_mask(pair, mask_file)
+        if image_file.format == "JPEG":
+            image_file.draft(image_file.mode, (self.resolution, self.resolution))
+        image = to_channels(decode(image_file, pair.image), self.channels)
+        mask = Image.fromarray(values.astype(np.uint8), "L")
+        image = fit_square(image, self.resolution, self.fit, Image.Resampling.BILINEAR)
+        mask = fit_square(mask, self.resolution, self.fit, Image.Resampling.NEAREST)
+        if self.augment is not None and rng is not None:
+            image, mask = self.augment(image, mask, rng)
+        return image_to_tensor(image), torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
+
+    def __getitem__(self, key):
+        index, rng = sample_key(key)
+        return self.load(index, rng)
+
+
+class ImageFolder(Dataset):
+    """Images [C, R, R] in [-1, 1] from a list of files."""
+
+    def __init__(self, paths, resolution, channels, fit="pad"):
+        self.paths, self.resolution, self.channels, self.fit = list(paths), resolution, channels, fit
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index, _ = sample_key(key)
+        image = load_image(self.paths[index], self.channels, min_size=self.resolution)
+        return image_to_tensor(fit_square(image, self.resolution, self.fit, Image.Resampling.BILINEAR))
+
+
+class ImagesOf(Dataset):
+    """The images of a labeled dataset, without their masks."""
+
+    def __init__(self, labeled):
+        self.labeled = labeled
+
+    def __len__(self):
+        return len(self.labeled)
+
+    def __getitem__(self, key):
+        index, _ = sample_key(key)
+        return self.labeled.load(index, None)[0]
+
+
+# The demo's classes: each has a shape and a colour (and a grey level for one channel).
+DEMO_SHAPES = ("ellipse", "rectangle", "triangle", "ring", "diamond", "cross")
+DEMO_COLOURS = np.array([(0.90, 0.25, 0.20), (0.20, 0.75, 0.30), (0.25, 0.45, 0.95), (0.95, 0.85, 0.20),
+                         (0.80, 0.30, 0.85), (0.20, 0.85, 0.90), (0.95, 0.55, 0.15), (0.95, 0.95, 0.95)])
+
+
+class DemoDataset(Dataset):
+    """Procedural labeled images: a dark gradient background and 2 to 5 shapes, each of a class
+    1..K-1 (class c is a DEMO_SHAPES[(c-1) % 6] in its own colour or grey level), later shapes occluding
+    earlier ones, plus a little shading and noise on the image only. The mask is exact: a pixel belongs to
+    the last shape that covers its centre. Scenes live in the unit square, so every resolution shows the
+    same scene; everything follows from (seed, index)."""
+
+    def __init__(self, resolution=256, channels=3, num_classes=4, length=1000, seed=0, augment=None):
+        if not 2 <= num_classes <= MAX_CLASSES:
+            raise DataError(f"demo: --num-classes {num_classes}: the demo makes 2 to {MAX_CLASSES} classes")
+        self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
+        self.length, self.seed, self.augment = length, seed, augment
+        self.class_names = ["background"] + [
+            DEMO_SHAPES[(c - 1) % len(DEMO_SHAPES)] + ("" if c <= len(DEMO_SHAPES) else str(c))
+            for c in range(1, num_classes)]
+
+    def __len__(self):
+        return self.length
+
+    def class_colour(self, c):
+        if self.channels == 1:  # grey levels spread over 0.45..0.95, well above the background
+            return np.array([0.45 + 0.5 * (c - 1) / max(1, self.num_classes - 2)])
+        colour = DEMO_COLOURS[(c - 1) % len(DEMO_COLOURS)]
+        return colour if c <= len(DEMO_COLOURS) else colour * (0.6 + 0.4 * ((c * 0.37) % 1))
+
+    def render(self, index):
+        """(image float [R, R, C] in 0..1, mask uint8 [R, R]) of scene `index`."""
+        rng = np.random.default_rng([self.seed, index])
+        size = self.resolution
+        centres = (np.arange(size, dtype=np.float32) + 0.5) / size
+        y, x = centres[:, None], centres[None, :]  # pixel centres in the unit square, broadcast
+        direction = rng.uniform(0, 2 * np.pi)
+        ramp = 0.5 + 0.7 * (np.cos(direction) * (x - 0.5) + np.sin(direction) * (y - 0.5))
+        low, high = rng.uniform(0.02, 0.15, self.channels), rng.uniform(0.15, 0.35, self.channels)
+        image = (low + (high - low) * ramp[..., None]).astype(np.float32)
+        mask = np.zeros((size, size), np.uint8)
+        for _ in range(rng.integers(2, 6)):
+            c = int(rng.integers(1, self.num_classes))
+            cx, cy = rng.uniform(0.2, 0.8, 2)
+            a, b = rng.uniform(0.08, 0.22, 2)
+            angle = rng.uniform(0, np.pi)
+            brightness = rng.uniform(0.9, 1.05)
+            reach = math.hypot(a, b)  # no shape extends further from its centre: work in that box only
+            rows = slice(max(0, int((cy - reach) * size)), min(size, int((cy + reach) * size) + 1))
+            cols = slice(max(0, int((cx - reach) * size)), min(size, int((cx + reach) * size) + 1))
+            dx, dy = x[:, cols] - cx, y[rows, :] - cy
+            u = np.cos(angle) * dx + np.sin(angle) * dy
+            v = -np.sin(angle) * dx + np.cos(angle) * dy
+            inside = self.shape(DEMO_SHAPES[(c - 1) % len(DEMO_SHAPES)], u, v, a, b)
+            shade = 0.85 + 0.15 * (0.5 + u / (2 * a)).clip(0, 1)
+            mask[rows, cols][inside] = c
+            image[rows, cols][inside] = (self.class_colour(c) * brightness)[None] * shade[inside][:, None]
+        image += 0.03 * rng.standard_normal(image.shape, dtype=np.float32)
+        return image.clip(0, 1), mask
+
+    @staticmethod
+    def shape(kind, u, v, a, b):
+        if kind == "ellipse":
+            return (u / a) ** 2 + (v / b) ** 2 <= 1
+        if kind == "rectangle":
+            return (np.abs(u) <= a) & (np.abs(v) <= b)
+        if kind == "triangle":  # apex up in the shape's frame, base of width 2a at v = b
+            return (v <= b) & (v >= -b) & (np.abs(u) <= a * (v + b) / (2 * b))
+        if kind == "ring":
+            radius = np.sqrt(u ** 2 + v ** 2)
+            return (radius <= max(a, b)) & (radius >= 0.55 * max(a, b))
+        if kind == "diamond":
+            return np.abs(u) / a + np.abs(v) / b <= 1
+        return ((np.abs(u) <= a) & (np.abs(v) <= b / 3)) | ((np.abs(u) <= a / 3) & (np.abs(v) <= b))  # cross
+
+    def load(self, index, rng=None):
+        picture, values = self.render(index)
+        mode = "L" if self.channels == 1 else "RGB"
+        pixels = (picture * 255 + 0.5).astype(np.uint8)
+        image = Image.fromarray(pixels[..., 0] if self.channels == 1 else pixels, mode)
+        mask = Image.fromarray(values, "L")
+        if self.augment is not None and rng is not None:
+            image, mask = self.augment(image, mask, rng)
+        return image_to_tensor(image), torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
+
+    def __getitem__(self, key):
+        index, rng = sample_key(key)
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return self.load(index, rng)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared command-line options and build_datasets
+
+
+def default_workers(world_size=1):
+    """DataLoader workers per stream: the CPU cores this process may use, shared among the local ranks,
+    at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, world_size)))
+
+
+def add_data_args(parser):
+    """The data options every script shares. `--seed` and `--workers` are added only when the parser
+    has no option of that name yet."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="PATH", help="a folder of images (searched recursively), a "
+                       "labeled folder (images/ + masks/; then it is also --labeled), or 'demo'")
+    group.add_argument("--labeled", metavar="DIR", help="a labeled folder (images/NAME.* + masks/NAME.png) "
+                       "when --data is the unlabeled pool")
+    group.add_argument("--resolution", type=int, default=256, help="square size R (default 256)")
+    group.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                       help="1 (grey: X-ray, CT, MRI) or 3 (RGB); default: 1 if the sampled images are grey")
+    group.add_argument("--num-classes", type=int, default=None, help="classes including background; "
+                       "default: from --class-map, classes.txt or the masks")
+    group.add_argument("--class-map", default=None, metavar="MAP", help="merge classes: "
+                       f"{', '.join(CLASS_MAPS)}, a file of SRC:DST lines, or SRC:DST,SRC:DST")
+    group.add_argument("--labels", type=int, default=None, metavar="N",
+                       help="keep N labeled pairs (a fixed seeded subset; smaller sets nest in larger ones)")
+    group.add_argument("--labels-seed", type=int, default=0, help="seed of the --labels subset (default 0)")
+    group.add_argument("--split", metavar="FILE", help="keep the labeled pairs named in FILE (one per line)")
+    group.add_argument("--fit", choices=FITS, default="pad",
+                       help="non-square images: pad (default), centre crop, or stretch")
+    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="flip + shift/scale/rotate the labeled pairs as the official code (default on)")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="horizontal flips in the augmentation (default: on for RGB, off for grey)")
+    group.add_argument("--skip-unpaired", action="store_true",
+                       help="leave out images without masks and masks without images (counted) "
+                            "instead of stopping")
+    group.add_argument("--demo-length", type=int, default=1000, help="images in --data demo (default 1000)")
+    options = parser._option_string_actions
+    if "--workers" not in options:
+        group.add_argument("--workers", type=int, default=None, help="DataLoader workers per stream "
+                           "(default: the CPU cores, at most 8)")
+    if "--seed" not in options:
+        group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
+
+
+def option(args, name, default=None):
+    return getattr(args, name, default)
+
+
+def build_datasets(args, augment=None):
+    """(labeled, unlabeled, info) from the options of add_data_args (see the module docstring).
+
+    `augment=False` turns the augmentation off whatever the options say (for evaluation)."""
+    source = option(args, "data")
+    if not source:
+        raise DataError("no data: pass --data FOLDER (or --data demo)")
+    resolution = option(args, "resolution", 256)
+    if resolution < 4:
+        raise DataError(f"--resolution {resolution}: use at least 4 pixels")
+    use_augment = option(args, "augment", True) if augment is None else augment
+    if source == "demo":
+        return build_demo(args, resolution, use_augment)
+
+    data_folder = existing_folder(source, "--data")
+    labeled_folder = existing_folder(args.labeled, "--labeled") if option(args, "labeled") else None
+    if labeled_folder is None and is_labeled_folder(data_folder):
+        labeled_folder = data_folder
+    if labeled_folder is not None and not is_labeled_folder(labeled_folder):
+        raise DataError(f"{labeled_folder}: not a labeled folder: expected {labeled_folder}/images and "
+                        f"{labeled_folder}/masks")
+
+    # labeled pairs: the folder, then --split, then --labels
+    pairs, left_out = [], []
+    if labeled_folder is not None:
+        pairs = index_labeled_folder(labeled_folder, option(args, "skip_unpaired", False))
+        if option(args, "split"):
+            wanted = read_split_file(args.split)
+            known = {p.name for p in pairs}
+            missing = [n for n in wanted if n not in known]
+            if missing:
+                raise DataError(f"{args.split}: lists {missing[0]}, which is not a pair in {labeled_folder}"
+                                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                                "fix the names or the folder")
+            wanted = set(wanted)
+            left_out = [p for p in pairs if p.name not in wanted]
+            pairs = [p for p in pairs if p.name in wanted]
+    labeled_total, all_pairs = len(pairs), pairs
+    labels = option(args, "labels")
+    if labels is not None:
+        if labels < 0:
+            raise DataError(f"--labels {labels}: give a count of labeled pairs (0 or more)")
+        pairs = choose_labeled_subset(pairs, labels, option(args, "labels_seed", 0))
+
+    # the unlabeled pool: every image, the labeled ones included, minus those --split left out
+    if is_labeled_folder(data_folder):
+        pool = list_images(data_folder / "images")
+    else:
+        pool = list_images(data_folder, exclude=[labeled_folder / "masks"] if labeled_folder else ())
+    if labeled_folder is not None and labeled_folder.resolve() != data_folder.resolve():
+        pool += list_images(labeled_folder / "images")
+    removed = {p.image.resolve() for p in left_out}
+    seen, unique = set(), []
+    for path in pool:
+        resolved = path.resolve()
+        if resolved not in seen and resolved not in removed:
+            seen.add(resolved)
+            unique.append(path)
+    if not unique:
+        raise DataError(f"{data_folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                        "recursively); point --data at the folder that holds them")
+
+    channels = option(args, "channels") or infer_channels(unique)
+    class_map, class_names = (None, None)
+    if option(args, "class_map"):
+        class_map, class_names = parse_class_map(args.class_map)
+    num_classes, classes_from = option(args, "num_classes"), "--num-classes"
+    if num_classes is None and all_pairs:  # from all pairs, so that --labels 9 cannot miss a rare class
+        num_classes, classes_from, class_names = infer_num_classes(all_pairs, labeled_folder, class_map,
+                                                                   class_names)
+    if class_names is None and labeled_folder is not None and class_map is None:
+        class_names = read_class_names(labeled_folder)
+    if num_classes is not None and not 2 <= num_classes <= MAX_CLASSES:
+        raise DataError(f"--num-classes {num_classes}: use 2 to {MAX_CLASSES} (background included)")
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        class_names = None  # a names list that does not fit is worse than none
+
+    flip = option(args, "flip")
+    flip = (channels == 3) if flip is None else flip
+    augmentation = Augment(flip=flip) if use_augment else None
+    fit = option(args, "fit", "pad")
+    labeled = (LabeledFolder(pairs, resolution, channels, num_classes, class_map, fit, augmentation)
+               if pairs else None)
+    unlabeled = ImageFolder(unique, resolution, channels, fit)
+    info = dict(source=str(data_folder), labeled_source=str(labeled_folder) if labeled_folder else None,
+                resolution=resolution, channels=channels, num_classes=num_classes, num_classes_from=classes_from,
+                class_names=class_names, labeled_count=len(pairs), labeled_total=labeled_total,
+                unlabeled_count=len(unique), fit=fit, augment=use_augment, flip=flip and use_augment)
+    return labeled, unlabeled, info
+
+
+def build_demo(args, resolution, use_augment):
+    if option(args, "labeled") or option(args, "class_map") or option(args, "split"):
+        raise DataError("--data demo makes its own labels: leave out --labeled, --class-map and --split")
+    channels = option(args, "channels") or 3
+    num_classes = option(args, "num_classes") or 4
+    length = option(args, "demo_length", 1000)
+    labels = option(args, "labels")
+    labels = length if labels is None else labels
+    if not 0 <= labels <= length:
+        raise DataError(f"--labels {labels}: the demo has {length} images (--demo-length)")
+    flip = option(args, "flip")
+    flip = (channels == 3) if flip is None else flip
+    augmentation = Augment(flip=flip) if use_augment else None
+    # the scenes do not depend on --seed: the demo is one fixed data set; the labeled pairs are its first
+    # `labels` scenes, which are as random a subset as any
+    labeled = DemoDataset(resolution, channels, num_classes, labels, 0, augmentation) if labels else None
+    unlabeled = ImagesOf(DemoDataset(resolution, channels, num_classes, length, 0))
+    info = dict(source="demo", labeled_source="demo", resolution=resolution, channels=channels,
+                num_classes=num_classes, num_classes_from="demo", class_names=unlabeled.labeled.class_names,
+                labeled_count=labels, labeled_total=length, unlabeled_count=length, fit="stretch",
+                augment=use_augment, flip=flip and use_augment)
+    return labeled, unlabeled, info
+
+
+def evenly_spaced(items, count):
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def infer_channels(paths, samples=8):
+    return 1 if all(looks_grayscale(p) for p in evenly_spaced(paths, samples)) else 3
+
+
+def infer_num_classes(pairs, folder, class_map, class_names, samples=64):
+    """(num_classes, where it came from, class names) when --num-classes is not given."""
+    if class_map is not None:
+        return max(class_map.values()) + 1, "--class-map", class_names
+    names = read_class_names(folder) if folder is not None else None
+    if names:
+        return len(names), f"{folder}/classes.txt", names
+    largest = 0
+    for pair in evenly_spaced(pairs, samples):
+        values = load_mask(pair.mask)
+        largest = max(largest, int(values.max()) if values.size else 0)
+    if largest >= MAX_CLASSES - 1:
+        raise DataError(f"{folder}: a mask holds the value {largest}: masks must hold class indices "
+                        "(0 = background, 1, 2, ...); for 0/255 binary masks pass --class-map 255:1")
+    checked = min(len(pairs), samples)
+    return max(2, largest + 1), f"the largest value in {checked} masks", None
+
+
+def patient_id(name):
+    """The patient a slice belongs to: the part of its name before the first '_' (the converters of the
+    volume data sets name slices PATIENT_zSLICE), so that DICE can be averaged per patient."""
+    return Path(name).name.split("_", 1)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The infinite, seeded, resumable stream
+
+
+class RangeLength:
+    """What DistributedSampler needs of a dataset: its length."""
+
+    def __init__(self, length):
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+
+class KeyBatches:
+    """Batches of sample keys (index, (seed, epoch, position)) forever, from (epoch, batch) on.
+
+    It holds plain numbers, not the loader: a reference cycle through the DataLoader iterator would
+    leave its worker processes to the garbage collector, which cannot stop them cleanly."""
+
+    def __init__(self, dataset_length, length, batch_size, seed, rank, world_size, epoch, batch):
+        self.dataset_length, self.length, self.batch_size = dataset_length, length, batch_size
+        self.seed, self.rank, self.world_size, self.epoch, self.batch = seed, rank, world_size, epoch, batch
+
+    def __iter__(self):
+        epoch, start, size = self.epoch, self.batch, self.batch_size
+        while True:
+            sampler = DistributedSampler(RangeLength(self.length), num_replicas=self.world_size, rank=self.rank,
+                                         shuffle=True, seed=self.seed, drop_last=True)
+            sampler.set_epoch(epoch)  # the permutation is seeded with seed + epoch
+            order = list(sampler)
+            for b in range(start, len(order) // size):
+                yield [(i % self.dataset_length, (self.seed, epoch, i)) for i in order[b * size:(b + 1) * size]]
+            epoch, start = epoch + 1, 0
+
+
+class InfiniteLoader:
+    """Batches of `dataset` forever: each epoch a new permutation (seed + epoch) split over `world_size`
+    ranks by DistributedSampler, incomplete batches dropped; a dataset smaller than one global batch is
+    repeated (as the official code does), so that --labels 9 with batch 16 works.
+
+    state_dict() is (epoch, batch within the epoch); a loader given it yields the very batches an
+    uninterrupted one would have yielded next. Batches are collated by the default collate: labeled
+    datasets give (images [B, C, R, R], masks [B, R, R]), unlabeled ones images [B, C, R, R]."""
+
+    def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, workers=None, pin_memory=None):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.dataset_length = len(dataset)
+        if self.dataset_length == 0:
+            raise DataError("the data set is empty: nothing to load")
+        self.length = max(self.dataset_length, batch_size * world_size)
+        self.batches_per_epoch = (self.length // world_size) // batch_size
+        self.workers = default_workers(world_size) if workers is None else workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.epoch, self.batch = 0, 0
+        self.batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.batches is None:
+            keys = KeyBatches(self.dataset_length, self.length, self.batch_size, self.seed, self.rank,
+                              self.world_size, self.epoch, self.batch)
+            # A private generator: creating a DataLoader iterator otherwise draws its base seed from the global
+            # RNG, and a resumed run (which creates it at another step) would then draw different latents.
+            # Every sample's randomness comes from its key, so the workers' own seeds do not matter.
+            self.batches = iter(DataLoader(self.dataset, batch_sampler=keys, num_workers=self.workers,
+                                           pin_memory=self.pin_memory, generator=torch.Generator()))
+        try:
+            batch, message = next(self.batches), None
+        except DataError as error:  # from a worker it comes wrapped in a traceback: keep the one line
+            message = one_line(error)
+            error.__traceback__ = None  # its frames hold the DataLoader iterator in a reference cycle
+        if message is not None:  # raised out here, so that no traceback keeps the workers alive
+            self.close()
+            raise DataError(message)
+        self.batch += 1
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        return batch
+
+    def close(self):
+        """Stop the worker processes (the next batch starts new ones where the stream stands)."""
+        self.batches = None
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, batch=self.batch, seed=self.seed, batch_size=self.batch_size,
+                    world_size=self.world_size, length=self.length)
+
+    def load_state_dict(self, state):
+        for key in ("seed", "batch_size", "world_size", "length"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"loader state: saved with {key} {state[key]}, resumed with "
+                                f"{getattr(self, key)}; resume with the same data and batch settings")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.close()  # the next batch starts a stream at (epoch, batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers for the raw formats of the public releases
+
+
+def read_jsrt(path):
+    """A JSRT .IMG: headerless big-endian 16-bit words holding 12-bit values, 2048 x 2048 (other square
+    sizes are taken from the file length). JSRT stores X-ray attenuation the other way round from a usual
+    display (high values are dark), so it is inverted: pixel = 4095 - value. Returns float32 0..4095."""
+    raw = Path(path).read_bytes()
+    side = int(round(math.sqrt(len(raw) / 2)))
+    if side < 2 or side * side * 2 != len(raw):
+        raise DataError(f"{path}: {len(raw)} bytes is not a square of 16-bit pixels (JSRT .IMG is 2048 x "
+                        "2048 x 2 bytes); re-download it")
+    values = np.frombuffer(raw, dtype=">u2").reshape(side, side).astype(np.float32)
+    return 4095.0 - np.clip(values, 0, 4095)
+
+
+NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4",
+               1024: "i8", 1280: "u8"}
+
+
+def read_nifti(path):
+    """A single-file NIfTI-1 volume (.nii or .nii.gz) with numpy and gzip only.
+
+    The 348-byte header gives the dimensions (int16[8] at byte 40), the datatype (int16 at 70), where the
+    voxels start (vox_offset, float32 at 108) and their scaling (scl_slope, scl_inter at 112 and 116);
+    its first int32 is 348 in the file's byte order. Voxels are stored x fastest (Fortran order).
+    Returns (voxels [X, Y, Z] as stored, slope, intercept): real values are voxels * slope + intercept
+    (slope 0 means no scaling). An uncompressed file is memory-mapped, not read."""
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as file:
+            header = file.read(348)
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read ({error}); re-download it") from None
+    if len(header) < 348:
+        raise DataError(f"{path}: shorter than a NIfTI header; re-download it")
+    endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
+    if endian is None or header[344:347] not in (b"n+1", b"ni1"):
+        raise DataError(f"{path}: not a NIfTI-1 file (no 348 / n+1 in its header); convert it to .nii")
+    if header[344:347] == b"ni1":
+        raise DataError(f"{path}: a NIfTI .hdr/.img pair; convert it to a single .nii file")
+    dims = struct.unpack(endian + "8h", header[40:56])
+    datatype = struct.unpack(endian + "h", header[70:72])[0]
+    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    slope, intercept = struct.unpack(endian + "ff", header[112:120])
+    if datatype not in NIFTI_TYPES:
+        raise DataError(f"{path}: NIfTI datatype {datatype} is not supported (integers and floats are)")
+    shape = tuple(int(d) for d in dims[1:1 + dims[0]])
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise DataError(f"{path}: a {len(shape)}-D NIfTI; expected a 3-D volume")
+    dtype = np.dtype(endian + NIFTI_TYPES[datatype])
+    count = int(np.prod(shape))
+    try:
+        if opener is open:
+            voxels = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
+        else:
+            with gzip.open(path, "rb") as file:
+                raw = file.read()
+            voxels = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: truncated NIfTI volume ({error}); re-download it") from None
+    return voxels, float(slope), float(intercept)
+
+
+def nifti_slice(voxels, slope, intercept, z):
+    """Slice z as float32 [Y, X] (rows = y, columns = x) with the NIfTI scaling applied."""
+    plane = np.asarray(voxels[:, :, z], dtype=np.float32).T
+    return plane * slope + intercept if slope not in (0.0, 1.0) or intercept != 0.0 else plane
+
+
+DICOM_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+DICOM_UNCOMPRESSED = {"1.2.840.10008.1.2": ("<", False),    # implicit VR little endian
+                      "1.2.840.10008.1.2.1": ("<", True),   # explicit VR little endian
+                      "1.2.840.10008.1.2.2": (">", True)}   # explicit VR big endian (retired)
+DICOM_TAGS = {(0x0002, 0x0010): ("transfer_syntax", b"UI"), (0x0020, 0x0013): ("instance", b"IS"),
+              (0x0028, 0x0002): ("samples", b"US"), (0x0028, 0x0004): ("photometric", b"CS"),
+              (0x0028, 0x0010): ("rows", b"US"), (0x0028, 0x0011): ("columns", b"US"),
+              (0x0028, 0x0100): ("bits", b"US"), (0x0028, 0x0103): ("signed", b"US"),
+              (0x0028, 0x1052): ("intercept", b"DS"), (0x0028, 0x1053): ("slope", b"DS")}
+
+
+class DicomReader:
+    """Walks the elements of an uncompressed DICOM file, keeping the few it needs."""
+
+    def __init__(self, raw, path):
+        self.raw, self.path = raw, path
+
+    def header(self, pos, endian, explicit):
+        """(tag, vr, length, position of the value) of the element at `pos`."""
+        group, element = struct.unpack_from(endian + "HH", self.raw, pos)
+        if group == 0xFFFE or not explicit:  # items and delimiters never have a VR
+            return (group, element), None, struct.unpack_from(endian + "I", self.raw, pos + 4)[0], pos + 8
+        vr = self.raw[pos + 4:pos + 6]
+        if vr in DICOM_LONG_VRS:
+            return (group, element), vr, struct.unpack_from(endian + "I", self.raw, pos + 8)[0], pos + 12
+        return (group, element), vr, struct.unpack_from(endian + "H", self.raw, pos + 6)[0], pos + 8
+
+    def skip_undefined(self, pos, endian, explicit, until):
+        """Skip elements up to and including the delimiter `until` (an undefined-length sequence or item)."""
+        while pos < len(self.raw):
+            tag, _, length, pos = self.header(pos, endian, explicit)
+            if tag == until:
+                return pos
+            if length == 0xFFFFFFFF:
+                pos = self.skip_undefined(pos, endian, explicit,
+                                          (0xFFFE, 0xE00D) if tag == (0xFFFE, 0xE000) else (0xFFFE, 0xE0DD))
+            elif tag != (0xFFFE, 0xE000):  # a defined-length item's elements are walked, not skipped
+                pos += length
+        raise DataError(f"{self.path}: DICOM sequence runs past the end of the file; re-export it")
+
+    def elements(self, pos, endian, explicit, wanted, stop_group=None):
+        found = {}
+        while pos + 8 <= len(self.raw):
+            tag, vr, length, value_at = self.header(pos, endian, explicit)
+            if stop_group is not None and tag[0] != stop_group:
+                return found, pos
+            if tag == (0x7FE0, 0x0010):
+                if length == 0xFFFFFFFF:
+                    found["encapsulated"] = True
+                    return found, pos
+                found["pixels"] = (value_at, length)
+                return found, value_at + length
+            if length == 0xFFFFFFFF:
+                pos = self.skip_undefined(value_at, endian, explicit, (0xFFFE, 0xE0DD))
+                continue
+            if tag in wanted:
+                name, known_vr = wanted[tag]  # implicit VR files do not say it: the dictionary does
+                found[name] = (vr or known_vr, self.raw[value_at:value_at + length])
+            pos = value_at + length
+        return found, pos
+
+
+def dicom_value(element, endian, numeric=True):
+    vr, data = element
+    if vr == b"US" and len(data) == 2:
+        return struct.unpack(endian + "H", data)[0]
+    text = data.decode("latin-1").strip("\x00 ").split("\\")[0]
+    return float(text) if numeric and text else text
+
+
+def read_dicom(path):
+    """Pixels of a DICOM file as float32 [rows, columns] with RescaleSlope/Intercept applied, and its
+    InstanceNumber (or None). Reads uncompressed little- and big-endian, explicit- and implicit-VR files
+    with a small parser; compressed transfer syntaxes go to pydicom when it is installed (it is optional),
+    else they are a DataError saying how to get them read."""
+    path = Path(path)
+    raw = path.read_bytes()
+    reader = DicomReader(raw, path)
+    syntax = "1.2.840.10008.1.2"
+    pos = 0
+    if raw[128:132] == b"DICM":  # Part 10 file: preamble, then the meta group in explicit VR LE
+        meta, pos = reader.elements(132, "<", True, DICOM_TAGS, stop_group=0x0002)
+        if "transfer_syntax" in meta:
+            syntax = dicom_value(meta["transfer_syntax"], "<", numeric=False)
+    if syntax not in DICOM_UNCOMPRESSED:
+        return read_dicom_with_pydicom(path, f"transfer syntax {syntax} (compressed)")
+    endian, explicit = DICOM_UNCOMPRESSED[syntax]
+    try:
+        found, _ = reader.elements(pos, endian, explicit, DICOM_TAGS)
+    except struct.error:
+        raise DataError(f"{path}: truncated or not a DICOM file; re-export it") from None
+    if found.get("encapsulated"):
+        return read_dicom_with_pydicom(path, "encapsulated pixel data")
+    if "pixels" not in found or "rows" not in found:
+        raise DataError(f"{path}: no image in this DICOM file (no PixelData); is it a DICOM image?")
+
+    def number(name, default):
+        return dicom_value(found[name], endian) if name in found else default
+
+    rows, columns, bits = int(number("rows", 0)), int(number("columns", 0)), int(number("bits", 16))
+    if int(number("samples", 1)) != 1 or bits not in (8, 16, 32):
+        raise DataError(f"{path}: DICOM with {int(number('samples', 1))} samples of {bits} bits; only "
+                        "single-channel 8/16/32-bit images are read")
+    kind = "i" if int(number("signed", 0)) else "u"
+    start, length = found["pixels"]
+    count = rows * columns
+    if length < count * bits // 8 or len(raw) < start + count * bits // 8:
+        raise DataError(f"{path}: DICOM pixel data is truncated; re-export it")
+    pixels = np.frombuffer(raw, dtype=f"{endian}{kind}{bits // 8}", count=count, offset=start)
+    pixels = pixels.reshape(rows, columns).astype(np.float32) * number("slope", 1.0) + number("intercept", 0.0)
+    if "photometric" in found and dicom_value(found["photometric"], endian, numeric=False) == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1: high values are dark
+    instance = number("instance", None)
+    return pixels, (int(instance) if instance not in (None, "") else None)
+
+
+def read_dicom_with_pydicom(path, why):
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(f"{path}: {why}; `pip install pydicom pylibjpeg pylibjpeg-libjpeg` to read it, or "
+                        "decompress it first (gdcmconv --raw IN OUT)") from None
+    try:
+        dataset = pydicom.dcmread(str(path))
+        pixels = dataset.pixel_array.astype(np.float32)
+    except Exception as error:
+        raise DataError(f"{path}: pydicom cannot read it ({error}); decompress it with gdcmconv --raw") from None
+    pixels = pixels * float(getattr(dataset, "RescaleSlope", 1)) + float(getattr(dataset, "RescaleIntercept", 0))
+    instance = getattr(dataset, "InstanceNumber", None)
+    return pixels, (int(instance) if instance is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Converters: public releases -> OUT/images/NAME.png (+ OUT/masks/NAME.png, classes.txt)
+
+
+class DatasetWriter:
+    """Writes images (and masks) into OUT in the folder format; counts what it wrote."""
+
+    def __init__(self, out, size=None, fit="pad"):
+        self.out, self.size, self.fit = Path(out), size, fit
+        self.names, self.pairs, self.images = set(), 0, 0
+
+    def claim(self, name):
+        if name in self.names:
+            raise DataError(f"{self.out}: two inputs would both be written as {name}.png; rename one")
+        self.names.add(name)
+
+    def finish(self, image, resample=Image.Resampling.LANCZOS):
+        return image if self.size is None else fit_square(image, self.size, self.fit, resample)
+
+    def pair(self, name, image, mask):
+        """`image` a Pillow image; `mask` class indices [H, W]. An image of another size than its mask is
+        resized onto the mask's grid (area average when shrinking): the mask is the ground truth."""
+        self.claim(name)
+        mask = Image.fromarray(np.asarray(mask, dtype=np.uint8), "L")
+        if image.size != mask.size:
+            shrink = image.size[0] >= mask.size[0]
+            image = image.resize(mask.size, Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
+        for folder in ("images", "masks"):
+            (self.out / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        self.finish(image).save(self.out / "images" / f"{name}.png")
+        self.finish(mask, Image.Resampling.NEAREST).save(self.out / "masks" / f"{name}.png")
+        self.pairs += 1
+
+    def image(self, name, image):
+        self.claim(name)
+        (self.out / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        self.finish(image).save(self.out / "images" / f"{name}.png")
+        self.images += 1
+
+    def classes(self, names):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "classes.txt").write_text("".join(f"{n}\n" for n in names))
+
+    def summary(self, what, skipped=""):
+        wrote = f"{self.pairs} labeled pairs" if self.pairs else f"{self.images} unlabeled images"
+        return f"{what}: wrote {wrote} to {self.out}{skipped}"
+
+
+def find(src, predicate):
+    """Files under `src` (recursive, sorted) whose path relative to `src` satisfies `predicate`, so that
+    the folder names above SRC never count."""
+    src = Path(src)
+    return [p for p in sorted(src.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and predicate(p.relative_to(src))]
+
+
+def in_folder_named(path, *names):
+    lowered = {n.lower() for n in names}
+    return any(part.lower() in lowered for part in path.parent.parts)
+
+
+def is_image_file(path):
+    return path.suffix.lower() in IMAGE_EXTENSIONS + (".gif",)
+
+
+def match_pairs(images, masks, src, what, layout):
+    """Pairs by name. With masks: (pairs, counts of unmatched images and masks); without any mask at all
+    the set is unlabeled and every image is kept."""
+    if not images:
+        raise DataError(f"{src}: no {what} images found; expected {layout}")
+    if not masks:
+        return None, len(images), 0
+    pairs = [(name, images[name], masks[name]) for name in sorted(images) if name in masks]
+    if not pairs:
+        raise DataError(f"{src}: found {len(images)} images and {len(masks)} masks but no name in common; "
+                        f"expected {layout}")
+    return pairs, len(images) - len(pairs), len(set(masks) - set(images))
+
+
+def skipped_note(no_mask, no_image, extra=""):
+    parts = [f"{no_mask} images without a mask"] if no_mask else []
+    parts += [f"{no_image} masks without an image"] if no_image else []
+    parts += [extra] if extra else []
+    return f"; left out {', '.join(parts)}" if parts else ""
+
+
+def write_binary_set(src, out, options, images, masks, what, layout, channels, class_name):
+    """The common case: images and binary masks (any non-zero pixel = class 1) matched by name."""
+    writer = DatasetWriter(out, options.size, options.fit)
+    pairs, no_mask, no_image = match_pairs(images, masks, src, what, layout)
+    if pairs is None:
+        for name in sorted(images):
+            writer.image(name, load_image(images[name], channels))
+        return writer.summary(what, " (no masks found: an unlabeled set)")
+    writer.classes(["background", class_name])
+    for name, image_path, mask_source in pairs:
+        mask = mask_source() if callable(mask_source) else binary_mask(mask_source)
+        writer.pair(name, load_image(image_path, channels), mask)
+    return writer.summary(what, skipped_note(no_mask, no_image))
+
+
+def convert_celebamask(src, out, options):
+    """CelebAMask-HQ, original release (Lee et al., MaskGAN, CVPR 2020):
+
+        SRC/CelebA-HQ-img/{i}.jpg                                  1024 x 1024, i = 0..29999
+        SRC/CelebAMask-HQ-mask-anno/{i // 2000}/{i:05d}_{part}.png  512 x 512, one binary PNG per part
+
+    Parts are painted in the order of CELEBAMASK19_CLASSES (as the authors' g_mask.py does: a later part
+    wins where two overlap) and merged into the paper's 8 classes (CELEBAMASK19_TO_8); images are written
+    at the masks' 512 px."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: in_folder_named(p, "CelebA-HQ-img") and is_image_file(p))}
+    parts = {}
+    for path in find(src, lambda p: in_folder_named(p, "CelebAMask-HQ-mask-anno") and p.suffix == ".png"):
+        match = re.fullmatch(r"(\d+)_(\w+)", path.stem)
+        if match and match.group(2) in CELEBAMASK19_CLASSES:
+            parts.setdefault(str(int(match.group(1))), {})[match.group(2)] = path
+
+    def painted(files):
+        def paint():
+            mask = None
+            for value, part in enumerate(CELEBAMASK19_CLASSES[1:], start=1):
+                if part in files:
+                    region = binary_mask(files[part])
+                    mask = np.zeros(region.shape, np.uint8) if mask is None else mask
+                    if region.shape != mask.shape:
+                        raise DataError(f"{files[part]}: {region.shape[1]}x{region.shape[0]}, unlike the "
+                                        "other parts of this face; re-download the annotations")
+                    mask[region] = CELEBAMASK19_TO_8[value]
+            return mask
+        return paint
+
+    masks = {name: painted(files) for name, files in parts.items()}
+    layout = "SRC/CelebA-HQ-img/N.jpg and SRC/CelebAMask-HQ-mask-anno/K/NNNNN_part.png"
+    writer = DatasetWriter(out, options.size, options.fit)
+    pairs, no_mask, no_image = match_pairs(images, masks, src, "CelebAMask-HQ", layout)
+    if pairs is None:
+        raise DataError(f"{src}: no CelebAMask-HQ-mask-anno part masks found; expected {layout}")
+    writer.classes(FACE8_CLASSES)
+    for name, image_path, paint in pairs:
+        writer.pair(name, load_image(image_path, 3), paint())
+    return writer.summary("celebamask", skipped_note(no_mask, no_image))
+
+
+def folder_pairs(src, image_folders, mask_folders, mask_suffixes=("",)):
+    """{name: image}, {name: mask} from folders with the given names anywhere under SRC; a mask file may
+    carry one of `mask_suffixes` after the image's name (e.g. NAME_mask.png)."""
+    images = {p.stem: p for p in find(src, lambda p: in_folder_named(p, *image_folders) and is_image_file(p)
+                                      and not in_folder_named(p, *mask_folders))}
+    masks = {}
+    for path in find(src, lambda p: in_folder_named(p, *mask_folders) and is_image_file(p)):
+        name = path.stem
+        for suffix in sorted(mask_suffixes, key=len, reverse=True):
+            if suffix and name.endswith(suffix):
+                name = name[:-len(suffix)]
+                break
+        masks[name] = path
+    return images, masks
+
+
+def convert_celebamask19(src, out, options):
+    """CelebAMask-HQ as 19-class index maps (the output of the authors' g_mask.py, or any copy in this
+    format such as ../shared/data/celebamask): an image folder (CelebA-HQ-img, images or image) and a mask
+    folder (CelebAMask-HQ-mask, mask, masks, label or labels) whose PNGs hold values 0..18 in the order of
+    CELEBAMASK19_CLASSES; merged into the paper's 8 classes."""
+    images, masks = folder_pairs(src, ("CelebA-HQ-img", "images", "image"),
+                                 ("CelebAMask-HQ-mask", "mask", "masks", "label", "labels"))
+    layout = "SRC/CelebA-HQ-img/N.jpg (or images/) and SRC/CelebAMask-HQ-mask/N.png (or masks/)"
+    pairs, no_mask, no_image = match_pairs(images, masks, src, "CelebAMask-HQ", layout)
+    if pairs is None:
+        raise DataError(f"{src}: no index-map masks found; expected {layout}")
+    writer = DatasetWriter(out, options.size, options.fit)
+    writer.classes(FACE8_CLASSES)
+    lut = lookup_table(CELEBAMASK19_TO_8)
+    for name, image_path, mask_path in pairs:
+        values = load_mask(mask_path)
+        if values.size and int(values.max()) >= len(CELEBAMASK19_CLASSES):
+            raise DataError(f"{mask_path}: value {int(values.max())} is not one of the 19 CelebAMask-HQ "
+                            "classes (0..18); is this a 19-class index map?")
+        writer.pair(name, load_image(image_path, 3), lut[values])
+    return writer.summary("celebamask19", skipped_note(no_mask, no_image))
+
+
+# The official code's colours for the 8 face classes (CelebAMaskDataset.color_map), used to read colour
+# annotations of MetFaces-40 if they come as colours.
+FACE8_COLOURS = ((0, 0, 0), (0, 0, 205), (132, 112, 255), (25, 25, 112), (187, 255, 255), (102, 205, 170),
+                 (227, 207, 87), (142, 142, 56))
+
+
+def convert_metfaces40(src, out, options):
+    """MetFaces-40 (40 MetFaces portraits annotated by the SemanticGAN authors, Google Drive release of
+    nv-tlabs/semanticGAN_code), for out-of-domain tests. We have not seen the release; we expect the
+    official code's label_data layout: an image folder (image or images) and a label folder (label, labels,
+    mask or masks) with the same names, labels either 8-class index maps (0..7) or colour maps in the
+    official code's colours (FACE8_COLOURS), which are turned into indices."""
+    images, masks = folder_pairs(src, ("image", "images"), ("label", "labels", "mask", "masks"))
+    layout = "SRC/image/NAME.png and SRC/label/NAME.png (8 classes)"
+    pairs, no_mask, no_image = match_pairs(images, masks, src, "MetFaces-40", layout)
+    if pairs is None:
+        raise DataError(f"{src}: no label masks found; expected {layout}")
+    writer = DatasetWriter(out, options.size, options.fit)
+    writer.classes(FACE8_CLASSES)
+    for name, image_path, mask_path in pairs:
+        writer.pair(name, load_image(image_path, 3), face8_from_annotation(mask_path))
+    return writer.summary("metfaces40", skipped_note(no_mask, no_image))
+
+
+def face8_from_annotation(path):
+    image = decode(open_image_file(path), path)
+    if image.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(image)[..., :3].astype(np.int32)
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+            code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+            values = np.full(code.shape, -1, np.int64)
+            for index, (r, g, b) in enumerate(FACE8_COLOURS):
+                values[code == (r << 16) | (g << 8) | b] = index
+            if (values < 0).any():
+                raise DataError(f"{path}: colours that are not among the 8 face-class colours; save an index "
+                                "map (value = class 0..7)")
+            return values
+    values = mask_values(image, path)
+    if values.size and int(values.max()) >= len(FACE8_CLASSES):
+        raise DataError(f"{path}: value {int(values.max())} is not one of the 8 face classes (0..7)")
+    return values
+
+
+def convert_jsrt(src, out, options):
+    """JSRT (Shiraishi et al. 2000) with the SCR lung masks (van Ginneken et al. 2006):
+
+        SRC/**/JPCLN001.IMG ...          2048 x 2048, big-endian 12-bit, no header (see read_jsrt)
+        SRC/**/left lung/JPCLN001.gif    SCR masks, 1024 x 1024, one GIF per lung
+        SRC/**/right lung/JPCLN001.gif   (the fold1/ fold2/ copies of SCR are both found)
+
+    Left and right lung are merged into class 1 (lung); the image is averaged 2 x 2 onto the masks'
+    1024 px grid and mapped linearly from 12 to 8 bits after the inversion. Without SCR masks the images
+    are written as an unlabeled set."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: p.suffix.lower() == ".img")}
+    lungs = {}
+    for side in ("left lung", "right lung"):
+        for path in find(src, lambda p: p.parent.name.lower() == side and p.suffix.lower() == ".gif"):
+            lungs.setdefault(path.stem, {})[side] = path
+
+    def merged(files):
+        def union():
+            if len(files) < 2:
+                missing = "right" if "left lung" in files else "left"
+                raise DataError(f"{next(iter(files.values()))}: no {missing}-lung mask of the same name; "
+                                "re-download SCR")
+            left, right = (binary_mask(files[s]) for s in ("left lung", "right lung"))
+            return left | right
+        return union
+
+    masks = {name: merged(files) for name, files in lungs.items()}
+    writer = DatasetWriter(out, options.size, options.fit)
+    layout = "SRC/**/JPCLN001.IMG and SRC/**/left lung/JPCLN001.gif, SRC/**/right lung/JPCLN001.gif"
+    pairs, no_mask, no_image = match_pairs(images, masks, src, "JSRT .IMG", layout)
+
+    def jsrt_image(path):
+        return Image.fromarray(read_jsrt(path), "F")
+
+    def to_8bit(image_f):
+        return Image.fromarray((np.asarray(image_f) * (255 / 4095) + 0.5).clip(0, 255).astype(np.uint8), "L")
+
+    if pairs is None:
+        for name in sorted(images):
+            writer.image(name, to_8bit(jsrt_image(images[name])))
+        return writer.summary("jsrt", " (no SCR masks found: an unlabeled set)")
+    writer.classes(["background", "lung"])
+    for name, image_path, union in pairs:
+        mask = union()
+        image = jsrt_image(image_path)
+        if image.size != (mask.shape[1], mask.shape[0]):  # average in float, before the 8-bit rounding
+            image = image.resize((mask.shape[1], mask.shape[0]), Image.Resampling.BOX)
+        writer.pair(name, to_8bit(image), mask)
+    return writer.summary("jsrt", skipped_note(no_mask, no_image))
+
+
+def convert_montgomery(src, out, options):
+    """Montgomery County (NLM) set (Jaeger et al. 2014):
+
+        SRC/**/CXR_png/MCUCXR_0001_0.png             4020 x 4892 or 4892 x 4020
+        SRC/**/ManualMask/leftMask/MCUCXR_0001_0.png  the same size, 0 / 255
+        SRC/**/ManualMask/rightMask/MCUCXR_0001_0.png
+
+    Both lungs become class 1. Images keep their size and aspect (the loader's --fit squares them;
+    --size here squares them at conversion)."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: p.parent.name == "CXR_png" and is_image_file(p))}
+    sides = {}
+    for side in ("leftMask", "rightMask"):
+        for path in find(src, lambda p: p.parent.name == side and is_image_file(p)):
+            sides.setdefault(path.stem, {})[side] = path
+
+    def union(files):
+        return lambda: np.logical_or.reduce([binary_mask(p) for p in files.values()])
+
+    masks = {name: union(files) for name, files in sides.items()}
+    layout = "SRC/**/CXR_png/NAME.png and SRC/**/ManualMask/leftMask|rightMask/NAME.png"
+    return write_binary_set(src, out, options, images, masks, "montgomery", layout, 1, "lung")
+
+
+def convert_cxr_folders(name, layout_note):
+    """Shenzhen and the NIH test set: images and lung masks in folders, matched by name (a mask may be
+    named NAME.png or NAME_mask.png)."""
+    def convert(src, out, options):
+        images, masks = folder_pairs(src, ("CXR_png", "images", "image", "img"),
+                                     ("mask", "masks", "label", "labels", "ManualMask"), ("_mask",))
+        return write_binary_set(src, out, options, images, masks, name, layout_note, 1, "lung")
+    return convert
+
+
+convert_shenzhen = convert_cxr_folders(
+    "shenzhen", "SRC/**/CXR_png/CHNCXR_0001_0.png and SRC/**/mask/CHNCXR_0001_0_mask.png")
+convert_shenzhen.__doc__ = """Shenzhen (SZ) set (Jaeger et al. 2014): SRC/**/CXR_png/CHNCXR_0001_0.png.
+    The original release has no lung masks; the usual ones (Stirenko et al. 2018, on Kaggle) are
+    mask/CHNCXR_0001_0_mask.png; names with or without _mask in a mask/ or masks/ folder are matched.
+    566 of the 662 images have masks: the others are left out and counted. Lungs become class 1."""
+
+convert_nih = convert_cxr_folders("nih", "SRC/**/images/NAME.png and SRC/**/masks/NAME.png (or NAME_mask.png)")
+convert_nih.__doc__ = """NIH chest X-rays with lung masks (the ChestX-ray8 images annotated by Tang et al.,
+    XLSor, 2019, the paper's NIH test set). We are not sure of that release's layout: images in a folder
+    named images (or image, img, CXR_png) and masks in one named masks (or mask, label, labels), matched
+    by name (NAME.png or NAME_mask.png). Lungs become class 1."""
+
+
+def convert_chestxray14(src, out, options):
+    """ChestX-ray14 (NIH, Wang et al. 2017) as the unlabeled pool: the PNGs of images_001.tar.gz ...
+    images_012.tar.gz, extracted anywhere under SRC (images/00000001_000.png, 1024 x 1024). Written as
+    8-bit grey (a few of them are RGBA: alpha is dropped). No masks."""
+    images = {}
+    for path in find(src, lambda p: p.suffix.lower() == ".png"):
+        if path.stem in images:
+            raise DataError(f"{path}: a second file named {path.name} (also {images[path.stem]}); remove one")
+        images[path.stem] = path
+    if not images:
+        raise DataError(f"{src}: no PNG images found; extract images_0XX.tar.gz under it first")
+    writer = DatasetWriter(out, options.size, options.fit)
+    for name in sorted(images):
+        writer.image(name, load_image(images[name], 1))
+    return writer.summary("chestxray14")
+
+
+def convert_isic2018(src, out, options):
+    """ISIC 2018 task 1 (lesion segmentation, Codella et al. 2019):
+
+        SRC/ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg
+        SRC/ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png   (0 / 255)
+
+    (the validation and test folders work the same; searched recursively). The lesion becomes class 1.
+    Images keep their size; the loader's --fit squares them."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: re.fullmatch(r"ISIC_\d+", p.stem) is not None
+                                      and p.suffix.lower() in (".jpg", ".jpeg", ".png"))}
+    masks = {p.stem[:-len("_segmentation")]: p for p in find(src, lambda p: p.stem.endswith("_segmentation")
+                                                          and p.suffix.lower() == ".png")}
+    layout = "SRC/**/ISIC_NNNNNNN.jpg and SRC/**/ISIC_NNNNNNN_segmentation.png"
+    return write_binary_set(src, out, options, images, masks, "isic2018", layout, 3, "lesion")
+
+
+def convert_ph2(src, out, options):
+    """PH2 (Mendonca et al. 2013):
+
+        SRC/**/IMD002/IMD002_Dermoscopic_Image/IMD002.bmp
+        SRC/**/IMD002/IMD002_lesion/IMD002_lesion.bmp          (0 / 255)
+
+    The lesion becomes class 1 (the IMDxxx_roi colour-region masks are not used)."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: p.parent.name.endswith("_Dermoscopic_Image")
+                                      and is_image_file(p))}
+    masks = {p.stem[:-len("_lesion")]: p for p in find(src, lambda p: p.parent.name.endswith("_lesion")
+                                                       and p.stem.endswith("_lesion") and is_image_file(p))}
+    layout = "SRC/**/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp and IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp"
+    return write_binary_set(src, out, options, images, masks, "ph2", layout, 3, "lesion")
+
+
+def convert_waterloo(name, folder):
+    """The University of Waterloo skin-cancer set (images from DermIS and DermQuest with lesion masks)."""
+    def convert(src, out, options):
+        src = Path(src)
+        found = find(src, lambda p: p.parent.name.lower() == folder and is_image_file(p))
+
+        def key(path, suffix):  # melanoma/dermis/3_orig.jpg -> melanoma_3 (the class keeps names unique)
+            parent = path.parent.parent.name if path.parent.parent != src else ""
+            return "_".join(part for part in (parent, path.stem[:-len(suffix)]) if part)
+
+        images = {key(p, "_orig"): p for p in found if p.stem.endswith("_orig")}
+        masks = {key(p, "_contour"): p for p in found if p.stem.endswith("_contour")}
+        layout = f"SRC/**/{folder}/N_orig.jpg and SRC/**/{folder}/N_contour.png"
+        return write_binary_set(src, out, options, images, masks, name, layout, 3, "lesion")
+    convert.__doc__ = f"""{name}: the {folder} part of the University of Waterloo skin-cancer detection
+    set (Amelard et al.), as we know it: SRC/**/{{melanoma,notmelanoma}}/{folder}/N_orig.jpg with the
+    lesion mask N_contour.png (0 / 255 or 0 / 1) beside it. We are not sure of the exact folder names of
+    every copy: any folder named {folder} (any case) is used. The paper calls DermIS "IS" and DermQuest
+    "Quest". The lesion becomes class 1; names are CLASSFOLDER_N."""
+    return convert
+
+
+convert_dermquest = convert_waterloo("dermquest", "dermquest")
+convert_dermis = convert_waterloo("dermis", "dermis")
+
+
+def window_to_8bit(values, low, high):
+    return ((np.clip(values, low, high) - low) * (255.0 / (high - low)) + 0.5).astype(np.uint8)
+
+
+def convert_lits(src, out, options):
+    """LiTS (Bilic et al. 2019) CT volumes to axial slices:
+
+        SRC/**/volume-N.nii (or .nii.gz)        CT in Hounsfield units
+        SRC/**/segmentation-N.nii               0 background, 1 liver, 2 tumour
+        SRC/**/test-volume-N.nii                the test volumes: no segmentation (an unlabeled pool)
+
+    Slices are written as lits{N:03d}_z{slice:04d} (patient_id() reads the patient back), rows = y and
+    columns = x of the voxel array (no reorientation from the affine: image and mask get the same).
+    CT window: --window, default level 40 width 400 HU (-160..240), linear to 0..255. Liver and tumour
+    become class 1 (liver). Labeled volumes keep only the slices that show liver unless --all-slices;
+    the test volumes (or volumes without a segmentation, when no volume has one) give all their slices
+    as unlabeled images. Volumes without a segmentation next to labeled ones are left out and counted."""
+    src = Path(src)
+    volumes, segmentations, tests = {}, {}, {}
+    for path in find(src, lambda p: p.name.lower().endswith((".nii", ".nii.gz"))):
+        match = re.fullmatch(r"(test-)?(volume|segmentation)-(\d+)\.nii(\.gz)?", path.name.lower())
+        if match:
+            table = tests if match.group(1) else volumes if match.group(2) == "volume" else segmentations
+            table[int(match.group(3))] = path
+    if not volumes and not tests:
+        raise DataError(f"{src}: no LiTS volumes found; expected SRC/**/volume-N.nii and segmentation-N.nii")
+    low, high = options.window
+    writer = DatasetWriter(out, options.size, options.fit)
+    labeled = {n: p for n, p in volumes.items() if n in segmentations}
+    if labeled:
+        writer.classes(["background", "liver"])
+        empty = 0
+        for number, path in sorted(labeled.items()):
+            voxels, slope, intercept = read_nifti(path)
+            labels, label_slope, label_intercept = read_nifti(segmentations[number])
+            if labels.shape != voxels.shape:
+                raise DataError(f"{segmentations[number]}: shape {labels.shape} differs from its volume's "
+                                f"{voxels.shape}; re-download it")
+            for z in range(voxels.shape[2]):
+                liver = nifti_slice(labels, label_slope, label_intercept, z) > 0.5
+                if not liver.any() and not options.all_slices:
+                    empty += 1
+                    continue
+                image = window_to_8bit(nifti_slice(voxels, slope, intercept, z), low, high)
+                writer.pair(f"lits{number:03d}_z{z:04d}", Image.fromarray(image, "L"), liver)
+        note = skipped_note(0, 0, f"{empty} slices without liver" if empty else "")
+        missing = len(volumes) - len(labeled) + len(tests)
+        note += f"; left out {missing} volumes without a segmentation" if missing else ""
+        return writer.summary("lits", note)
+    for prefix, table in (("lits", volumes), ("litstest", tests)):
+        for number, path in sorted(table.items()):
+            voxels, slope, intercept = read_nifti(path)
+            for z in range(voxels.shape[2]):
+                image = window_to_8bit(nifti_slice(voxels, slope, intercept, z), low, high)
+                writer.image(f"{prefix}{number:03d}_z{z:04d}", Image.fromarray(image, "L"))
+    return writer.summary("lits", " (no segmentations: an unlabeled set)")
+
+
+def natural_key(path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(path).name)]
+
+
+def percentile_to_8bit(series):
+    """MRI has no physical unit: each series is mapped from its 0.5th to its 99.5th percentile."""
+    stack = np.stack(series)
+    low, high = np.percentile(stack, [0.5, 99.5])
+    return [window_to_8bit(s, low, high if high > low else low + 1) for s in series]
+
+
+def convert_chaos(src, out, options):
+    """CHAOS (Kavur et al. 2021) MRI T1-DUAL to slices with liver masks:
+
+        SRC/**/MR/{patient}/T1DUAL/DICOM_anon/InPhase/*.dcm
+        SRC/**/MR/{patient}/T1DUAL/DICOM_anon/OutPhase/*.dcm
+        SRC/**/MR/{patient}/T1DUAL/Ground/*.png      one PNG per slice, shared by both phases
+
+    Ground truth intensities, from the challenge's data description (chaos.grand-challenge.org, "Data"):
+    liver 63 (55..70), right kidney 126 (110..135), left kidney 189 (175..200), spleen 252 (240..255);
+    liver becomes class 1, the rest background. Slices are paired by order: the DICOMs of a phase sorted
+    by InstanceNumber (else file name), the Ground PNGs by file name, and their counts must agree; we are
+    not sure every copy numbers them alike, so check a few with `data.py show`. Names are
+    chaos{patient}-{in|out}_z{k:03d} (the patient id includes the phase: the paper scores T1-in and
+    T1-out separately). --phase picks in, out or both; slices without liver are left out unless
+    --all-slices. Patients without Ground (the test set) are written as unlabeled images."""
+    src = Path(src)
+    phases = {"in": "InPhase", "out": "OutPhase"}
+    wanted = list(phases) if options.phase == "both" else [options.phase]
+    series = find(src, lambda p: p.suffix.lower() == ".dcm" and p.parent.name in phases.values()
+                  and p.parent.parent.name == "DICOM_anon")
+    t1dual_folders = sorted({p.parent.parent.parent for p in series}, key=lambda f: natural_key(f.parent))
+    if not t1dual_folders:
+        raise DataError(f"{src}: no CHAOS T1DUAL DICOMs found; expected "
+                        "SRC/**/MR/N/T1DUAL/DICOM_anon/InPhase/*.dcm")
+    labeled = [f for f in t1dual_folders if (f / "Ground").is_dir()]
+    writer = DatasetWriter(out, options.size, options.fit)
+    if labeled:
+        writer.classes(["background", "liver"])
+    empty = 0
+    for t1dual in labeled or t1dual_folders:
+        ground = sorted(find(t1dual / "Ground", is_image_file), key=natural_key) if labeled else []
+        for phase in wanted:
+            files = find(t1dual / "DICOM_anon" / phases[phase], lambda p: p.suffix.lower() == ".dcm")
+            slices = sorted(((read_dicom(f), f) for f in files),
+                            key=lambda s: (s[0][1] if s[0][1] is not None else 0, natural_key(s[1])))
+            images = percentile_to_8bit([pixels for (pixels, _), _ in slices])
+            name = f"chaos{t1dual.parent.name}-{phase}"
+            if not labeled:
+                for k, image in enumerate(images):
+                    writer.image(f"{name}_z{k:03d}", Image.fromarray(image, "L"))
+                continue
+            if len(ground) != len(images):
+                raise DataError(f"{t1dual / 'Ground'}: {len(ground)} ground-truth PNGs for {len(images)} "
+                                f"{phases[phase]} slices; the counts must agree (re-download this patient)")
+            for k, (image, truth) in enumerate(zip(images, ground)):
+                values = load_mask(truth)
+                liver = (values >= 55) & (values <= 70)
+                if not liver.any() and not options.all_slices:
+                    empty += 1
+                    continue
+                if liver.shape != image.shape:
+                    raise DataError(f"{truth}: {liver.shape[1]}x{liver.shape[0]} but the {phases[phase]} slice "
+                                    f"is {image.shape[1]}x{image.shape[0]}; re-download this patient")
+                writer.pair(f"{name}_z{k:03d}", Image.fromarray(image, "L"), liver)
+    if not labeled:
+        return writer.summary("chaos", " (no Ground folders: an unlabeled set)")
+    note = skipped_note(0, 0, f"{empty} slices without liver" if empty else "")
+    unlabeled = len(t1dual_folders) - len(labeled)
+    note += f"; left out {unlabeled} patients without Ground" if unlabeled else ""
+    return writer.summary("chaos", note)
+
+
+CONVERTERS = {
+    "celebamask": convert_celebamask, "celebamask19": convert_celebamask19, "metfaces40": convert_metfaces40,
+    "jsrt": convert_jsrt, "montgomery": convert_montgomery, "nlm": convert_montgomery,
+    "shenzhen": convert_shenzhen, "sz": convert_shenzhen, "nih": convert_nih,
+    "chestxray14": convert_chestxray14, "isic2018": convert_isic2018, "ph2": convert_ph2,
+    "dermquest": convert_dermquest, "dermis": convert_dermis, "lits": convert_lits, "chaos": convert_chaos,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands: prepare, check, show, bench, split
+
+
+def command_prepare(args):
+    src = Path(args.src)
+    if not src.is_dir():
+        raise DataError(f"{src}: no such folder; pass the folder the {args.name} release was extracted to")
+    print(CONVERTERS[args.name](src, Path(args.out), args))
+
+
+def command_check(args):
+    """Open every file once (in DataLoader workers) and list every problem, one line each."""
+    args.augment = False
+    labeled, unlabeled, info = build_datasets(args)
+    if isinstance(unlabeled, ImageFolder) and labeled is not None:  # each file once: pairs are checked whole
+        paired = {p.image.resolve() for p in labeled.pairs}
+        unlabeled = ImageFolder([p for p in unlabeled.paths if p.resolve() not in paired], unlabeled.resolution,
+                                unlabeled.channels, unlabeled.fit)
+    problems, checked = [], 0
+    workers = default_workers() if args.workers is None else args.workers
+    for dataset in (labeled, unlabeled):
+        if dataset is None or len(dataset) == 0:
+            continue
+        for problem in DataLoader(Checked(dataset), batch_size=None, num_workers=workers):
+            checked += 1
+            if problem:
+                problems.append(problem)
+                print(f"error: {problem}", file=sys.stderr)
+    print(f"checked {checked} files or pairs ({info['labeled_count']} labeled pairs, {info['unlabeled_count']} "
+          f"images in all), {info['channels']} channels, {info['num_classes']} classes: {len(problems)} problems")
+    if problems:
+        sys.exit(2)
+
+
+class Checked(Dataset):
+    """A dataset's samples replaced by '' or the one-line DataError each raises."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            self.dataset[index]
+            return ""
+        except DataError as error:
+            return str(error)
+
+
+PALETTE = np.array([(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+                    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0)], np.uint8)
+
+
+def colour_mask(mask):
+    """Class ids [R, R] to colours [R, R, 3] (uint8); class 0 is black."""
+    mask = np.asarray(mask)
+    colours = PALETTE[mask % len(PALETTE)]
+    colours[mask == 0] = 0
+    return colours
+
+
+def tensor_to_rgb(image):
+    pixels = ((image.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+
+
+def command_show(args):
+    """A grid: per sample the image, the image with its mask laid over it, and the mask."""
+    args.augment = args.augment and args.show_augmented
+    labeled, unlabeled, info = build_datasets(args)
+    rows = []
+    if labeled is not None:
+        for index in evenly_spaced(list(range(len(labeled))), args.count):
+            image, mask = labeled[(index, (args.seed, 0, index))]
+            pixels, colours = tensor_to_rgb(image), colour_mask(mask.numpy())
+            overlay = np.where(mask.numpy()[..., None] > 0, pixels // 2 + colours // 2, pixels)
+            rows.append(np.concatenate([pixels, overlay, colours], axis=1))
+    else:
+        for index in evenly_spaced(list(range(len(unlabeled))), args.count):
+            rows.append(tensor_to_rgb(unlabeled[index]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out)
+    names = info["class_names"] or list(range(info["num_classes"] or 0))
+    legend = ", ".join(f"{c}={n}" for c, n in enumerate(names) if c)
+    print(f"wrote {args.out}: {len(rows)} samples{f' (classes {legend})' if legend else ''}")
+
+
+def command_bench(args):
+    """Loader throughput: images per second of ready batches (moved to the GPU when there is one)."""
+    labeled, unlabeled, info = build_datasets(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = default_workers() if args.workers is None else args.workers
+    print(f"{info['source']}: {args.resolution} px, batch {args.batch}, {workers} workers, "
+          f"{os.cpu_count()} CPU cores, batches to {device}")
+    for stream, dataset in (("labeled", labeled), ("unlabeled", unlabeled)):
+        if dataset is None:
+            continue
+        loader = InfiniteLoader(dataset, args.batch, seed=args.seed, workers=workers)
+        times, last = [], None
+        for step in range(args.warmup + args.batches):
+            batch = next(loader)
+            tensors = batch if isinstance(batch, (list, tuple)) else [batch]
+            for tensor in tensors:
+                tensor.to(device, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if step >= args.warmup:
+                times.append(now - last)
+            last = now
+        loader.close()
+        median = statistics.median(times)
+        mean_rate = args.batch * len(times) / sum(times)
+        print(f"{stream:>9}: {args.batch / median:8.1f} images/s (median {median * 1000:.1f} ms per batch of "
+              f"{args.batch}; mean {mean_rate:.1f} images/s over {len(times)} batches after {args.warmup} "
+              f"warm-up; augment {'on' if stream == 'labeled' and info['augment'] else 'off'})")
+
+
+def command_split(args):
+    """Seeded train/val/test name lists of a labeled folder: DIR/train.txt, val.txt, test.txt."""
+    folder = existing_folder(args.data, "--data")
+    if not is_labeled_folder(folder):
+        raise DataError(f"{folder}: not a labeled folder (images/ + masks/); split needs labeled pairs")
+    names = [p.name for p in index_labeled_folder(folder, args.skip_unpaired)]
+    if not (0 <= args.val and 0 <= args.test and args.val + args.test < 1):
+        raise DataError(f"--val {args.val} --test {args.test}: fractions must be >= 0 and sum below 1")
+    order = [names[i] for i in np.random.default_rng(args.seed).permutation(len(names))]
+    test_count, val_count = round(len(names) * args.test), round(len(names) * args.val)
+    parts = {"test": order[:test_count], "val": order[test_count:test_count + val_count],
+             "train": order[test_count + val_count:]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for part, chosen in parts.items():
+        (out / f"{part}.txt").write_text("".join(f"{n}\n" for n in sorted(chosen)))
+    print(f"wrote {out}/train.txt ({len(parts['train'])}), val.txt ({len(parts['val'])}), "
+          f"test.txt ({len(parts['test'])}) from {len(names)} pairs, seed {args.seed}")
+
+
+def parse_window(text):
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': give LOW,HIGH in HU, e.g. -160,240") from None
+    if high <= low:
+        raise argparse.ArgumentTypeError(f"'{text}': HIGH must be above LOW")
+    return low, high
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="semanticgan data: convert, check, show and time data sets")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="convert a public release into images/ + masks/")
+    prepare.add_argument("name", choices=sorted(CONVERTERS), help="which release")
+    prepare.add_argument("src", help="the folder the release was extracted to")
+    prepare.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
+    prepare.add_argument("--size", type=int, default=None, help="also square and resize to SIZE px")
+    prepare.add_argument("--fit", choices=FITS, default="pad", help="how --size squares (default pad)")
+    prepare.add_argument("--window", type=parse_window, default=(-160.0, 240.0),
+                         help="lits: CT window in HU, written --window=LOW,HIGH (default -160,240: level 40, "
+                              "width 400)")
+    prepare.add_argument("--all-slices", action="store_true", help="lits, chaos: keep slices without liver")
+    prepare.add_argument("--phase", choices=("in", "out", "both"), default="both", help="chaos: T1 phase")
+    prepare.set_defaults(run=command_prepare)
+
+    check = add_data_args(commands.add_parser("check", help="open every file, list every problem"))
+    check.set_defaults(run=command_check)
+
+    show = add_data_args(commands.add_parser("show", help="write a grid of images with their masks"))
+    show.add_argument("--out", default="grid.png")
+    show.add_argument("--count", type=int, default=8, help="samples (default 8)")
+    show.add_argument("--show-augmented", action="store_true", help="show augmented pairs")
+    show.set_defaults(run=command_show)
+
+    bench = add_data_args(commands.add_parser("bench", help="loader throughput"))
+    bench.add_argument("--batch", type=int, default=16)
+    bench.add_argument("--batches", type=int, default=30, help="timed batches (default 30)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed batches first (default 5)")
+    bench.set_defaults(run=command_bench)
+
+    split = commands.add_parser("split", help="seeded train/val/test name lists of a labeled folder")
+    split.add_argument("--data", required=True, help="a labeled folder")
+    split.add_argument("--out", required=True, help="folder for train.txt, val.txt, test.txt")
+    split.add_argument("--val", type=float, default=0.1, help="fraction for val.txt (default 0.1)")
+    split.add_argument("--test", type=float, default=0.2, help="fraction for test.txt (default 0.2)")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--skip-unpaired", action="store_true")
+    split.set_defaults(run=command_split)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DataError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
