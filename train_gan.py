@@ -1,0 +1,628 @@
+"""Stage 1 of SemanticGAN: train the generator of images and masks (Li et al., CVPR 2021, Sec. 3.1-3.2).
+
+    python train_gan.py --data IMAGES --labeled PAIRS --out runs/jsrt         # one GPU
+    torchrun --nproc_per_node 8 train_gan.py --data ... --out ...              # several GPUs (DDP)
+    python train_gan.py --data demo --resolution 32 --max-channels 32 ...      # CPU demo, no download
+
+Every iteration (the official schedule, rosinality/stylegan2-pytorch as extended by the authors):
+
+ 1. D_r step   L_Dr on real images (labeled and unlabeled alike) against generated images.
+ 2. D_m step   L_Dm on labeled pairs (image, one-hot mask) against generated pairs (image, mask probabilities).
+               Steps 1 and 2 share one generator forward: G is frozen in both, so one batch of fakes serves.
+ 3. R1         every 16 steps on D_r and on D_m (gamma 10), scaled by 16 (lazy regularisation).
+ 4. G step     L_G = non-saturating loss from D_r + hinge loss and feature matching from D_m, with the
+               image of the generated pair detached (model.generated_pair): D_m shapes only the mask branch.
+ 5. Path length every 4 steps on half a batch (weight 2, scaled by 4).
+ 6. G_ema <- G_ema + (1 - 0.5 ** (32 / 10000)) (G - G_ema).
+
+Batch: --batch is per GPU (as in the official code); the global batch is batch x GPUs and kimg counts
+global images. The labeled and the unlabeled stream each deliver --batch samples per GPU and step.
+
+Mixed precision: on a GPU the networks run under bf16 autocast by default (--precision); bf16 keeps fp32's
+exponent range, so no loss scaling and no clamping of activations is needed, and the regularisers' double
+backward runs in it too. The optimisers and G_ema stay in fp32.
+
+Checkpoints (written atomically: a temporary file, then os.replace) hold state_dicts and plain data only
+and are read with torch.load(weights_only=True); `--resume auto` continues the latest one in --out, with
+the optimisers, the path-length mean, the data streams' positions and every RNG, so a resumed run
+continues exactly as if it had not stopped.
+"""
+
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import data
+import losses
+import model
+
+# ----------------------------------------------------------------------------------------------------
+# Set-up
+
+
+class TrainingError(Exception):
+    """A problem the user can fix (bad checkpoint, incompatible resume, a diverged run): one line, exit 2."""
+
+
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's environment, or a single process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return rank, world, torch.device("cuda", local_rank)
+    return rank, world, torch.device("cpu")
+
+
+def build_networks(args, image_channels, num_classes, device):
+    G = model.Generator(args.resolution, num_classes, image_channels, style_dim=args.style_dim, n_mlp=args.n_mlp,
+                        channel_multiplier=args.channel_multiplier, max_channels=args.max_channels)
+    D_r = model.ImageDiscriminator(args.resolution, image_channels, channel_multiplier=args.channel_multiplier,
+                                   max_channels=args.max_channels)
+    D_m = model.MaskDiscriminator(image_channels, num_classes, base_channels=min(64, args.max_channels),
+                                  max_channels=args.max_channels)
+    G, D_r, D_m = G.to(device), D_r.to(device), D_m.to(device)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    if args.channels_last and device.type == "cuda":
+        for net in (G, D_r, D_m, G_ema):
+            net.to(memory_format=torch.channels_last)
+    return G, G_ema, D_r, D_m
+
+
+def build_optimizers(args, G, D_r, D_m):
+    """Adam with the lazy-regularisation correction: a regulariser applied every k steps makes the
+    effective step c = k / (k + 1) of the plain one, so lr * c and betas ** c (StyleGAN2 App. B)."""
+    def adam(params, every):
+        c = every / (every + 1)
+        return torch.optim.Adam(params, lr=args.lr * c, betas=(0 ** c, 0.99 ** c))
+    return adam(G.parameters(), args.pl_every), adam(D_r.parameters(), args.r1_every), adam(D_m.parameters(), args.r1_every)
+
+
+def unwrap(net):
+    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training iteration
+
+
+def sample_z(batch, style_dim, mixing, device):
+    """One code, or two with probability `mixing` (style mixing regularisation)."""
+    if mixing > 0 and random.random() < mixing:
+        return list(torch.randn(2, batch, style_dim, device=device).unbind(0))
+    return [torch.randn(batch, style_dim, device=device)]
+
+
+def train_step(step, nets, optimizers, batch, args, state, autocast):
+    """One iteration of the schedule in the module docstring. Returns the losses (detached tensors)."""
+    G, D_r, D_m = nets
+    opt_G, opt_D_r, opt_D_m = optimizers
+    real_images, labeled_images, labeled_masks = batch
+    B = real_images.shape[0]
+    style_dim = unwrap(G).style_dim
+    num_classes = unwrap(G).num_classes
+    real_pair_mask = model.real_mask_input(labeled_masks, num_classes)
+    out = {}
+
+    # 1-2. discriminator steps on one batch of fakes (G frozen)
+    G.requires_grad_(False)
+    D_r.requires_grad_(True)
+    D_m.requires_grad_(True)
+    with torch.no_grad(), autocast():
+        fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
+        fake_pair = model.generated_pair(fake_images, fake_masks)
+    with autocast():
+        loss = losses.d_logistic_loss(D_r(real_images).float(), D_r(fake_images).float())
+    opt_D_r.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_D_r.step()
+    out["D_r"] = loss.detach()
+
+    with autocast():
+        loss = losses.d_hinge_loss(_float(D_m(labeled_images, real_pair_mask)), _float(D_m(*fake_pair)))
+    opt_D_m.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_D_m.step()
+    out["D_m"] = loss.detach()
+
+    # 3. lazy R1 on both discriminators
+    if step % args.r1_every == 0:
+        images = real_images.detach().requires_grad_(True)
+        with autocast():
+            logits = D_r(images)
+        penalty = losses.r1_penalty(logits.float().sum(), images)
+        opt_D_r.zero_grad(set_to_none=True)
+        # "+ 0 * logits": every parameter of D_r takes part, which DDP requires of each backward
+        (args.r1 / 2 * penalty * args.r1_every + 0 * logits.float().sum()).backward()
+        opt_D_r.step()
+        out["R1_D_r"] = penalty.detach()
+
+        pair = [labeled_images.detach().requires_grad_(True), real_pair_mask.detach().requires_grad_(True)]
+        with autocast():
+            outputs = D_m(*pair)
+        score = losses.d_m_score(outputs)
+        penalty = losses.r1_penalty(score, pair)
+        opt_D_m.zero_grad(set_to_none=True)
+        (args.r1 / 2 * penalty * args.r1_every + 0 * score).backward()
+        opt_D_m.step()
+        out["R1_D_m"] = penalty.detach()
+
+    # 4. generator step
+    G.requires_grad_(True)
+    D_r.requires_grad_(False)
+    D_m.requires_grad_(False)
+    with autocast():
+        fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
+        adv_r = losses.g_nonsaturating_loss(D_r(fake_images).float())
+        fake_outputs = _float(D_m(*model.generated_pair(fake_images, fake_masks)))
+        with torch.no_grad():
+            real_outputs = _float(D_m(labeled_images, real_pair_mask))
+        adv_m = losses.g_hinge_loss(fake_outputs)
+        feature_matching = losses.feature_matching_loss(fake_outputs, real_outputs)
+    loss = adv_r + adv_m + args.fm_weight * feature_matching
+    opt_G.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_G.step()
+    out.update(G=loss.detach(), G_r=adv_r.detach(), G_m=adv_m.detach(), G_fm=feature_matching.detach())
+
+    # 5. lazy path-length regularisation on half a batch
+    if args.pl_weight > 0 and step % args.pl_every == 0:
+        pl_batch = max(1, B // args.pl_batch_shrink)
+        with autocast():
+            images, masks, w_plus = G(sample_z(pl_batch, style_dim, args.mixing, real_images.device),
+                                      return_latents=True)
+        penalty, state["mean_path_length"], path_length = losses.path_length_penalty(
+            images.float(), w_plus, state["mean_path_length"])
+        opt_G.zero_grad(set_to_none=True)
+        # "+ 0 * outputs": the tSeg layers and the last biases take part (with zero gradient), which DDP
+        # requires of each backward
+        (args.pl_weight * penalty * args.pl_every + 0 * (images.float().sum() + masks.float().sum())).backward()
+        opt_G.step()
+        out.update(PL=penalty.detach(), path_length=path_length)
+
+    # 6. exponential moving average of G
+    accumulate(state["G_ema"], unwrap(G), args.ema_decay)
+    return out
+
+
+def _float(outputs):
+    return [[t.float() for t in scale] for scale in outputs]
+
+
+@torch.no_grad()
+def accumulate(ema, net, decay):
+    """ema <- decay * ema + (1 - decay) * net, parameter by parameter (buffers are copied)."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples: image | coloured mask | overlay, from fixed latents of G_ema
+
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190],
+                    [0, 128, 128], [230, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+                    [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128]], dtype=np.uint8)
+
+
+def colour_mask(class_map):
+    """[H, W] class ids -> [H, W, 3] uint8 colours (background black; colours repeat past 20 classes)."""
+    return PALETTE[class_map % len(PALETTE)]
+
+
+def image_to_uint8(image):
+    """[C, H, W] in [-1, 1] -> [H, W, 3] uint8 (grayscale repeated)."""
+    x = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x
+
+
+def mask_classes(mask_logits):
+    """Predicted class map [B, H, W]: argmax, or sigmoid > 0.5 for one class."""
+    if mask_logits.shape[1] == 1:
+        return (mask_logits[:, 0] > 0).long()
+    return mask_logits.argmax(1)
+
+
+@torch.no_grad()
+def save_grid(G_ema, latents, path, batch, columns=4):
+    """Render `latents` in chunks of `batch` (never all at once: big grids at high resolution run out of
+    memory) and write a PNG with, per sample, the image, its mask and the mask over the image."""
+    tiles = []
+    for chunk in latents.split(batch):
+        images, masks = G_ema(chunk, randomize_noise=False)
+        for image, classes in zip(images, mask_classes(masks.float())):
+            rgb, coloured = image_to_uint8(image), colour_mask(classes.cpu().numpy())
+            overlay = np.where(classes.cpu().numpy()[..., None] > 0, (0.5 * rgb + 0.5 * coloured).astype(np.uint8), rgb)
+            tiles.append(np.concatenate([rgb, coloured, overlay], axis=1))
+    rows = [np.concatenate(tiles[i:i + columns] + [np.zeros_like(tiles[0])] * (columns - len(tiles[i:i + columns])),
+                           axis=1) for i in range(0, len(tiles), columns)]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    zoom = max(1, 128 // tiles[0].shape[0])  # small demo resolutions are enlarged (nearest) to be seen
+    grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_path(out_dir, step):
+    return os.path.join(out_dir, f"checkpoint-{step:08d}.pt")
+
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints in out_dir, oldest first (temporary files of interrupted writes are ignored)."""
+    paths = glob.glob(os.path.join(out_dir, "checkpoint-*.pt"))
+    return sorted(p for p in paths if re.fullmatch(r"checkpoint-\d{8}\.pt", os.path.basename(p)))
+
+
+def save_checkpoint(payload, path, keep):
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a run killed at any
+    moment leaves the previous checkpoint intact and never a half-written file under a checkpoint's name."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    for old in list_checkpoints(os.path.dirname(path))[:-keep]:
+        os.remove(old)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"checkpoint {path} does not exist: pass an existing file or --resume auto")
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            f"delete it to resume from the one before, or pass another --resume")
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": list(_listify(random.getstate())),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+# Arguments that must match for a resumed run to make sense (the rest, e.g. --iter or --snap, may change).
+ARCHITECTURE_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "max_channels")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop
+
+
+class Progress:
+    """Sums the losses on the device (no synchronisation per step) and reports every --log-every seconds:
+    a line on the console and the same numbers as a JSON line in OUT/log.jsonl."""
+
+    def __init__(self, path, global_batch, total_steps, start_step, device):
+        self.path, self.global_batch, self.total_steps, self.device = path, global_batch, total_steps, device
+        self.sums, self.counts = {}, {}
+        self.last_time, self.last_step = time.time(), start_step
+
+    def add(self, values):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def averages(self):
+        """The mean of each loss since the last report. Synchronises with the device."""
+        return {k: (v / self.counts[k]).item() for k, v in self.sums.items()}
+
+    def report(self, step, rank, world):
+        means = self.averages()
+        if world > 1:  # every rank checks for NaN, so every rank must see the same numbers
+            names = sorted(means)
+            t = torch.tensor([means[n] for n in names], device=self.device)
+            dist.all_reduce(t)
+            means = dict(zip(names, (t / world).tolist()))
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(f"the loss {', '.join(bad)} became {means[bad[0]]} by step {step}: training diverged. "
+                                f"The last good checkpoint is untouched; resume from it with a lower --lr or a larger --r1")
+        now = time.time()
+        seconds = now - self.last_time
+        steps = max(step - self.last_step, 1)
+        img_per_s = steps * self.global_batch / max(seconds, 1e-9)
+        record = {"step": step, "kimg": step * self.global_batch / 1000, "img_per_s": img_per_s,
+                  "sec_per_kimg": 1000 / max(img_per_s, 1e-9),
+                  "eta_hours": (self.total_steps - step) * self.global_batch / max(img_per_s, 1e-9) / 3600, **means}
+        if self.device.type == "cuda":
+            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        if rank == 0:
+            losses_text = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+            mem = f"  mem {record['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in record else ""
+            print(f"step {step:>8}  kimg {record['kimg']:9.1f}  {img_per_s:7.1f} img/s  {record['sec_per_kimg']:7.2f} s/kimg  "
+                  f"eta {record['eta_hours']:6.2f} h  {losses_text}{mem}", flush=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.sums, self.counts = {}, {}
+        self.last_time, self.last_step = now, step
+
+
+def make_autocast(args, device):
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    enabled = precision == "bf16"
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled), precision
+
+
+def train(args):
+    rank, world, device = setup_distributed()
+    try:
+        _train(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, rank, world, device):
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (G_ema is copied before DDP syncs G)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls in TF32, as convolutions already are
+        torch.backends.cudnn.allow_tf32 = True
+
+    labeled, unlabeled, info = data.build_datasets(args)
+    if labeled is None:
+        raise TrainingError("D_m needs labeled pairs: pass a folder with images/ and masks/ via --labeled "
+                            "(or as --data), or --data demo")
+    image_channels, num_classes = info["channels"], info["num_classes"]
+    G, G_ema, D_r, D_m = build_networks(args, image_channels, num_classes, device)
+    opt_G, opt_D_r, opt_D_m = build_optimizers(args, G, D_r, D_m)
+    autocast, precision = make_autocast(args, device)
+    labeled_stream = data.InfiniteLoader(labeled, args.batch, seed=args.seed, rank=rank, world_size=world,
+                                         workers=args.workers)
+    unlabeled_stream = data.InfiniteLoader(unlabeled, args.batch, seed=args.seed + 1, rank=rank, world_size=world,
+                                           workers=args.workers)
+    state = {"G_ema": G_ema, "mean_path_length": torch.zeros((), device=device)}
+    step = 0
+    torch.manual_seed(args.seed + rank)  # from here on each rank draws its own latents and noise
+    random.seed(args.seed + rank)
+
+    os.makedirs(args.out, exist_ok=True)
+    resume = args.resume
+    if resume == "auto":
+        found = list_checkpoints(args.out)
+        resume = found[-1] if found else None
+    if resume:
+        ckpt = load_checkpoint(resume)
+        for key in ARCHITECTURE_ARGS:
+            if ckpt["args"].get(key) != getattr(args, key):
+                raise TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
+                                    f"{ckpt['args'].get(key)}, not {getattr(args, key)}: pass the same value to resume")
+        if (ckpt["image_channels"], ckpt["num_classes"]) != (image_channels, num_classes):
+            raise TrainingError(f"checkpoint {resume} has {ckpt['image_channels']} image channels and "
+                                f"{ckpt['num_classes']} classes, the data {image_channels} and {num_classes}")
+        G.load_state_dict(ckpt["G"])
+        G_ema.load_state_dict(ckpt["G_ema"])
+        D_r.load_state_dict(ckpt["D_r"])
+        D_m.load_state_dict(ckpt["D_m"])
+        opt_G.load_state_dict(ckpt["opt_G"])
+        opt_D_r.load_state_dict(ckpt["opt_D_r"])
+        opt_D_m.load_state_dict(ckpt["opt_D_m"])
+        labeled_stream.load_state_dict(ckpt["labeled_stream"])
+        unlabeled_stream.load_state_dict(ckpt["unlabeled_stream"])
+        state["mean_path_length"] = ckpt["mean_path_length"].to(device)
+        step = ckpt["step"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank])
+        else:  # a different number of processes: fresh, distinct streams per rank
+            torch.manual_seed(args.seed + rank + 7919 * step)
+            random.seed(args.seed + rank + 7919 * step)
+        if rank == 0:
+            print(f"resumed from {resume} at step {step}", flush=True)
+
+    nets = (G, D_r, D_m)
+    if world > 1:
+        ddp = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
+            m, device_ids=[device.index] if device.type == "cuda" else None)
+        nets = tuple(ddp(m) for m in nets)
+
+    global_batch = args.batch * world
+    total_steps = args.iter
+    grid_latents = torch.randn(args.grid, args.style_dim, generator=torch.Generator().manual_seed(args.seed + 12345))
+    grid_latents = grid_latents.to(device)
+    snapshot_every = max(1, round(args.snap_kimg * 1000 / global_batch))
+    if rank == 0:
+        counts = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("channels", "num_classes"))
+        print(f"semanticgan stage 1: {args.resolution} px, {image_channels} image channels, {num_classes} classes; "
+              f"{world} process(es) on {device.type}, batch {args.batch} per process = {global_batch} global; "
+              f"precision {precision}; {total_steps} steps = {total_steps * global_batch / 1000:.1f} kimg; "
+              f"snapshot every {snapshot_every} steps; data: {counts}", flush=True)
+        print(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D_r {sum(p.numel() for p in D_r.parameters()):,}, "
+              f"D_m {sum(p.numel() for p in D_m.parameters()):,}", flush=True)
+    progress = Progress(os.path.join(args.out, "log.jsonl"), global_batch, total_steps, step, device)
+    last_log = time.time()
+    labeled_iter, unlabeled_iter = iter(labeled_stream), iter(unlabeled_stream)
+
+    while step < total_steps:
+        real_images = next(unlabeled_iter)
+        labeled_images, labeled_masks = next(labeled_iter)
+        batch = (real_images.to(device, non_blocking=True), labeled_images.to(device, non_blocking=True),
+                 labeled_masks.to(device, non_blocking=True))
+        if args.channels_last and device.type == "cuda":
+            batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t for t in batch)
+        progress.add(train_step(step, nets, (opt_G, opt_D_r, opt_D_m), batch, args, state, autocast))
+        step += 1
+
+        snapshot = step % snapshot_every == 0 or step == total_steps
+        if snapshot or time.time() - last_log >= args.log_every:
+            progress.report(step, rank, world)  # raises on NaN before anything is written
+            last_log = time.time()
+        if snapshot:
+            rngs = [rng_state()]
+            if world > 1:
+                rngs = [None] * world
+                dist.all_gather_object(rngs, rng_state())
+            if rank == 0:
+                save_grid(G_ema, grid_latents, os.path.join(args.out, f"samples-{step:08d}.png"), args.batch)
+                payload = {"G": unwrap(G).state_dict(), "G_ema": G_ema.state_dict(), "D_r": unwrap(D_r).state_dict(),
+                           "D_m": unwrap(D_m).state_dict(), "opt_G": opt_G.state_dict(),
+                           "opt_D_r": opt_D_r.state_dict(), "opt_D_m": opt_D_m.state_dict(), "step": step,
+                           "mean_path_length": state["mean_path_length"].detach().cpu(),
+                           "labeled_stream": labeled_stream.state_dict(),
+                           "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
+                           "image_channels": image_channels, "num_classes": num_classes,
+                           "args": {k: v for k, v in vars(args).items()}}
+                save_checkpoint(payload, checkpoint_path(args.out, step), args.keep)
+            if world > 1:
+                dist.barrier()
+    if rank == 0:
+        print(f"done: {step} steps; checkpoints and samples in {args.out}", flush=True)
+    return {"G": unwrap(G), "G_ema": G_ema, "D_r": unwrap(D_r), "D_m": unwrap(D_m)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Throughput benchmark: the real training step on synthetic batches already on the device
+
+
+def benchmark(args):
+    """Steady-state throughput: img/s over --bench-steps full iterations (a multiple of the
+    regularisation intervals, so R1 and path length are counted at their real frequency) after one interval
+    of warm-up, and the peak memory, for each precision x ops implementation."""
+    _, _, device = setup_distributed()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    channels, classes, B, R = args.channels or 3, args.num_classes or 8, args.batch, args.resolution
+    period = math.lcm(args.r1_every, args.pl_every)
+    steps = max(period, args.bench_steps // period * period)
+    print(f"stage-1 training throughput: {R} px, batch {B}, {classes} classes, {channels} image channels, "
+          f"all regularisers on; {steps} steps timed after {period} warm-up, on {device}")
+    print(f"{'precision':<10} {'ops':<5} {'img/s':>8} {'s/kimg':>8} {'peak GiB':>9}")
+    for precision in args.bench_precisions.split(","):
+        for impl in args.bench_impls.split(","):
+            os.environ["SEMANTICGAN_OPS"] = "ref" if impl == "ref" else ""
+            torch.manual_seed(0)
+            random.seed(0)
+            G, G_ema, D_r, D_m = build_networks(args, channels, classes, device)
+            optimizers = build_optimizers(args, G, D_r, D_m)
+            args.precision = precision
+            autocast, _ = make_autocast(args, device)
+            state = {"G_ema": G_ema, "mean_path_length": torch.zeros((), device=device)}
+            batch = (torch.randn(B, channels, R, R, device=device), torch.randn(B, channels, R, R, device=device),
+                     torch.randint(0, classes, (B, R, R), device=device))
+            if args.channels_last and device.type == "cuda":
+                batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t for t in batch)
+            for step in range(period):
+                train_step(step, (G, D_r, D_m), optimizers, batch, args, state, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for step in range(period, period + steps):
+                train_step(step, (G, D_r, D_m), optimizers, batch, args, state, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+            img_per_s = steps * B / seconds
+            print(f"{precision:<10} {impl:<5} {img_per_s:>8.1f} {1000 / img_per_s:>8.2f} {peak:>9.2f}", flush=True)
+            del G, G_ema, D_r, D_m, optimizers, state
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 1 of SemanticGAN: train G (image + mask), D_r and D_m.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_data_args(p)
+    g = p.add_argument_group("training (defaults: the official configuration)")
+    g.add_argument("--out", default="runs/semanticgan", help="output folder: checkpoints, sample grids, log.jsonl")
+    g.add_argument("--iter", type=int, default=800000, help="training iterations")
+    g.add_argument("--kimg", type=float, default=None, help="budget in thousands of global images (overrides --iter)")
+    g.add_argument("--batch", type=int, default=16, help="batch per GPU / process (global = batch x processes)")
+    g.add_argument("--lr", type=float, default=0.002)
+    g.add_argument("--r1", type=float, default=10.0, help="R1 gamma, for D_r and D_m")
+    g.add_argument("--r1-every", type=int, default=16)
+    g.add_argument("--pl-weight", type=float, default=2.0, help="path-length weight (0 disables)")
+    g.add_argument("--pl-every", type=int, default=4)
+    g.add_argument("--pl-batch-shrink", type=int, default=2)
+    g.add_argument("--fm-weight", type=float, default=2.0, help="D_m feature-matching weight")
+    g.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability")
+    g.add_argument("--ema-decay", type=float, default=0.5 ** (32 / 10000), help="G_ema decay per step")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format on GPU")
+    g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
+    g.add_argument("--snap-kimg", type=float, default=50.0, help="sample grid + checkpoint every this many kimg")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--grid", type=int, default=16, help="samples in the grid")
+    g.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    b = p.add_argument_group("benchmark (instead of training)")
+    b.add_argument("--benchmark", action="store_true", help="time the training step on synthetic data and exit")
+    b.add_argument("--bench-steps", type=int, default=64)
+    b.add_argument("--bench-precisions", default="fp32,bf16")
+    b.add_argument("--bench-impls", default="cuda,ref", help="'cuda' = fused ops + gradfix, 'ref' = plain PyTorch")
+    n = p.add_argument_group("networks (defaults: StyleGAN2 config-f; narrow them for CPU demos)")
+    n.add_argument("--style-dim", type=int, default=512)
+    n.add_argument("--n-mlp", type=int, default=8, help="mapping layers")
+    n.add_argument("--channel-multiplier", type=int, default=2)
+    n.add_argument("--max-channels", type=int, default=512, help="cap on feature maps in G, D_r, D_m")
+    args = p.parse_args(argv)
+    if args.kimg is not None:
+        args.iter = max(1, round(args.kimg * 1000 / (args.batch * int(os.environ.get("WORLD_SIZE", 1)))))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.benchmark:
+            return benchmark(args)
+        train(args)
+    except (data.DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is intact; continue with --resume auto", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
