@@ -464,7 +464,7 @@ def _train(args, rank, world, device):
     grid_latents = grid_latents.to(device)
     snapshot_every = max(1, round(args.snap_kimg * 1000 / global_batch))
     if rank == 0:
-        counts = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("channels", "num_classes"))
+        counts = f"{info['labeled_count']} labeled pairs and {info['unlabeled_count']} images from {info['source']}"
         print(f"semanticgan stage 1: {args.resolution} px, {image_channels} image channels, {num_classes} classes; "
               f"{world} process(es) on {device.type}, batch {args.batch} per process = {global_batch} global; "
               f"precision {precision}; {total_steps} steps = {total_steps * global_batch / 1000:.1f} kimg; "

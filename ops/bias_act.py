@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .cuda_loader import load_plugin, ops_forced_to_ref, warn_once
+from .cuda_loader import kernel_ok, load_plugin, use_cuda, warn_once
 
 # name: (kernel id, default alpha, default gain, whether the gradient can be computed from the output)
 ACTIVATIONS = {
@@ -90,28 +90,11 @@ def _bias_act_ref(x, b, dim, act, alpha, gain, clamp):
 
 
 def _use_cuda(x, impl):
-    if impl not in (None, "cuda", "ref"):
-        raise ValueError(f"impl must be 'cuda', 'ref' or None, got {impl!r}")
-    if impl == "ref" or not x.is_cuda or (impl is None and ops_forced_to_ref()):
-        return False
-    return _cuda_ok(x.device)
+    return use_cuda(x, impl) and kernel_ok("bias_act_plugin", x.device, _self_check)
 
 
 def _plugin():
     return load_plugin("bias_act_plugin")
-
-
-_checked_devices = {}
-
-
-def _cuda_ok(device):
-    """Build the kernel once and, once per device, check it against the reference; fall back on a mismatch."""
-    key = str(device)
-    if key not in _checked_devices:
-        _checked_devices[key] = _plugin() is not None  # provisional: the self-check itself runs the kernel
-        if _checked_devices[key]:
-            _checked_devices[key] = _self_check(device)
-    return _checked_devices[key]
 
 
 @torch.enable_grad()

@@ -12,7 +12,7 @@ What StyleGAN2 users ran into, and what this file does instead:
   cache folder, which is keyed by a hash of the sources and the toolchain. A cache hit imports the
   library directly, without ninja and without touching the build system.
 * A kernel that compiled is not yet a kernel that is right. Each op module runs a self-check against its
-  reference on a tiny input the first time it uses the plugin (see `ops.upfirdn2d._cuda_ok`) and falls
+  reference on a tiny input the first time it uses the plugin on a device (`kernel_ok`) and falls
   back, loudly and once, if they disagree.
 
 Environment variables:
@@ -50,6 +50,27 @@ def warn_once(key, message, _seen=set()):
         _seen.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         print(f"semanticgan.ops: {message}", file=sys.stderr, flush=True)
+
+
+def use_cuda(x, impl):
+    """Whether an op asked for `impl` ('cuda', 'ref' or None = automatic) should try its kernel on x."""
+    if impl not in (None, "cuda", "ref"):
+        raise ValueError(f"impl must be 'cuda', 'ref' or None, got {impl!r}")
+    return impl != "ref" and x.is_cuda and not (impl is None and ops_forced_to_ref())
+
+
+_kernel_ok = {}  # (plugin name, device) -> whether its kernels passed their self-check there
+
+
+def kernel_ok(name, device, self_check):
+    """Build plugin `name` once and, once per device, run `self_check(device)` (the kernel against the
+    reference on tiny inputs; it warns on a mismatch). False means: use the reference on this device."""
+    key = (name, str(device))
+    if key not in _kernel_ok:
+        _kernel_ok[key] = load_plugin(name) is not None  # provisional: the self-check itself runs the kernel
+        if _kernel_ok[key]:
+            _kernel_ok[key] = self_check(device)
+    return _kernel_ok[key]
 
 
 def _cache_root():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cuda_loader import load_plugin, ops_forced_to_ref, warn_once
+from .cuda_loader import kernel_ok, load_plugin, use_cuda, warn_once
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -152,28 +152,11 @@ def _upfirdn2d_ref_2d(x, f, up, down, pad, flip_filter, gain):
 
 
 def _use_cuda(x, impl):
-    if impl not in (None, "cuda", "ref"):
-        raise ValueError(f"impl must be 'cuda', 'ref' or None, got {impl!r}")
-    if impl == "ref" or not x.is_cuda or (impl is None and ops_forced_to_ref()):
-        return False
-    return _cuda_ok(x.device)
+    return use_cuda(x, impl) and kernel_ok("upfirdn2d_plugin", x.device, _self_check)
 
 
 def _plugin():
     return load_plugin("upfirdn2d_plugin")
-
-
-_checked_devices = {}
-
-
-def _cuda_ok(device):
-    """Build the kernel once and, once per device, check it against the reference; fall back on a mismatch."""
-    key = str(device)
-    if key not in _checked_devices:
-        _checked_devices[key] = _plugin() is not None  # provisional: the self-check itself runs the kernel
-        if _checked_devices[key]:
-            _checked_devices[key] = _self_check(device)
-    return _checked_devices[key]
 
 
 @torch.enable_grad()

@@ -100,17 +100,17 @@ def test_upfirdn2d_self_check_falls_back_once_on_a_wrong_kernel(monkeypatch):
             return Apply
         return make
 
-    monkeypatch.setattr(upfirdn2d_module, "_plugin", lambda: object())
-    monkeypatch.setattr(upfirdn2d_module, "_checked_devices", {})
+    cpu, name = torch.device("cpu"), "upfirdn2d_plugin"
+    monkeypatch.setattr(cuda_loader, "_plugins", {name: object()})  # "built"
+    monkeypatch.setattr(cuda_loader, "_kernel_ok", {})
     monkeypatch.setattr(upfirdn2d_module, "_upfirdn2d_cuda", stand_in(1.0))
-    assert upfirdn2d_module._cuda_ok(torch.device("cpu"))
+    assert cuda_loader.kernel_ok(name, cpu, upfirdn2d_module._self_check)
 
-    monkeypatch.setattr(upfirdn2d_module, "_checked_devices", {})
+    monkeypatch.setattr(cuda_loader, "_kernel_ok", {})
     monkeypatch.setattr(upfirdn2d_module, "_upfirdn2d_cuda", stand_in(1.001))
     with pytest.warns(RuntimeWarning, match="disagrees with the reference"):
-        assert not upfirdn2d_module._cuda_ok(torch.device("cpu"))
-    monkeypatch.setattr(upfirdn2d_module, "_self_check", lambda d: pytest.fail("checked twice"))
-    assert not upfirdn2d_module._cuda_ok(torch.device("cpu"))
+        assert not cuda_loader.kernel_ok(name, cpu, upfirdn2d_module._self_check)
+    assert not cuda_loader.kernel_ok(name, cpu, lambda d: pytest.fail("checked twice"))
 
 
 def test_bias_act_self_check_catches_a_wrong_second_derivative(monkeypatch):
@@ -126,14 +126,15 @@ def test_bias_act_self_check_catches_a_wrong_second_derivative(monkeypatch):
             return type("Apply", (), {"apply": staticmethod(apply)})
         return make
 
-    monkeypatch.setattr(bias_act_module, "_plugin", lambda: object())
-    monkeypatch.setattr(bias_act_module, "_checked_devices", {})
+    cpu, name = torch.device("cpu"), "bias_act_plugin"
+    monkeypatch.setattr(cuda_loader, "_plugins", {name: object()})
+    monkeypatch.setattr(cuda_loader, "_kernel_ok", {})
     monkeypatch.setattr(bias_act_module, "_bias_act_cuda", stand_in(True))
-    assert bias_act_module._cuda_ok(torch.device("cpu"))
-    monkeypatch.setattr(bias_act_module, "_checked_devices", {})
+    assert cuda_loader.kernel_ok(name, cpu, bias_act_module._self_check)
+    monkeypatch.setattr(cuda_loader, "_kernel_ok", {})
     monkeypatch.setattr(bias_act_module, "_bias_act_cuda", stand_in(False))
-    with pytest.warns(RuntimeWarning, match="second|ddx|ddb|disagrees"):
-        assert not bias_act_module._cuda_ok(torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        assert not cuda_loader.kernel_ok(name, cpu, bias_act_module._self_check)
 
 
 def test_cpu_tensors_never_touch_the_plugin(monkeypatch):
