@@ -136,15 +136,22 @@ def _upfirdn2d_ref_2d(x, f, up, down, pad, flip_filter, gain):
     f = f * gain
     if upx == 1 and upy == 1:
         # Pad (or crop), then a strided depthwise correlation with the flipped filter = convolution.
-        x = F.pad(x, [px0, px1, py0, py1])
+        x = _pad_or_crop(x, px0, px1, py0, py1)
         w = (f if flip_filter else f.flip([0, 1]))[None, None].expand(C, 1, fh, fw)
         return F.conv2d(x, w, stride=(downy, downx), groups=C)
     # conv_transpose2d(x, f, stride=up) is the full convolution of the zero-inserted x with f; the
     # padding then selects the window that starts f - 1 - pad0 samples in.
     w = (f.flip([0, 1]) if flip_filter else f)[None, None].expand(C, 1, fh, fw)
     x = F.conv_transpose2d(x, w, stride=(upy, upx), groups=C)
-    x = F.pad(x, [px0 - fw + 1, upx + px1 - fw, py0 - fh + 1, upy + py1 - fh])
+    x = _pad_or_crop(x, px0 - fw + 1, upx + px1 - fw, py0 - fh + 1, upy + py1 - fh)
     return x[:, :, ::downy, ::downx]
+
+
+def _pad_or_crop(x, left, right, top, bottom):
+    """Zero-pad the positive sides, then crop the negative ones (one F.pad would refuse a crop larger
+    than the image even when the padding on the other side makes up for it)."""
+    x = F.pad(x, [max(left, 0), max(right, 0), max(top, 0), max(bottom, 0)])
+    return x[:, :, max(-top, 0):x.shape[2] - max(-bottom, 0), max(-left, 0):x.shape[3] - max(-right, 0)]
 
 
 # ----------------------------------------------------------------------------------------------------
