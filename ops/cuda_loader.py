@@ -69,7 +69,13 @@ def kernel_ok(name, device, self_check):
     if key not in _kernel_ok:
         _kernel_ok[key] = load_plugin(name) is not None  # provisional: the self-check itself runs the kernel
         if _kernel_ok[key]:
-            _kernel_ok[key] = self_check(device)
+            try:
+                _kernel_ok[key] = self_check(device)
+            except Exception as e:  # noqa: BLE001 - e.g. "no kernel image is available for this device"
+                warn_once(f"{name}-selfcheck-error", f"the CUDA op '{name}' failed its first run on {device} "
+                                                     f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
+                                                     f"using the reference implementation for the rest of this run.")
+                _kernel_ok[key] = False
     return _kernel_ok[key]
 
 
@@ -91,6 +97,8 @@ def _build_key(name, sources):
     h.update(torch.__version__.encode())
     h.update(str(torch.version.cuda).encode())
     h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    if torch.cuda.is_available():  # without an arch list, torch builds for the GPUs it sees
+        h.update(str(sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})).encode())
     h.update(sys.version.encode())
     return f"{name}_{h.hexdigest()[:16]}"
 

@@ -137,6 +137,18 @@ def test_bias_act_self_check_catches_a_wrong_second_derivative(monkeypatch):
         assert not cuda_loader.kernel_ok(name, cpu, bias_act_module._self_check)
 
 
+def test_a_kernel_that_raises_on_first_use_falls_back_once(monkeypatch):
+    monkeypatch.setattr(cuda_loader, "_plugins", {"bias_act_plugin": object()})
+    monkeypatch.setattr(cuda_loader, "_kernel_ok", {})
+
+    def crashing_check(device):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    with pytest.warns(RuntimeWarning, match="no kernel image"):
+        assert not cuda_loader.kernel_ok("bias_act_plugin", torch.device("cpu"), crashing_check)
+    assert not cuda_loader.kernel_ok("bias_act_plugin", torch.device("cpu"), lambda d: pytest.fail("checked twice"))
+
+
 def test_cpu_tensors_never_touch_the_plugin(monkeypatch):
     for module in (upfirdn2d_module, bias_act_module):
         monkeypatch.setattr(module, "_plugin", lambda: pytest.fail("plugin loaded for a CPU tensor"))
