@@ -302,23 +302,15 @@ def load_checkpoint(path):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "python": list(_listify(random.getstate())),
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    random.setstate(_tuplify(state["python"]))
+    random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _listify(x):
-    return [_listify(v) for v in x] if isinstance(x, tuple) else x
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
 # Arguments that must match for a resumed run to make sense (the rest, e.g. --iter or --snap, may change).
