@@ -31,15 +31,21 @@ What `build_datasets` makes of them
 * Non-square images (`--fit`): `pad` (default) pads the short side symmetrically with black / background
   and keeps everything in view, which suits X-rays and dermoscopy whose edges matter; `crop` takes the
   centred square; `stretch` resizes straight to R x R, as the official code does.
-* Augmentation of labeled pairs (on by default, `--no-augment`): the official code's albumentations
-  pipeline, re-written with Pillow and applied identically to image and mask: horizontal flip with
-  probability 0.5, then with probability 0.5 a shift (up to 10% of the size per axis), scale (0.8 to 1.2)
-  and rotation (up to 15 degrees) about the centre, borders filled with 0 (black / background), bilinear
-  for the image and nearest for the mask. The flip defaults to on for RGB data (faces, skin lesions,
-  mirror-symmetric) and off for grayscale data (chest X-ray, CT, MRI: the heart and the liver sit on one
-  side, so a flipped image is anatomy that does not occur; JSRT's masks merge both lungs into one class,
-  so a flip would not swap labels, but it would teach the generator mirrored chests). `--flip` and
-  `--no-flip` override. Unlabeled images are not augmented (nor are they in the official code).
+* Flips (`--flip`, `--no-flip`): horizontal flips with probability 0.5, of the unlabeled images (the
+  official code flips them for D_r with RandomHorizontalFlip) and, when augmenting, of the labeled pairs.
+  Default: on for RGB data (faces, skin lesions: mirror-symmetric, and what the official code, whose only
+  data loader reads RGB, does), off for grayscale data (chest X-ray, CT, MRI: the heart and the liver sit
+  on one side, so a flipped image is anatomy that does not occur; JSRT's masks merge both lungs into one
+  class, so a flip would not swap labels, but it would teach the generator mirrored chests).
+* Augmentation of labeled pairs (`--augment`, on by default; `--no-augment`): the augmentation of the
+  official code's `--seg_aug` option, re-written with Pillow and applied identically to image and mask:
+  horizontal flip with probability 0.5 (if flips are on), then with probability 0.5 a shift (up to 10% of
+  the size per axis), scale (0.8 to 1.2) and rotation (up to 15 degrees) about the centre, borders filled
+  with 0 (black / background), bilinear for the image and nearest for the mask. The official code leaves it
+  off by default (`--seg_aug` is absent from its README's commands); it is on here because with 9 to 40
+  labeled pairs D_m otherwise sees the same few masks thousands of times and can memorise them, the
+  overfitting that augmentation prevents in discriminators trained on little data (Karras et al. 2020,
+  ADA). `--no-augment --flip` is the official pipeline for RGB data.
 * Classes: `--num-classes K`, else the largest destination of `--class-map` + 1, else classes.txt, else
   the largest value in (up to 64) masks + 1. `--class-map` is a table name (`celebamask19to8`), a file of
   `SRC:DST` lines or inline `255:1,128:2`; values it does not list keep their value.
@@ -66,6 +72,7 @@ Command line:
     python data.py show  --data PATH --out grid.png    images with their masks, to look at
     python data.py bench --data PATH [--batch 16]      loader throughput at --resolution
     python data.py split --data LABELED --out DIR      seeded train.txt / val.txt / test.txt
+    python data.py demo OUT [--seed 1] [--count 100]   demo scenes as a labeled folder (seed 1: unseen)
 """
 
 import argparse
@@ -82,7 +89,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
@@ -306,8 +313,8 @@ def fit_square(image, size, fit, resample, fill=0):
 
 
 class Augment:
-    """The official pipeline: HorizontalFlip(p 0.5), ShiftScaleRotate(shift 0.1, scale 0.2, rotate 15,
-    constant border 0, p 0.5), applied with the same parameters to an image and its mask."""
+    """The official code's --seg_aug pipeline: HorizontalFlip(p 0.5), ShiftScaleRotate(shift 0.1, scale 0.2,
+    rotate 15, constant border 0, p 0.5), applied with the same parameters to an image and its mask."""
 
     def __init__(self, flip=True, affine=True, shift=0.1, scale=0.2, rotate=15.0):
         self.flip, self.affine = flip, affine
@@ -358,7 +365,7 @@ def image_to_tensor(image):
 def one_hot(mask, num_classes):
     """Class ids [N, R, R] (long) to float one-hot [N, K, R, R], the form D_m sees a real mask in.
 
-    (The official code shifts it to [-1, 1] with (x - 0.5) / 0.5 before D_m; that choice is the model's.)
+    (What D_m sees, {0, 1} or the official {-1, +1}, is the model's choice: model.real_mask_input.)
     A mask without the batch axis [R, R] gives [K, R, R]."""
     mask = torch.as_tensor(mask).long()
     if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= num_classes):
@@ -529,33 +536,41 @@ class LabeledFolder(Dataset):
         return self.load(index, rng)
 
 
-class ImageFolder(Dataset):
-    """Images [C, R, R] in [-1, 1] from a list of files."""
+def random_flip(image, rng):
+    """A horizontal flip with probability 0.5 (the official RandomHorizontalFlip of unlabeled images)."""
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
 
-    def __init__(self, paths, resolution, channels, fit="pad"):
+
+class ImageFolder(Dataset):
+    """Images [C, R, R] in [-1, 1] from a list of files; `flip`: flipped horizontally with probability 0.5."""
+
+    def __init__(self, paths, resolution, channels, fit="pad", flip=False):
         self.paths, self.resolution, self.channels, self.fit = list(paths), resolution, channels, fit
+        self.flip = flip
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, key):
-        index, _ = sample_key(key)
+        index, rng = sample_key(key)
         image = load_image(self.paths[index], self.channels, min_size=self.resolution)
-        return image_to_tensor(fit_square(image, self.resolution, self.fit, Image.Resampling.BILINEAR))
+        image = fit_square(image, self.resolution, self.fit, Image.Resampling.BILINEAR)
+        return image_to_tensor(random_flip(image, rng) if self.flip else image)
 
 
 class ImagesOf(Dataset):
-    """The images of a labeled dataset, without their masks."""
+    """The images of a labeled dataset, without their masks; `flip` as ImageFolder's."""
 
-    def __init__(self, labeled):
-        self.labeled = labeled
+    def __init__(self, labeled, flip=False):
+        self.labeled, self.flip = labeled, flip
 
     def __len__(self):
         return len(self.labeled)
 
     def __getitem__(self, key):
-        index, _ = sample_key(key)
-        return self.labeled.load(index, None)[0]
+        index, rng = sample_key(key)
+        image = self.labeled.load(index, None)[0]
+        return image.flip(-1) if self.flip and rng.random() < 0.5 else image
 
 
 # The demo's classes: each has a shape and a colour (and a grey level for one channel).
@@ -687,9 +702,11 @@ def add_data_args(parser):
     group.add_argument("--fit", choices=FITS, default="pad",
                        help="non-square images: pad (default), centre crop, or stretch")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                       help="flip + shift/scale/rotate the labeled pairs as the official code (default on)")
+                       help="flip + shift/scale/rotate the labeled pairs, the official code's --seg_aug "
+                            "(default on here, off in the official code)")
     group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                       help="horizontal flips in the augmentation (default: on for RGB, off for grey)")
+                       help="horizontal flips of the unlabeled images (as the official code) and in the "
+                            "labeled pairs' augmentation (default: on for RGB, off for grey)")
     group.add_argument("--skip-unpaired", action="store_true",
                        help="leave out images without masks and masks without images (counted) "
                             "instead of stopping")
@@ -710,7 +727,7 @@ def option(args, name, default=None):
 def build_datasets(args, augment=None):
     """(labeled, unlabeled, info) from the options of add_data_args (see the module docstring).
 
-    `augment=False` turns the augmentation off whatever the options say (for evaluation)."""
+    `augment=False` turns the augmentation and the flips off whatever the options say (for evaluation)."""
     source = option(args, "data")
     if not source:
         raise DataError("no data: pass --data FOLDER (or --data demo)")
@@ -719,7 +736,7 @@ def build_datasets(args, augment=None):
         raise DataError(f"--resolution {resolution}: use at least 4 pixels")
     use_augment = option(args, "augment", True) if augment is None else augment
     if source == "demo":
-        return build_demo(args, resolution, use_augment)
+        return build_demo(args, resolution, use_augment, evaluation=augment is False)
 
     data_folder = existing_folder(source, "--data")
     labeled_folder = existing_folder(args.labeled, "--labeled") if option(args, "labeled") else None
@@ -786,19 +803,21 @@ def build_datasets(args, augment=None):
 
     flip = option(args, "flip")
     flip = (channels == 3) if flip is None else flip
+    flip_unlabeled = flip and augment is not False
     augmentation = Augment(flip=flip) if use_augment else None
     fit = option(args, "fit", "pad")
     labeled = (LabeledFolder(pairs, resolution, channels, num_classes, class_map, fit, augmentation)
                if pairs else None)
-    unlabeled = ImageFolder(unique, resolution, channels, fit)
+    unlabeled = ImageFolder(unique, resolution, channels, fit, flip_unlabeled)
     info = dict(source=str(data_folder), labeled_source=str(labeled_folder) if labeled_folder else None,
                 resolution=resolution, channels=channels, num_classes=num_classes, num_classes_from=classes_from,
                 class_names=class_names, labeled_count=len(pairs), labeled_total=labeled_total,
-                unlabeled_count=len(unique), fit=fit, augment=use_augment, flip=flip and use_augment)
+                unlabeled_count=len(unique), fit=fit, augment=use_augment, flip=flip and use_augment,
+                flip_unlabeled=flip_unlabeled)
     return labeled, unlabeled, info
 
 
-def build_demo(args, resolution, use_augment):
+def build_demo(args, resolution, use_augment, evaluation=False):
     if option(args, "labeled") or option(args, "class_map") or option(args, "split"):
         raise DataError("--data demo makes its own labels: leave out --labeled, --class-map and --split")
     channels = option(args, "channels") or 3
@@ -810,16 +829,50 @@ def build_demo(args, resolution, use_augment):
         raise DataError(f"--labels {labels}: the demo has {length} images (--demo-length)")
     flip = option(args, "flip")
     flip = (channels == 3) if flip is None else flip
+    flip_unlabeled = flip and not evaluation
     augmentation = Augment(flip=flip) if use_augment else None
     # the scenes do not depend on --seed: the demo is one fixed data set; the labeled pairs are its first
     # `labels` scenes, which are as random a subset as any
     labeled = DemoDataset(resolution, channels, num_classes, labels, 0, augmentation) if labels else None
-    unlabeled = ImagesOf(DemoDataset(resolution, channels, num_classes, length, 0))
+    unlabeled = ImagesOf(DemoDataset(resolution, channels, num_classes, length, 0), flip_unlabeled)
     info = dict(source="demo", labeled_source="demo", resolution=resolution, channels=channels,
                 num_classes=num_classes, num_classes_from="demo", class_names=unlabeled.labeled.class_names,
                 labeled_count=labels, labeled_total=length, unlabeled_count=length, fit="stretch",
-                augment=use_augment, flip=flip and use_augment)
+                augment=use_augment, flip=flip and use_augment, flip_unlabeled=flip_unlabeled)
     return labeled, unlabeled, info
+
+
+def build_validation(args, source=None):
+    """(dataset of (image, mask) pairs, where they come from) to validate on, never augmented, or (None, why).
+
+    `source`: a labeled folder, or a split file naming pairs of the labeled folder (`data.py split`'s
+    val.txt). Without it: the labeled pairs that --labels left unused (their masks never reach training,
+    their images are in the unlabeled pool, as in the paper). Pairs that --split leaves out are never
+    taken on their own: they may be the test set."""
+    evaluation = argparse.Namespace(**vars(args))
+    evaluation.labels = None
+    if source and Path(source).is_file():
+        evaluation.split = source
+        labeled = build_datasets(evaluation, augment=False)[0]
+        return labeled, f"{source} ({len(labeled)} pairs)"
+    if source:
+        evaluation.data, evaluation.labeled, evaluation.split = source, None, None
+        if not is_labeled_folder(existing_folder(source, "--val")):
+            raise DataError(f"{source}: --val needs a labeled folder (images/ + masks/) or a split file")
+        labeled = build_datasets(evaluation, augment=False)[0]
+        return labeled, f"{source} ({len(labeled)} pairs)"
+    if option(args, "labels") is None:
+        return None, "every labeled pair trains; pass --labels N to hold the others back, or --val"
+    every = build_datasets(evaluation, augment=False)[0]
+    chosen = build_datasets(args, augment=False)[0]
+    if isinstance(every, DemoDataset):
+        held = list(range(0 if chosen is None else len(chosen), len(every)))
+    else:
+        names = set() if chosen is None else {p.name for p in chosen.pairs}
+        held = [i for i, pair in enumerate(every.pairs) if pair.name not in names]
+    if not held:
+        return None, "--labels keeps every labeled pair; pass --val"
+    return Subset(every, held), f"the {len(held)} labeled pairs that --labels {args.labels} leaves unused"
 
 
 def evenly_spaced(items, count):
@@ -1777,7 +1830,7 @@ def tensor_to_rgb(image):
 def command_show(args):
     """A grid: per sample the image, the image with its mask laid over it, and the mask."""
     args.augment = args.augment and args.show_augmented
-    labeled, unlabeled, info = build_datasets(args)
+    labeled, unlabeled, info = build_datasets(args, augment=None if args.show_augmented else False)
     rows = []
     if labeled is not None:
         for index in evenly_spaced(list(range(len(labeled))), args.count):
@@ -1846,6 +1899,22 @@ def command_split(args):
           f"test.txt ({len(parts['test'])}) from {len(names)} pairs, seed {args.seed}")
 
 
+def command_demo(args):
+    """Write demo scenes as a labeled folder: with --seed other than 0 (the training scenes), scenes that
+    training never saw, to segment and score."""
+    demo = DemoDataset(args.resolution, args.channels, args.num_classes, args.count, args.seed)
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for index in range(args.count):
+        picture, mask = demo.render(index)
+        pixels = (picture * 255 + 0.5).astype(np.uint8)
+        Image.fromarray(pixels[..., 0] if args.channels == 1 else pixels).save(out / "images" / f"scene{index:05d}.png")
+        Image.fromarray(mask).save(out / "masks" / f"scene{index:05d}.png")
+    (out / "classes.txt").write_text("".join(f"{name}\n" for name in demo.class_names))
+    print(f"wrote {args.count} demo scenes (seed {args.seed}, {args.resolution} px, {args.num_classes} classes) to {out}")
+
+
 def parse_window(text):
     try:
         low, high = (float(v) for v in text.split(","))
@@ -1887,6 +1956,15 @@ def build_parser():
     bench.add_argument("--batches", type=int, default=30, help="timed batches (default 30)")
     bench.add_argument("--warmup", type=int, default=5, help="untimed batches first (default 5)")
     bench.set_defaults(run=command_bench)
+
+    demo = commands.add_parser("demo", help="write demo scenes as a labeled folder")
+    demo.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
+    demo.add_argument("--count", type=int, default=100)
+    demo.add_argument("--seed", type=int, default=1, help="scene seed (training uses 0; default 1: unseen scenes)")
+    demo.add_argument("--resolution", type=int, default=256)
+    demo.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    demo.add_argument("--num-classes", type=int, default=4)
+    demo.set_defaults(run=command_demo)
 
     split = commands.add_parser("split", help="seeded train/val/test name lists of a labeled folder")
     split.add_argument("--data", required=True, help="a labeled folder")

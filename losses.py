@@ -3,7 +3,7 @@
 Stage 1 (train_gan.py), with D_r the image discriminator and D_m the image-and-mask discriminator:
 
     L_Dr = E_x[softplus(-D_r(x))] + E_z[softplus(D_r(G_x(z)))]                 non-saturating logistic
-    L_Dm = mean_s ( E[relu(1 - D_m^s(x, y))] + E_z[relu(1 + D_m^s(G(z)))] )      hinge, over the scales s
+    L_Dm = mean_s ( E[relu(1 - D_m^s(x, y))] + E_z[relu(1 + D_m^s(G(z)))] ) / 2  hinge, over the scales s
     L_G  = E_z[softplus(-D_r(G_x(z)))] + mean_s -E_z[D_m^s(G(z))] + 2.0 * L_FM
     L_FM = mean_s sum_l | D_m^{s,l}(G(z)) - D_m^{s,l}(x, y) |_1                 feature matching, layers l < last
 
@@ -17,21 +17,31 @@ Regularisers (StyleGAN2, Karras et al. 2020):
     PL = E_{w,y}[ (|J_w^T y|_2 - a)^2 ],  y ~ N(0, I) / sqrt(H W),  a <- a + 0.01 (mean |J_w^T y| - a)
 
 Both run lazily (every 16 and every 4 steps) and are multiplied by their interval so their weight per image
-stays the same. For D_m, R1 differentiates the sum of the three scales' mean logits w.r.t. the image and
-the mask of the real pair.
+stays the same. For D_m, R1 differentiates w.r.t. the image and the mask of the real pair the score the
+official code differentiates: the sum over the three scales of the logits' mean over batch and patches
+(d_m_score). Each sample's gradient then carries a factor 1/B, so the penalty is 1/B^2 of the per-sample R1
+that D_r gets: at the official batch of 16 per GPU, gamma 10 amounts to 10 / 256 = 0.039 per sample (and
+it changes with --batch). `per_sample=True` multiplies the score by B, which gives the per-sample R1 of
+StyleGAN2 with the full gamma (B^2 = 256 times the official penalty at batch 16).
 
-Masks (stage 2, train_encoder.py; and the metrics): cross-entropy (binary for K = 1) and the soft Dice loss
-    Dice = 1 - mean_k (2 sum p_k t_k + eps) / (sum p_k + sum t_k + eps).
+Masks (stage 2, train_encoder.py), as the official encoder training computes them: cross-entropy on
+logits / 0.1 (binary on logits / 0.3 for K = 1) and V-Net's squared Dice on sigmoid(logits / 0.3) per channel,
+    Dice = 1 - mean_{k foreground} 2 sum p_k t_k / (sum p_k^2 + sum t_k^2),
+with the reconstruction terms LPIPS (the lpips package, `Perceptual`) and MSE. Then the segmentation metrics
+that train_encoder.py validates with and invert.py scores with: per-image DICE and Jaccard, and the mIoU
+of counts accumulated over a data set.
 """
 
+import functools
 import math
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import ops
-from model import mask_probabilities, real_mask_input
+from model import one_hot_mask
 
 # ----------------------------------------------------------------------------------------------------
 # Adversarial losses
@@ -48,9 +58,10 @@ def g_nonsaturating_loss(fake_logits):
 
 
 def d_hinge_loss(real_outputs, fake_outputs):
-    """L_Dm: hinge loss of D_m averaged over its scales (each output a list of layer outputs, logits last)."""
+    """L_Dm: hinge loss of D_m averaged over its scales (each output a list of layer outputs, logits last),
+    real and fake terms halved as the official code does: (real hinge + fake hinge) / 2."""
     losses = [F.relu(1 - real[-1]).mean() + F.relu(1 + fake[-1]).mean() for real, fake in zip(real_outputs, fake_outputs)]
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses) / 2
 
 
 def g_hinge_loss(fake_outputs):
@@ -83,26 +94,29 @@ def r1_penalty(score, inputs):
     return sum(g.float().square().flatten(1).sum(1) for g in grads).mean()
 
 
-def d_m_score(outputs):
-    """The D_m scalar R1 differentiates: the sum over scales of the mean logit, times the batch size (so
-    that the gradient is per sample, as for D_r)."""
-    batch = outputs[0][-1].shape[0]
-    return sum(scale[-1].float().mean() for scale in outputs) * batch
+def d_m_score(outputs, per_sample=False):
+    """The D_m scalar R1 differentiates: the sum over scales of the mean logit over batch and patches (the
+    official train_seg_gan.py), or that times the batch size with `per_sample` (a per-sample gradient, as
+    for D_r). The module docstring says what each amounts to."""
+    score = sum(scale[-1].float().mean() for scale in outputs)
+    return score * outputs[0][-1].shape[0] if per_sample else score
 
 
-def path_length_penalty(images, w_plus, mean_path_length, decay=0.01):
+def path_length_penalty(images, w_plus, mean_path_length, decay=0.01, sync=True):
     """StyleGAN2's path-length regulariser.
 
     Returns (penalty, new running mean a, the batch's mean path length). `images` must have been made
     from `w_plus` (Generator(..., return_latents=True)). The gradient w.r.t. w reaches the convolutions
     only through their inputs (model.py modulates activations), so no_weight_gradients() is safe here.
+    `sync`: under torch.distributed, every process updates the running mean with the mean over all
+    processes, so all keep the same one; the official code lets each process keep its own.
     """
     noise = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
     with ops.no_weight_gradients():
         (grad,) = torch.autograd.grad((images * noise).sum(), w_plus, create_graph=True)
     path_lengths = grad.float().square().sum(2).mean(1).sqrt()
     batch_mean = path_lengths.mean().detach()
-    if dist.is_available() and dist.is_initialized():  # every process keeps the same running mean
+    if sync and dist.is_available() and dist.is_initialized():  # every process keeps the same running mean
         dist.all_reduce(batch_mean)
         batch_mean = batch_mean / dist.get_world_size()
     new_mean = mean_path_length + decay * (batch_mean - mean_path_length)
@@ -111,20 +125,131 @@ def path_length_penalty(images, w_plus, mean_path_length, decay=0.01):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mask losses
+# Mask losses (stage 2), as the official semanticGAN/losses.py computes them
 
 
-def mask_cross_entropy(mask_logits, mask):
-    """Cross-entropy of logits [B, K, H, W] against a class-index mask [B, H, W] (binary for K = 1)."""
-    if mask_logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(mask_logits[:, 0].float(), (mask > 0).float())
-    return F.cross_entropy(mask_logits.float(), mask.long())
+def mask_cross_entropy(mask_logits, mask, temperature=1.0):
+    """Cross-entropy of logits / temperature [B, K, H, W] against a class-index mask [B, H, W]; for K = 1
+    the binary cross-entropy of the single logit against (mask > 0). The official encoder uses temperature
+    0.1 (K > 1; SoftmaxLoss) and 0.3 (K = 1; SoftBinaryCrossEntropyLoss)."""
+    logits = mask_logits.float() / temperature
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], (mask > 0).float())
+    return F.cross_entropy(logits, mask.long())
 
 
-def dice_loss(mask_logits, mask, eps=1.0):
-    """Soft Dice loss, 1 - the mean over classes of 2|P T| / (|P| + |T|), on the class probabilities."""
-    probabilities = mask_probabilities(mask_logits.float())
-    target = real_mask_input(mask, mask_logits.shape[1])
+def dice_loss(mask_logits, mask, temperature=0.3, eps=1e-6):
+    """The official DiceLoss (V-Net's squared form): per channel k, on p = sigmoid(logits / temperature)
+    and the one-hot target t, pooled over the batch and the pixels,
+        dice_k = 2 sum(p_k t_k) / max(sum(p_k^2) + sum(t_k^2), eps),
+    and 1 - the mean over the foreground channels (the background channel 0 is left out; for K = 1 the
+    one channel is the foreground). Each channel is its own sigmoid, not a softmax over K."""
+    probabilities = torch.sigmoid(mask_logits.float() / temperature)
+    target = one_hot_mask(mask, mask_logits.shape[1])
     intersection = (probabilities * target).sum([0, 2, 3])
-    total = probabilities.sum([0, 2, 3]) + target.sum([0, 2, 3])
-    return 1 - ((2 * intersection + eps) / (total + eps)).mean()
+    denominator = probabilities.square().sum([0, 2, 3]) + target.square().sum([0, 2, 3])
+    dice = 2 * intersection / denominator.clamp(min=eps)
+    return 1 - (dice if dice.shape[0] == 1 else dice[1:]).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# LPIPS (stage 2 and inference): the lpips package, offline-safe
+
+
+class LPIPSUnavailable(Exception):
+    """The backbone weights of LPIPS could not be had: one line, with where to put them."""
+
+
+@functools.lru_cache(maxsize=None)
+def lpips_network(net):
+    """The lpips package's LPIPS module for `net` (see Perceptual), built once per process: it is frozen,
+    and torchvision's VGG takes seconds to build."""
+    import warnings
+
+    import lpips  # imported here: stage 1 does not need it
+
+    try:
+        with warnings.catch_warnings():  # lpips still calls torchvision's deprecated pretrained=...
+            warnings.simplefilter("ignore", UserWarning)
+            if net != "random":
+                return lpips.LPIPS(net=net, verbose=False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    except OSError as error:  # urllib's URLError, a refused connection, a full disk
+        import torchvision
+
+        weights = {"vgg": torchvision.models.VGG16_Weights, "alex": torchvision.models.AlexNet_Weights}[net]
+        url = weights.IMAGENET1K_V1.url
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise LPIPSUnavailable(
+            f"LPIPS ({net}) needs torchvision's ImageNet weights {url.rsplit('/', 1)[-1]}, which could not be "
+            f"downloaded ({str(error).splitlines()[0][:120]}): download {url} into {folder}/, or pass "
+            f"--lpips random (an untrained backbone: for tests and offline demos)") from None
+
+
+class Perceptual(torch.nn.Module):
+    """LPIPS distance per image [B] between images in [-1, 1] (grey ones repeated to 3 channels), as the
+    official code uses it: net-lin, v0.1 linear weights, full resolution, spatial mean.
+
+    net: 'vgg' (the official), 'alex', or 'random': the VGG network with an untrained backbone (the same
+    one every time: it is drawn from a fixed seed) and the trained linear weights, for tests and machines
+    that cannot download the backbone. The backbone's ImageNet weights come from torchvision, which
+    downloads them on first use into torch.hub.get_dir()/checkpoints."""
+
+    NETS = ("vgg", "alex", "random")
+
+    def __init__(self, net="vgg"):
+        super().__init__()
+        self.net = net
+        self.lpips = lpips_network(net)
+        self.eval().requires_grad_(False)
+
+    def train(self, mode=True):  # always in eval mode (its dropout is for training LPIPS itself)
+        return super().train(False)
+
+    def forward(self, x, y):
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        return self.lpips(x, y).flatten()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Segmentation metrics (class-index maps; background is class 0)
+
+
+def label_count(num_classes):
+    """The classes of a class-index map: K, or 2 (background, foreground) for a one-channel model."""
+    return max(num_classes, 2)
+
+
+def intersection_union(prediction, target, num_labels):
+    """Per-class pixel counts (intersection [L], union [L]) of class-index maps of any shape, to be summed
+    over a data set for its mIoU (the official validation: background included, accumulated, not averaged
+    per image)."""
+    prediction, target = prediction.flatten().long(), target.flatten().long()
+    predicted = torch.bincount(prediction, minlength=num_labels)[:num_labels]
+    actual = torch.bincount(target, minlength=num_labels)[:num_labels]
+    hits = torch.bincount(prediction[prediction == target], minlength=num_labels)[:num_labels]
+    return hits, predicted + actual - hits
+
+
+def mean_iou(intersection, union):
+    """mIoU from summed counts, over the classes that occur (union > 0) in prediction or truth (the official
+    validation averages over all K, so a class absent from a data set counts 0 there)."""
+    present = union > 0
+    return (intersection[present].double() / union[present].double()).mean().item() if present.any() else 1.0
+
+
+def dice_jaccard(prediction, target, cls):
+    """Per-image DICE and Jaccard of class `cls` for class-index maps [B, H, W]: 2|P T| / (|P| + |T|) and
+    |P T| / |P u T|; an image where the class is neither predicted nor present scores 1 (nothing to find,
+    nothing found)."""
+    p, t = (prediction == cls).flatten(1), (target == cls).flatten(1)
+    intersection = (p & t).sum(1).double()
+    total = p.sum(1).double() + t.sum(1).double()
+    union = total - intersection
+    empty = total == 0
+    dice = torch.where(empty, torch.ones_like(total), 2 * intersection / total.clamp(min=1))
+    jaccard = torch.where(empty, torch.ones_like(total), intersection / union.clamp(min=1))
+    return dice, jaccard

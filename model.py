@@ -20,13 +20,14 @@ never needs the gradient w.r.t. a convolution weight to reach the style.
 
 Discriminators. D_r follows StyleGAN2 (residual blocks, minibatch standard deviation). D_m follows the
 official SemanticGAN code, which takes pix2pixHD's multi-scale discriminator (Wang et al. 2018): 3 scales,
-the input average-pooled (3x3, stride 2) between them; each scale 3 strided 4x4 convolutions from 64 channels,
-a stride-1 4x4 layer and a 1-channel 4x4 output, spectral norm on every convolution, instance norm after all
-but the first, LeakyReLU 0.2; every layer's output is returned for the feature-matching loss. Its input is
-the image and K mask channels concatenated: one-hot real masks, and for generated pairs the mask's class
-probabilities (softmax; sigmoid for K = 1). The official code feeds raw logits; probabilities live in the
-same [0, 1] range as one-hot masks, so D_m judges the shape and the alignment of a mask, not the scale of
-its logits (as in Luc et al. 2016, adversarial segmentation).
+the input average-pooled (3x3, stride 2) between them; each scale a plain strided 4x4 convolution from 64
+channels, two more strided and one stride-1 4x4 convolution with spectral norm and instance norm (and no
+bias), then a plain 1-channel 4x4 output; LeakyReLU 0.2; every layer's output is returned for the
+feature-matching loss. Its input is the image and K mask channels concatenated. By default, as in the
+official code, a generated mask enters as its raw logits and a real one as one-hot in {-1, +1}; with
+dm_mask="probabilities" (ours, an option until a GPU run compares them) as softmax probabilities (sigmoid
+for K = 1) against one-hot in {0, 1}, so that D_m judges the shape and alignment of a mask rather than the
+scale of its logits (as in Luc et al. 2016, adversarial segmentation).
 
 The stop-gradient. D_m must shape only the mask branch: in the generator's step the image of a generated
 pair is detached before D_m sees it (`generated_pair`). D_m's gradient then reaches the tSeg layers and,
@@ -215,6 +216,10 @@ class Generator(nn.Module):
     def __init__(self, resolution=256, num_classes=8, image_channels=3, style_dim=512, n_mlp=8,
                  channel_multiplier=2, max_channels=512, lr_mlp=0.01, blur_kernel=(1, 3, 3, 1)):
         super().__init__()
+        # the arguments, so that a saved generator can be rebuilt: Generator(**G.config)
+        self.config = dict(resolution=resolution, num_classes=num_classes, image_channels=image_channels,
+                           style_dim=style_dim, n_mlp=n_mlp, channel_multiplier=channel_multiplier,
+                           max_channels=max_channels, lr_mlp=lr_mlp, blur_kernel=tuple(blur_kernel))
         log_size = check_resolution(resolution)
         self.resolution, self.num_classes, self.image_channels = resolution, num_classes, image_channels
         self.style_dim = style_dim
@@ -310,21 +315,40 @@ def mask_probabilities(mask_logits):
     return torch.sigmoid(mask_logits) if mask_logits.shape[1] == 1 else torch.softmax(mask_logits, dim=1)
 
 
-def real_mask_input(mask, num_classes):
-    """A class-index mask [B, H, W] as D_m sees it: one-hot [B, K, H, W], or (mask > 0) when K = 1."""
+def one_hot_mask(mask, num_classes):
+    """A class-index mask [B, H, W] as one-hot [B, K, H, W] in {0, 1}, or (mask > 0) [B, 1, H, W] when K = 1."""
     if num_classes == 1:
         return (mask > 0).float()[:, None]
     return F.one_hot(mask.long(), num_classes).permute(0, 3, 1, 2).float()
 
 
-def generated_pair(image, mask_logits):
+# How D_m sees a mask. "logits", the official code's: the generator's raw logits against the real one-hot
+# mask shifted to {-1, +1} (its dataset.py normalises masks like images, (x - 0.5) / 0.5), so the generator
+# learns logits of about +-1. "probabilities", ours: softmax (sigmoid for K = 1) against one-hot in {0, 1},
+# the same range for both, so D_m judges the shape and alignment of a mask, not the scale of its logits.
+DM_MASK_INPUTS = ("logits", "probabilities")
+
+
+def real_mask_input(mask, num_classes, dm_mask="logits"):
+    """A real class-index mask [B, H, W] as D_m sees it: [B, K, H, W] one-hot in {-1, +1} ("logits") or
+    {0, 1} ("probabilities"); for K = 1 the single channel is (mask > 0)."""
+    one_hot = one_hot_mask(mask, num_classes)
+    return one_hot * 2 - 1 if dm_mask == "logits" else one_hot
+
+
+def generated_mask_input(mask_logits, dm_mask="logits"):
+    """Generated mask logits as D_m sees them: as they are ("logits") or as class probabilities."""
+    return mask_logits if dm_mask == "logits" else mask_probabilities(mask_logits)
+
+
+def generated_pair(image, mask_logits, dm_mask="logits"):
     """The (image, mask) pair D_m judges for the generator: the stop-gradient of SemanticGAN.
 
     The image is detached, so the generator's loss from D_m reaches the mask branch (tSeg, and through it
     the shared synthesis layers) but never the image branch (tImage): D_m can only make masks agree with
     images, never bend images towards masks.
     """
-    return image.detach(), mask_probabilities(mask_logits)
+    return image.detach(), generated_mask_input(mask_logits, dm_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,32 +446,39 @@ class ImageDiscriminator(nn.Module):
 # D_m: the image-and-mask discriminator
 
 
-class SpectralConv2d(nn.Conv2d):
-    """A 4x4 convolution with spectral norm (Miyato et al. 2018) that runs through ops.conv2d, whose double
-    backward (R1) is the cheap one."""
+class PatchConv(nn.Conv2d):
+    """A 4x4 convolution (padding 2, as pix2pixHD) that runs through ops.conv2d, whose double backward (R1)
+    is the cheap one. `normalized`: spectral norm (Miyato et al. 2018) on the weight and no bias, because
+    the instance norm that follows would subtract it again (the official get_norm_layer removes it too)."""
 
-    def __init__(self, in_channels, out_channels, stride):
-        super().__init__(in_channels, out_channels, kernel_size=4, stride=stride, padding=2)
-        nn.utils.parametrizations.spectral_norm(self)
+    def __init__(self, in_channels, out_channels, stride, normalized=False):
+        super().__init__(in_channels, out_channels, kernel_size=4, stride=stride, padding=2, bias=not normalized)
+        if normalized:
+            nn.utils.parametrizations.spectral_norm(self)
 
     def forward(self, x):
         return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
 
 
 class PatchDiscriminator(nn.Module):
-    """One scale of pix2pixHD's discriminator; returns every layer's output (the last is the logit map)."""
+    """One scale of pix2pixHD's discriminator; returns every layer's output (the last is the logit map).
+
+    As the official NLayerDiscriminator with norm 'spectralinstance': the first convolution (stride 2) and
+    the last (to 1 channel) are plain, with a bias; the n_layers in between (stride 2, 2, then 1) have
+    spectral norm, no bias and an instance norm (no affine parameters).
+    """
 
     def __init__(self, in_channels, base_channels=64, n_layers=3, max_channels=512):
         super().__init__()
-        conv = SpectralConv2d
-        layers = [nn.Sequential(conv(in_channels, base_channels, 2), nn.LeakyReLU(0.2))]
+        layers = [nn.Sequential(PatchConv(in_channels, base_channels, 2), nn.LeakyReLU(0.2))]
         c = base_channels
         for n in range(1, n_layers + 1):
             c_next = min(c * 2, max_channels)
             stride = 2 if n < n_layers else 1  # n_layers strided convs in all (with the first), then stride 1
-            layers.append(nn.Sequential(conv(c, c_next, stride), nn.InstanceNorm2d(c_next), nn.LeakyReLU(0.2)))
+            layers.append(nn.Sequential(PatchConv(c, c_next, stride, normalized=True), nn.InstanceNorm2d(c_next),
+                                        nn.LeakyReLU(0.2)))
             c = c_next
-        layers.append(conv(c, 1, 1))
+        layers.append(PatchConv(c, 1, 1))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x):
@@ -462,7 +493,7 @@ class MaskDiscriminator(nn.Module):
     """D_m: multi-scale patch discriminator on (image, mask) concatenated.
 
     forward(image, mask) -> a list with, per scale (finest first), the list of that scale's layer outputs;
-    [-1] of each is the logit map. `mask` is one-hot (real) or class probabilities (generated), [B, K, H, W].
+    [-1] of each is the logit map. `mask` is [B, K, H, W], as real_mask_input / generated_mask_input make it.
     """
 
     def __init__(self, image_channels=3, num_classes=8, num_scales=3, base_channels=64, n_layers=3,
@@ -534,6 +565,8 @@ class Encoder(nn.Module):
     def __init__(self, resolution=256, image_channels=3, style_dim=512, units=(3, 4, 14, 3),
                  widths=(64, 128, 256, 512), max_channels=512):
         super().__init__()
+        self.config = dict(resolution=resolution, image_channels=image_channels, style_dim=style_dim,
+                           units=tuple(units), widths=tuple(widths), max_channels=max_channels)  # Encoder(**E.config)
         log_size = check_resolution(resolution)
         self.n_latent = 2 * log_size - 2
         self.coarse, self.middle = 3, 7  # styles [0, 3) coarse, [3, 7) middle, [7, n) fine

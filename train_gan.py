@@ -7,9 +7,12 @@
 Every iteration (the official schedule, rosinality/stylegan2-pytorch as extended by the authors):
 
  1. D_r step   L_Dr on real images (labeled and unlabeled alike) against generated images.
- 2. D_m step   L_Dm on labeled pairs (image, one-hot mask) against generated pairs (image, mask probabilities).
-               Steps 1 and 2 share one generator forward: G is frozen in both, so one batch of fakes serves.
- 3. R1         every 16 steps on D_r and on D_m (gamma 10), scaled by 16 (lazy regularisation).
+ 2. D_m step   L_Dm on labeled pairs against generated pairs; by default as the official code, the real
+               mask one-hot in {-1, +1} and the generated one as raw logits (--dm-mask).
+               Steps 1 and 2 share one generator forward: G is frozen in both, so one batch of fakes serves
+               (--no-shared-fakes draws a second batch for step 2, as the official code does).
+ 3. R1         every 16 steps on D_r and on D_m (gamma 10), scaled by 16 (lazy regularisation); D_m's in
+               the official form, 1/B^2 of a per-sample R1 (losses.py; --dm-r1 per-sample for the other).
  4. G step     L_G = non-saturating loss from D_r + hinge loss and feature matching from D_m, with the
                image of the generated pair detached (model.generated_pair): D_m shapes only the mask branch.
  5. Path length every 4 steps on half a batch (weight 2, scaled by 4).
@@ -118,16 +121,15 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     B = real_images.shape[0]
     style_dim = unwrap(G).style_dim
     num_classes = unwrap(G).num_classes
-    real_pair_mask = model.real_mask_input(labeled_masks, num_classes)
+    real_pair_mask = model.real_mask_input(labeled_masks, num_classes, args.dm_mask)
     out = {}
 
-    # 1-2. discriminator steps on one batch of fakes (G frozen)
+    # 1-2. discriminator steps on one batch of fakes, or one each (G frozen)
     G.requires_grad_(False)
     D_r.requires_grad_(True)
     D_m.requires_grad_(True)
     with torch.no_grad(), autocast():
         fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
-        fake_pair = model.generated_pair(fake_images, fake_masks)
     with autocast():
         loss = losses.d_logistic_loss(D_r(real_images).float(), D_r(fake_images).float())
     opt_D_r.zero_grad(set_to_none=True)
@@ -135,7 +137,11 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     opt_D_r.step()
     out["D_r"] = loss.detach()
 
+    if not args.shared_fakes:
+        with torch.no_grad(), autocast():
+            fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
     with autocast():
+        fake_pair = model.generated_pair(fake_images, fake_masks, args.dm_mask)
         loss = losses.d_hinge_loss(_float(D_m(labeled_images, real_pair_mask)), _float(D_m(*fake_pair)))
     opt_D_m.zero_grad(set_to_none=True)
     loss.backward()
@@ -157,7 +163,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
         pair = [labeled_images.detach().requires_grad_(True), real_pair_mask.detach().requires_grad_(True)]
         with autocast():
             outputs = D_m(*pair)
-        score = losses.d_m_score(outputs)
+        score = losses.d_m_score(outputs, per_sample=args.dm_r1 == "per-sample")
         penalty = losses.r1_penalty(score, pair)
         opt_D_m.zero_grad(set_to_none=True)
         (args.r1 / 2 * penalty * args.r1_every + 0 * score).backward()
@@ -171,7 +177,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     with autocast():
         fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
         adv_r = losses.g_nonsaturating_loss(D_r(fake_images).float())
-        fake_outputs = _float(D_m(*model.generated_pair(fake_images, fake_masks)))
+        fake_outputs = _float(D_m(*model.generated_pair(fake_images, fake_masks, args.dm_mask)))
         with torch.no_grad():
             real_outputs = _float(D_m(labeled_images, real_pair_mask))
         adv_m = losses.g_hinge_loss(fake_outputs)
@@ -189,7 +195,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
             images, masks, w_plus = G(sample_z(pl_batch, style_dim, args.mixing, real_images.device),
                                       return_latents=True)
         penalty, state["mean_path_length"], path_length = losses.path_length_penalty(
-            images.float(), w_plus, state["mean_path_length"])
+            images.float(), w_plus, state["mean_path_length"], sync=args.pl_mean_sync)
         opt_G.zero_grad(set_to_none=True)
         # "+ 0 * outputs": the tSeg layers and the last biases take part (with zero gradient), which DDP
         # requires of each backward
@@ -287,18 +293,19 @@ def save_checkpoint(payload, path, keep):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    for old in list_checkpoints(os.path.dirname(path))[:-keep]:
-        os.remove(old)
+    if keep:  # only the last `keep` checkpoint-STEP.pt stay (None: rotate nothing, for other files)
+        for old in list_checkpoints(os.path.dirname(path))[:-keep]:
+            os.remove(old)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, advice="delete it to resume from the one before, or pass another --resume"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise TrainingError(f"checkpoint {path} does not exist: pass an existing file or --resume auto")
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                            f"delete it to resume from the one before, or pass another --resume")
+                            f"{advice}")
 
 
 def rng_state():
@@ -314,7 +321,7 @@ def set_rng_state(state):
 
 
 # Arguments that must match for a resumed run to make sense (the rest, e.g. --iter or --snap, may change).
-ARCHITECTURE_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "max_channels")
+ARCHITECTURE_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "max_channels", "dm_mask")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,9 +397,9 @@ def train(args):
 def _train(args, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (G_ema is copied before DDP syncs G)
     if device.type == "cuda":
+        # PyTorch's defaults otherwise, as the official code ran: TF32 convolutions, fp32 matmuls (the
+        # mapping network); bf16 autocast, the default here, runs both in bf16 anyway
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls in TF32, as convolutions already are
-        torch.backends.cudnn.allow_tf32 = True
 
     labeled, unlabeled, info = data.build_datasets(args)
     if labeled is None:
@@ -515,8 +522,6 @@ def benchmark(args):
     _, _, device = setup_distributed()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     channels, classes, B, R = args.channels or 3, args.num_classes or 8, args.batch, args.resolution
     period = math.lcm(args.r1_every, args.pl_every)
     steps = max(period, args.bench_steps // period * period)
@@ -576,6 +581,16 @@ def parse_args(argv=None):
     g.add_argument("--pl-every", type=int, default=4)
     g.add_argument("--pl-batch-shrink", type=int, default=2)
     g.add_argument("--fm-weight", type=float, default=2.0, help="D_m feature-matching weight")
+    g.add_argument("--dm-mask", choices=model.DM_MASK_INPUTS, default="logits",
+                   help="what D_m sees of a mask: the official raw logits against one-hot in {-1, +1}, or "
+                        "softmax probabilities against one-hot in {0, 1}")
+    g.add_argument("--dm-r1", choices=["official", "per-sample"], default="official",
+                   help="D_m's R1: the official score (batch-mean logits, 1/B^2 of a per-sample R1) or a "
+                        "per-sample R1 with the full gamma, as D_r's")
+    g.add_argument("--shared-fakes", action=argparse.BooleanOptionalAction, default=True,
+                   help="one generator forward serves the D_r and the D_m step (the official code runs two)")
+    g.add_argument("--pl-mean-sync", action=argparse.BooleanOptionalAction, default=True,
+                   help="all processes share one path-length running mean (the official code keeps one each)")
     g.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability")
     g.add_argument("--ema-decay", type=float, default=0.5 ** (32 / 10000), help="G_ema decay per step")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",

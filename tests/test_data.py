@@ -270,6 +270,32 @@ def test_augmentation_flip_defaults_off_for_grey_and_on_for_rgb(tmp_path):
     assert labeled.augment is None
 
 
+@pytest.mark.parametrize("source", ["folder", "demo"])
+def test_unlabeled_images_are_flipped_for_d_r_when_flips_are_on(tmp_path, source):
+    """As the official RandomHorizontalFlip of unlabeled images: each sample either as it is or mirrored,
+    both seen, decided by the sample's key; never with --no-flip, nor for evaluation (augment=False)."""
+    if source == "folder":
+        make_labeled(tmp_path / "rgb", count=2, colour=True)
+        argv = ["--data", tmp_path / "rgb", "--resolution", 12]
+    else:
+        argv = ["--data", "demo", "--demo-length", 2, "--resolution", 16]
+    unlabeled = data.build_datasets(parse(argv + ["--no-augment"]))[1]  # flips stay on without --augment
+    plain = data.build_datasets(parse(argv + ["--no-flip"]))[1]
+    evaluation = data.build_datasets(parse(argv), augment=False)[1]
+    for index in range(2):
+        original = plain[(index, (0, 0, index))]
+        assert not torch.equal(original, original.flip(-1))  # a flip would show
+        seen = []
+        for epoch in range(16):
+            key = (index, (0, epoch, index))
+            image = unlabeled[key]
+            assert torch.equal(image, unlabeled[key])  # the key decides
+            assert torch.equal(image, original) or torch.equal(image, original.flip(-1))
+            seen.append(torch.equal(image, original))
+            assert torch.equal(plain[key], original) and torch.equal(evaluation[key], original)
+        assert any(seen) and not all(seen)
+
+
 def test_one_hot():
     mask = torch.tensor([[[0, 1], [2, 1]]])
     encoded = data.one_hot(mask, 3)

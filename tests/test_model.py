@@ -76,6 +76,52 @@ def test_parameter_counts_match_the_official_networks():
 
 
 # ---------------------------------------------------------------------------------------------------
+# D_m as the official code builds it and feeds it
+
+
+def test_d_m_spectral_norm_and_bias_exactly_as_the_official_layers():
+    """Official NLayerDiscriminator, 'spectralinstance': plain first and last conv (with bias); spectral norm,
+    no bias and instance norm on the three in between."""
+    from torch.nn.utils import parametrize
+    D_m = model.MaskDiscriminator(image_channels=3, num_classes=8)
+    for scale in D_m.scales:
+        convs = [m for m in scale.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [parametrize.is_parametrized(c, "weight") for c in convs] == [False, True, True, True, False]
+        assert [c.bias is not None for c in convs] == [True, False, False, False, True]
+        assert [c.stride[0] for c in convs] == [2, 2, 2, 1, 1]
+        assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]
+        norms = [any(isinstance(m, torch.nn.InstanceNorm2d) for m in layer.modules()) for layer in scale.layers]
+        assert norms == [False, True, True, True, False]
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_what_d_m_sees_of_real_and_generated_masks(num_classes):
+    torch.manual_seed(0)
+    mask = torch.randint(0, max(num_classes, 2), (2, 8, 8))
+    real = model.real_mask_input(mask, num_classes)  # official: one-hot in {-1, +1}
+    assert set(real.unique().tolist()) == {-1.0, 1.0}
+    if num_classes > 1:
+        assert (real == 1).sum(1).eq(1).all()  # exactly one class per pixel
+        assert torch.equal(real.argmax(1), mask)
+    else:
+        assert torch.equal(real[:, 0] > 0, mask > 0)
+    probabilities = model.real_mask_input(mask, num_classes, "probabilities")
+    assert set(probabilities.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(probabilities * 2 - 1, real)
+
+    logits = torch.randn(2, num_classes, 8, 8) * 5
+    image = torch.randn(2, 3, 8, 8, requires_grad=True)
+    generated_image, generated = model.generated_pair(image, logits)  # official: the raw logits
+    assert generated is logits and not generated_image.requires_grad
+    _, generated = model.generated_pair(image, logits, "probabilities")
+    assert generated.min() >= 0 and generated.max() <= 1
+    if num_classes > 1:
+        torch.testing.assert_close(generated.sum(1), torch.ones(2, 8, 8))
+    else:
+        torch.testing.assert_close(generated, torch.sigmoid(logits))
+
+
+# ---------------------------------------------------------------------------------------------------
 # StyleGAN2 properties
 
 

@@ -3,6 +3,7 @@ crash-safe checkpoints, a diverged run, bad input, and two processes under torch
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -170,3 +171,49 @@ def test_bf16_autocast_path_trains(tmp_path):
 def test_kimg_budget_counts_global_images():
     args = train_gan.parse_args(TINY + ["--kimg", "0.1"])
     assert args.iter == 50  # 100 images at batch 2 on one process
+
+
+# ----------------------------------------------------------------------------------------------------
+# One step, looked into: what D_m is fed, how many generator forwards, which R1
+
+
+def one_step(step, *extra):
+    """train_step on tiny networks from a fixed seed; returns (losses, G's mask outputs, D_m's mask inputs)."""
+    args = train_gan.parse_args(TINY + list(extra))
+    torch.manual_seed(0)
+    random.seed(0)  # style mixing's coin
+    device = torch.device("cpu")
+    G, G_ema, D_r, D_m = train_gan.build_networks(args, 3, 3, device)
+    optimizers = train_gan.build_optimizers(args, G, D_r, D_m)
+    autocast, _ = train_gan.make_autocast(args, device)
+    state = {"G_ema": G_ema, "mean_path_length": torch.zeros(())}
+    generated, seen = [], []
+    G.register_forward_hook(lambda module, inputs, output: generated.append(output[1].detach()))
+    D_m.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].detach()))
+    batch = (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)))
+    out = train_gan.train_step(step, (G, D_r, D_m), optimizers, batch, args, state, autocast)
+    return out, generated, seen, batch[2]
+
+
+@pytest.mark.parametrize("dm_mask", ["logits", "probabilities"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_d_m_is_fed_as_asked_from_one_or_two_generator_forwards(dm_mask, shared):
+    extra = ["--dm-mask", dm_mask] + ([] if shared else ["--no-shared-fakes"])
+    _, generated, seen, masks = one_step(1, *extra)  # step 1: neither R1 nor path length
+    assert len(generated) == (2 if shared else 3)  # the D steps' fakes (once or twice), the G step's
+    real, fake_d, fake_g, real_g = seen  # D step: real then fake; G step: fake then real (no grad)
+    as_seen = (lambda logits: logits) if dm_mask == "logits" else (lambda logits: torch.softmax(logits, 1))
+    torch.testing.assert_close(fake_d, as_seen(generated[1 if not shared else 0]))
+    torch.testing.assert_close(fake_g, as_seen(generated[-1]))
+    low = -1.0 if dm_mask == "logits" else 0.0
+    assert set(real.unique().tolist()) == {low, 1.0} and torch.equal(real, real_g)
+    assert torch.equal(real.argmax(1), masks)
+    if dm_mask == "logits":
+        assert fake_d.min() < 0  # raw logits, not probabilities
+
+
+def test_dm_r1_per_sample_is_batch_squared_times_the_official():
+    official, _, _, _ = one_step(0)  # step 0: R1 runs
+    per_sample, _, _, _ = one_step(0, "--dm-r1", "per-sample")
+    assert per_sample["R1_D_m"].item() == pytest.approx(2 ** 2 * official["R1_D_m"].item(), rel=1e-5)
+    assert per_sample["R1_D_r"].item() == pytest.approx(official["R1_D_r"].item(), rel=1e-6)
