@@ -1,0 +1,486 @@
+"""Stage 2 of SemanticGAN: an encoder into the frozen generator's W+ (Li et al., CVPR 2021, Sec. 3.2).
+
+    python train_encoder.py --ckpt runs/jsrt/checkpoint-00800000.pt --out runs/jsrt-enc    # one GPU
+    torchrun --nproc_per_node 8 train_encoder.py --ckpt ... --out ...                      # several (DDP)
+
+The encoder E: x -> w+ (model.Encoder, pSp) learns to invert G_ema of a stage-1 checkpoint, which stays
+frozen: G_x(E(x)) must reproduce the image, and for labeled pairs G_y(E(x)) the mask (paper Eq. 5, L_E):
+
+    L_u = 10 LPIPS(x, G_x(E(x))) + 1 MSE(x, G_x(E(x)))                          unlabeled images x
+    L_s = 1 CE(y, G_y(E(x))) + 1 Dice(y, G_y(E(x))) + 10 LPIPS + 1 MSE          labeled pairs (x, y)
+
+As the official semanticGAN/train_enc.py (weights, clips and schedule are its defaults):
+ * every iteration takes two optimiser steps on separate batches, each with its own optimiser (and so its
+   own moment estimates): the unlabeled batch (L_u, gradient norm clipped at 2.0), then the labeled batch
+   (L_s, clipped at 5.0);
+ * the mask losses have temperatures (losses.py): CE on logits / 0.1 (binary CE on logits / 0.3 for one
+   class) and Dice on sigmoid(logits / 0.3) without the background. They fit a generator whose D_m saw raw
+   logits against masks in {-1, +1} (stage 1's default, --dm-mask logits), which learns logits of about
+   +-1; for a generator trained with --dm-mask probabilities, whose logits have no fixed scale, both
+   temperatures default to 1;
+ * G_ema runs in eval mode with fresh random noise on every forward and no truncation;
+ * learning rate 1e-3, constant, then a cosine down to 1e-5 from 30% of --iter to the end: the official
+   30k-to-100k decay for our default --iter 100000 (the official default of 800k iterations spends the
+   last 700k at 1e-5);
+ * the optimiser: the official Ranger is RAdam + Lookahead + gradient centralisation, which torch does not
+   have; `--optimizer radam` (default) is torch's RAdam with Ranger's betas (0.95, 0.999) and eps 1e-5,
+   `--optimizer adam` the official alternative, Adam (0.9, 0.999);
+ * validation every 100 iterations: the encoder alone (no optimisation), as a segmenter, on held-back
+   pairs: per-image DICE for one foreground class, the data set's mIoU (background included) otherwise.
+
+Ours: the encoder is pSp's (IR-SE body, feature pyramid, map2style heads) and starts from G's mean latent
+(the official one is a feature pyramid over a ResNet-50 and starts from W = 0); the best validation score
+is kept as best.pt; checkpoints resume exactly; BN returns to training mode after validation (the official
+code leaves the encoder in eval mode after its first validation).
+
+Outputs in --out: log.jsonl and a progress line; samples-STEP.png (input | reconstruction | predicted mask |
+true mask, labeled rows then unlabeled rows); checkpoint-STEP.pt (E, both optimisers, the data streams,
+every RNG; atomic, `--resume auto`); model.pt, the inference bundle invert.py reads (G_ema, E, the mean
+latent, the preprocessing, the classes, the LPIPS network; state_dicts and plain data only, so it loads
+with weights_only=True); best.pt, the same bundle at the best validation score.
+"""
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import losses
+import model
+import train_gan
+from train_gan import TrainingError, unwrap
+
+# ----------------------------------------------------------------------------------------------------
+# The frozen generator and the encoder
+
+
+def load_generator(ckpt, path, device):
+    """G_ema of a stage-1 checkpoint, in eval mode, without gradients."""
+    if not isinstance(ckpt, dict) or not {"G_ema", "args", "num_classes", "image_channels"} <= set(ckpt):
+        raise TrainingError(f"{path} is not a stage-1 checkpoint of train_gan.py (no G_ema and arguments); "
+                            "pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run")
+    G = model.Generator(**generator_config(ckpt))
+    G.load_state_dict(ckpt["G_ema"])
+    return G.to(device).eval().requires_grad_(False)
+
+
+def generator_config(ckpt):
+    """Generator arguments of a stage-1 checkpoint."""
+    a = ckpt["args"]
+    return dict(resolution=a["resolution"], num_classes=ckpt["num_classes"], image_channels=ckpt["image_channels"],
+                style_dim=a["style_dim"], n_mlp=a["n_mlp"], channel_multiplier=a["channel_multiplier"],
+                max_channels=a["max_channels"])
+
+
+def encoder_config(args, G):
+    units = tuple(int(u) for u in args.encoder_units.split(","))
+    return dict(resolution=G.resolution, image_channels=G.image_channels, style_dim=G.style_dim, units=units,
+                max_channels=args.max_channels)
+
+
+def mask_temperatures(args, ckpt_args, num_classes):
+    """(CE, Dice) temperatures: the official (0.1, or 0.3 for one class; 0.3) for a generator whose D_m saw
+    logits, 1 for one whose D_m saw probabilities (module docstring); an explicit option wins."""
+    official = ckpt_args.get("dm_mask", "probabilities") == "logits"  # checkpoints older than the option: probabilities
+    ce = args.ce_temperature or ((0.3 if num_classes == 1 else 0.1) if official else 1.0)
+    dice = args.dice_temperature or (0.3 if official else 1.0)
+    return ce, dice
+
+
+def learning_rate(step, args):
+    """lr, constant until --lr-decay-start x --iter, then a cosine down to --lr-min at --iter."""
+    start = args.lr_decay_start * args.iter
+    if step < start:
+        return args.lr
+    t = min(1.0, (step - start) / max(1.0, args.iter - start))
+    return args.lr_min + 0.5 * (args.lr - args.lr_min) * (1 + math.cos(math.pi * t))
+
+
+def build_optimizer(args, E):
+    if args.optimizer == "adam":
+        return torch.optim.Adam(E.parameters(), lr=args.lr)
+    return torch.optim.RAdam(E.parameters(), lr=args.lr, betas=(0.95, 0.999), eps=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One iteration
+
+
+def reconstruction_loss(percept, reconstruction, images, args):
+    """(args.lpips_weight LPIPS + args.mse_weight MSE, LPIPS, MSE), LPIPS averaged over the batch."""
+    lpips_value = percept(reconstruction.float(), images).mean()
+    mse = F.mse_loss(reconstruction.float(), images)
+    return args.lpips_weight * lpips_value + args.mse_weight * mse, lpips_value, mse
+
+
+def train_step(E, G, percept, optimizers, batch, args, temperatures, autocast):
+    """The two optimiser steps of one iteration (module docstring). Returns the losses (detached)."""
+    opt_unlabeled, opt_labeled = optimizers
+    unlabeled_images, labeled_images, labeled_masks = batch
+    out = {}
+
+    with autocast():
+        reconstruction, _ = G(E(unlabeled_images), input_is_w=True)
+        loss, lpips_value, mse = reconstruction_loss(percept, reconstruction, unlabeled_images, args)
+    opt_unlabeled.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(E.parameters(), args.clip_unlabeled)
+    opt_unlabeled.step()
+    out.update(L_u=loss.detach(), lpips_u=lpips_value.detach(), mse_u=mse.detach())
+
+    with autocast():
+        reconstruction, mask_logits = G(E(labeled_images), input_is_w=True)
+        loss, lpips_value, mse = reconstruction_loss(percept, reconstruction, labeled_images, args)
+        ce = losses.mask_cross_entropy(mask_logits, labeled_masks, temperatures[0])
+        dice = losses.dice_loss(mask_logits, labeled_masks, temperatures[1])
+        loss = loss + args.ce_weight * ce + args.dice_weight * dice
+    opt_labeled.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(E.parameters(), args.clip_labeled)
+    opt_labeled.step()
+    out.update(L_s=loss.detach(), ce=ce.detach(), dice=dice.detach(), lpips_s=lpips_value.detach(),
+               mse_s=mse.detach())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The encoder as a segmenter: validation and the sample grid
+
+
+@torch.no_grad()
+def encode(E, G, images, autocast):
+    """(reconstruction, mask logits) of G at E(images), with G's fixed noise maps (deterministic)."""
+    with autocast():
+        reconstruction, mask_logits = G(E(images), input_is_w=True, randomize_noise=False)
+    return reconstruction.float(), mask_logits.float()
+
+
+@torch.no_grad()
+def validate(E, G, dataset, batch, device, autocast):
+    """{'val_dice': mean per-image DICE of class 1} for one foreground class, else {'val_miou': the data
+    set's mIoU}: the encoder alone, E in eval mode (and back to training mode after)."""
+    was_training = E.training
+    E.eval()
+    labels = losses.label_count(G.num_classes)
+    dices, intersection, union = [], torch.zeros(labels, dtype=torch.long), torch.zeros(labels, dtype=torch.long)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=0)
+    for images, masks in loader:
+        _, mask_logits = encode(E, G, images.to(device), autocast)
+        prediction = train_gan.mask_classes(mask_logits).cpu()
+        if labels == 2:
+            dices.append(losses.dice_jaccard(prediction, masks, 1)[0])
+        else:
+            i, u = losses.intersection_union(prediction, masks, labels)
+            intersection, union = intersection + i, union + u
+    E.train(was_training)
+    if labels == 2:
+        return {"val_dice": torch.cat(dices).mean().item()}
+    return {"val_miou": losses.mean_iou(intersection, union)}
+
+
+def tile_row(image, reconstruction, predicted, truth):
+    """[H, 4W, 3] uint8: input | reconstruction | predicted mask | true mask (black if unknown)."""
+    coloured = [train_gan.colour_mask(m.cpu().numpy()) if m is not None else np.zeros_like(train_gan.image_to_uint8(image))
+                for m in (predicted, truth)]
+    return np.concatenate([train_gan.image_to_uint8(image), train_gan.image_to_uint8(reconstruction)] + coloured, axis=1)
+
+
+@torch.no_grad()
+def save_grid(E, G, labeled, unlabeled, path, batch, autocast):
+    """Rows for fixed labeled pairs (with their masks) and fixed unlabeled images, from the encoder alone."""
+    was_training = E.training
+    E.eval()
+    rows = []
+    device = G.constant.device
+    for images, masks in ((labeled[0], labeled[1]), (unlabeled, None)):
+        for start in range(0, images.shape[0], batch):
+            chunk = images[start:start + batch].to(device)
+            reconstruction, mask_logits = encode(E, G, chunk, autocast)
+            for k, (image, rec, predicted) in enumerate(zip(chunk, reconstruction, train_gan.mask_classes(mask_logits))):
+                truth = None if masks is None else masks[start + k]
+                rows.append(tile_row(image, rec, predicted, truth))
+    E.train(was_training)
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    zoom = max(1, 128 // rows[0].shape[0])
+    grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(path)
+
+
+def fixed_samples(dataset, count):
+    """The first `count` samples of a dataset built without augmentation, stacked: (images, masks) or images."""
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    if isinstance(items[0], (tuple, list)):
+        return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+    return torch.stack(items)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The inference bundle
+
+
+BUNDLE_FORMAT = "semanticgan-model-1"
+
+
+def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=None, stage1_args=None):
+    """What invert.py needs and nothing else: state_dicts and plain data (weights_only=True loads it)."""
+    E = unwrap(E)
+    return {"format": BUNDLE_FORMAT, "G_ema": G.state_dict(), "generator": G.config, "E": E.state_dict(),
+            "encoder": E.config, "mean_latent": E.latent_avg.detach().cpu().clone(),
+            "preprocessing": {"resolution": G.resolution, "channels": G.image_channels, "fit": fit},
+            "num_classes": G.num_classes, "class_names": class_names, "lpips": lpips, "step": step,
+            "validation": validation, "args": args or {}, "stage1_args": stage1_args or {}}
+
+
+def load_bundle(path, device="cpu"):
+    """(G_ema, E, bundle) from a model.pt of train_encoder.py; TrainingError (one line) if it is not one."""
+    if not os.path.isfile(path):
+        raise TrainingError(f"{path}: no such model file; pass --model OUT/model.pt of a train_encoder.py run")
+    bundle = train_gan.load_checkpoint(path, "pass --model OUT/model.pt of a train_encoder.py run")
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise TrainingError(f"{path} is not a model.pt of train_encoder.py (a stage-1 checkpoint is not enough: "
+                            "train the encoder on it first); pass --model OUT/model.pt")
+    G = model.Generator(**bundle["generator"])
+    G.load_state_dict(bundle["G_ema"])
+    E = model.Encoder(**bundle["encoder"])
+    E.load_state_dict(bundle["E"])
+    return G.to(device).eval().requires_grad_(False), E.to(device).eval().requires_grad_(False), bundle
+
+
+def save_bundle(bundle, path):
+    train_gan.save_checkpoint(bundle, path, keep=None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop
+
+
+# Stage-1 options that stage 2 inherits unless given: the same data, the same labeled subset.
+INHERITED = ("data", "labeled", "resolution", "channels", "num_classes", "class_map", "labels", "labels_seed",
+             "split", "fit", "augment", "flip", "skip_unpaired", "demo_length")
+
+
+def train(args, ckpt):
+    rank, world, device = train_gan.setup_distributed()
+    try:
+        return _train(args, ckpt, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, ckpt, rank, world, device):
+    torch.manual_seed(args.seed)  # the same initial encoder on every rank
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    G = load_generator(ckpt, args.ckpt, device)
+    labeled, unlabeled, info = data.build_datasets(args)
+    if labeled is None:
+        raise TrainingError("stage 2 needs labeled pairs for the mask losses: pass --labeled (or --labels N > 0)")
+    if args.resolution != G.resolution:
+        raise TrainingError(f"{args.ckpt} generates {G.resolution} px images, not --resolution {args.resolution}: "
+                            f"leave --resolution out (it is taken from the checkpoint) or pass {G.resolution}")
+    if info["channels"] != G.image_channels:
+        raise TrainingError(f"the data has {info['channels']} image channels, {args.ckpt} generates "
+                            f"{G.image_channels}: pass --channels {G.image_channels} or the data stage 1 trained on")
+    if info["num_classes"] != G.num_classes:
+        raise TrainingError(f"the data has {info['num_classes']} classes, {args.ckpt} generates {G.num_classes}: "
+                            f"pass --num-classes {G.num_classes} (or the stage-1 --class-map)")
+    validation, validation_source = data.build_validation(args, args.val)
+    temperatures = mask_temperatures(args, ckpt["args"], G.num_classes)
+    percept = losses.Perceptual(args.lpips).to(device)
+
+    E = model.Encoder(**encoder_config(args, G)).to(device)
+    E.latent_avg.copy_(G.mean_latent(4096, device)[0])  # start every image at the mean latent
+    optimizers = (build_optimizer(args, E), build_optimizer(args, E))
+    autocast, precision = train_gan.make_autocast(args, device)
+    labeled_stream = data.InfiniteLoader(labeled, args.batch, seed=args.seed, rank=rank, world_size=world,
+                                         workers=args.workers)
+    unlabeled_stream = data.InfiniteLoader(unlabeled, args.batch, seed=args.seed + 1, rank=rank, world_size=world,
+                                           workers=args.workers)
+    step, best = 0, None
+    torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise
+    random.seed(args.seed + rank)
+
+    os.makedirs(args.out, exist_ok=True)
+    resume = args.resume
+    if resume == "auto":
+        found = train_gan.list_checkpoints(args.out)
+        resume = found[-1] if found else None
+    if resume:
+        state = train_gan.load_checkpoint(resume)
+        if state.get("stage") != "encoder":
+            raise TrainingError(f"{resume} is not a checkpoint of train_encoder.py; pass another --resume")
+        for key in ("encoder_units", "max_channels", "batch", "optimizer"):
+            if state["args"].get(key) != getattr(args, key):
+                raise TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
+                                    f"{state['args'].get(key)}, not {getattr(args, key)}: pass the same value to resume")
+        G.load_state_dict(state["G_ema"])
+        E.load_state_dict(state["E"])
+        for optimizer, saved in zip(optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        labeled_stream.load_state_dict(state["labeled_stream"])
+        unlabeled_stream.load_state_dict(state["unlabeled_stream"])
+        step, best = state["step"], state["best"]
+        if len(state["rng"]) == world:
+            train_gan.set_rng_state(state["rng"][rank])
+        else:
+            torch.manual_seed(args.seed + rank + 7919 * step)
+            random.seed(args.seed + rank + 7919 * step)
+        if rank == 0:
+            print(f"resumed from {resume} at step {step}", flush=True)
+
+    net = E
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(E, device_ids=[device.index] if device.type == "cuda" else None)
+    plain_labeled, plain_unlabeled, _ = data.build_datasets(args, augment=False)
+    grid_labeled = fixed_samples(validation if validation is not None else plain_labeled, args.grid)
+    grid_unlabeled = fixed_samples(plain_unlabeled, args.grid)
+    images_per_step = 2 * args.batch * world  # an unlabeled and a labeled batch
+    if rank == 0:
+        print(f"semanticgan stage 2: encoder for {args.ckpt} ({G.resolution} px, {G.image_channels} image channels, "
+              f"{G.num_classes} classes); {world} process(es) on {device.type}, batch {args.batch} unlabeled + "
+              f"{args.batch} labeled per process; precision {precision}; {args.iter} steps; data: "
+              f"{info['labeled_count']} labeled pairs and {info['unlabeled_count']} images from {info['source']}; "
+              f"validation: {validation_source}", flush=True)
+        lpips_note = " (an UNTRAINED backbone: for tests and offline demos)" if args.lpips == "random" else ""
+        print(f"E {sum(p.numel() for p in E.parameters()):,} parameters, {args.optimizer}; LPIPS {args.lpips}{lpips_note}; "
+              f"mask temperatures CE {temperatures[0]}, Dice {temperatures[1]}", flush=True)
+    progress = train_gan.Progress(os.path.join(args.out, "log.jsonl"), images_per_step, args.iter, step, device)
+
+    def bundle(at, validated=None):
+        return make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, at, validated, vars(args),
+                           ckpt["args"])
+
+    last_log = time.time()
+    labeled_iter, unlabeled_iter = iter(labeled_stream), iter(unlabeled_stream)
+
+    while step < args.iter:
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+        unlabeled_images = next(unlabeled_iter).to(device, non_blocking=True)
+        labeled_images, labeled_masks = (t.to(device, non_blocking=True) for t in next(labeled_iter))
+        progress.add(train_step(net, G, percept, optimizers, (unlabeled_images, labeled_images, labeled_masks),
+                                args, temperatures, autocast))
+        step += 1
+
+        validated = None
+        if validation is not None and (step % args.val_every == 0 or step == args.iter):
+            validated = validate(E, G, validation, args.batch, device, autocast)  # every rank: same numbers
+            progress.add({k: torch.tensor(v) for k, v in validated.items()})
+        snapshot = step % args.snap_every == 0 or step == args.iter
+        if snapshot or validated or time.time() - last_log >= args.log_every:
+            progress.report(step, rank, world)
+            last_log = time.time()
+        score = None if validated is None else next(iter(validated.values()))
+        if rank == 0 and score is not None and (best is None or score > best):
+            best = score
+            save_bundle(bundle(step, validated), os.path.join(args.out, "best.pt"))
+        if snapshot:
+            rngs = [train_gan.rng_state()]
+            if world > 1:
+                rngs = [None] * world
+                dist.all_gather_object(rngs, train_gan.rng_state())
+            if rank == 0:
+                save_grid(E, G, grid_labeled, grid_unlabeled, os.path.join(args.out, f"samples-{step:08d}.png"),
+                          args.batch, autocast)
+                payload = {"stage": "encoder", "E": E.state_dict(), "G_ema": G.state_dict(),
+                           "optimizers": [o.state_dict() for o in optimizers], "step": step, "best": best,
+                           "labeled_stream": labeled_stream.state_dict(),
+                           "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
+                           "args": {k: v for k, v in vars(args).items()}}
+                train_gan.save_checkpoint(payload, train_gan.checkpoint_path(args.out, step), args.keep)
+                save_bundle(bundle(step), os.path.join(args.out, "model.pt"))
+            if world > 1:
+                dist.barrier()
+    if rank == 0:
+        best_text = f"; best validation {best:.4f} in best.pt" if best is not None else ""
+        print(f"done: {step} steps; model.pt, checkpoints and samples in {args.out}{best_text}", flush=True)
+    return {"E": E, "G_ema": G}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Stage 2 of SemanticGAN: train the encoder against a frozen generator.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a stage-1 checkpoint of train_gan.py (its G_ema is used)")
+    data.add_data_args(p)
+    p.set_defaults(**{k: None for k in INHERITED})  # None: taken from the stage-1 checkpoint
+    g = p.add_argument_group("training (defaults: the official configuration)")
+    g.add_argument("--out", default="runs/encoder", help="output folder: model.pt, best.pt, checkpoints, grids, log")
+    g.add_argument("--iter", type=int, default=100000, help="iterations (each an unlabeled and a labeled step)")
+    g.add_argument("--batch", type=int, default=16, help="batch per GPU / process, of each kind")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr-min", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    g.add_argument("--lr-decay-start", type=float, default=0.3, help="fraction of --iter where the decay starts")
+    g.add_argument("--optimizer", choices=["radam", "adam"], default="radam")
+    g.add_argument("--lpips", choices=losses.Perceptual.NETS, default="vgg",
+                   help="LPIPS network; random = untrained backbone (tests, offline demos)")
+    g.add_argument("--lpips-weight", type=float, default=10.0)
+    g.add_argument("--mse-weight", type=float, default=1.0)
+    g.add_argument("--ce-weight", type=float, default=1.0)
+    g.add_argument("--dice-weight", type=float, default=1.0)
+    g.add_argument("--ce-temperature", type=float, default=None, help="default: 0.1 (0.3 for one class), or 1 "
+                   "for a generator trained with --dm-mask probabilities")
+    g.add_argument("--dice-temperature", type=float, default=None, help="default: 0.3, or 1 as above")
+    g.add_argument("--clip-unlabeled", type=float, default=2.0, help="gradient-norm clip of the unlabeled step")
+    g.add_argument("--clip-labeled", type=float, default=5.0, help="gradient-norm clip of the labeled step")
+    g.add_argument("--val", default=None, help="a labeled folder or a split file to validate on (default: the "
+                   "labeled pairs --labels leaves unused)")
+    g.add_argument("--val-every", type=int, default=100, help="steps between validations")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
+    g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
+    g.add_argument("--snap-every", type=int, default=2000, help="steps between grids, checkpoints and model.pt")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--grid", type=int, default=8, help="labeled and unlabeled rows in the grid")
+    g.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    n = p.add_argument_group("encoder (default: pSp's IR-SE-50; narrow it for CPU demos)")
+    n.add_argument("--encoder-units", default="3,4,14,3", help="IR-SE units in the four stages")
+    n.add_argument("--max-channels", type=int, default=512, help="cap on the encoder's feature maps")
+    return p
+
+
+def parse_args(argv=None):
+    """(args, stage-1 checkpoint): the data options left out are taken from the checkpoint's arguments."""
+    args = build_parser().parse_args(argv)
+    if not os.path.isfile(args.ckpt):
+        raise TrainingError(f"{args.ckpt}: no such file; pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run")
+    ckpt = train_gan.load_checkpoint(args.ckpt, "pass --ckpt OUT/checkpoint-STEP.pt of a complete train_gan.py run")
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict):
+        for key in INHERITED:
+            if getattr(args, key) is None:
+                setattr(args, key, ckpt["args"].get(key))
+    defaults = {"resolution": 256, "labels_seed": 0, "fit": "pad", "augment": True, "skip_unpaired": False,
+                "demo_length": 1000}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args, ckpt
+
+
+def main(argv=None):
+    try:
+        args, ckpt = parse_args(argv)
+        train(args, ckpt)
+    except (data.DataError, TrainingError, losses.LPIPSUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is intact; continue with --resume auto", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
