@@ -1,0 +1,498 @@
+"""Segment new images by inverting them into the generator (Li et al., CVPR 2021, Sec. 3.3), and score them.
+
+    python invert.py img.png                                      # the newest model.pt under runs/
+    python invert.py scans/ more/*.png --model runs/jsrt-enc/model.pt --out segmentations/
+    python invert.py test/images --eval test/masks                # and score them: DICE, Jaccard, mIoU
+
+An image x is explained by the generator: its latent code w+ starts at the encoder's guess E(x), the noise
+maps n at random, and both are optimised for --steps steps (paper Eq. 6, with the official inference.py's
+weights and schedule) on
+
+    L(w+, n) = LPIPS(x, G_x(w+, n)) + lambda3 MSE(x, G_x(w+, n)) + lambda2 MSE(w+, E(G_x(w+, n)))
+               + lambda_n NoiseReg(n)
+
+ * lambda3 = 0.1 (--mse-weight), lambda2 = 1e-3 (--encoder-weight; E's output is a constant target, no
+   gradient flows through E), lambda_n = 100 (--noise-weight; rosinality's projector uses 1e5): NoiseReg
+   is the squared mean of each noise map times itself shifted by one pixel, in x and in y, summed over a
+   pyramid of 2x average-pooled maps down to 8 px, so the maps cannot carry the image's structure;
+ * Adam (0.9, 0.999) on w+ and the noise maps, lr 0.1 with a linear ramp-up over the first 5% of the steps
+   and a cosine ramp-down over the last 25%; after every step each noise map is renormalised to mean 0 and
+   standard deviation 1;
+ * 100 steps (the official default; its README's example uses 200); --steps 0 is the encoder alone
+   ("Ours-NO" in the paper's tables).
+
+The mask is the argmax of the mask logits G_y(w+*, n*) (one class: logit > 0). The logits are resized
+bilinearly to the input's own geometry before the argmax, undoing what data.py's --fit did: stretched back,
+cropped out of the padding, or placed back in the centre crop (outside it the model saw nothing: background).
+
+Batches: all images of a batch are optimised together but independently: each has its own w+, its own noise
+maps drawn from its own seed (--seed and the image's name), and its own loss, and the losses are summed, so
+Adam (element-wise) moves each image's parameters as if it were alone. An image's mask does not depend on its
+batch-mates, the batch size or the order of the files.
+
+Outputs, in --out and keeping the inputs' sub-folders: NAME.png, the class-index mask (pixel = class, the
+folder format's mask), NAME_color.png, NAME_overlay.png, and with --save-reconstruction NAME_recon.png, G_x(w+*).
+With --eval MASKS: per-image DICE and Jaccard of each foreground class (an empty prediction of an absent
+class scores 1), the data set's mIoU (intersections and unions summed over the images, background
+included, as the official validation), and DICE per patient (volumetric, for slices named PATIENT_zSLICE),
+for the optimised masks and, from the same run, for the encoder alone; a table, OUT/metrics.csv (per image)
+and OUT/metrics.json (the means, the command, the model, the steps).
+"""
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import losses
+import train_encoder
+import train_gan
+from train_gan import TrainingError
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs: files, folders, globs
+
+
+class Input:
+    """One image to segment: its file, its name (the output path inside --out, without extension), the
+    tensor the model sees and the geometry to map the mask back to."""
+
+    __slots__ = ("path", "name", "image", "size")
+
+    def __init__(self, path, name):
+        self.path, self.name, self.image, self.size = path, name, None, None
+
+
+def collect_inputs(specs):
+    """Files, folders (searched recursively; names keep the sub-folders) and globs, in that order, each file
+    once. A path that does not exist or a folder without images is a DataError."""
+    found, names = [], {}
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            files = data.list_images(path)
+            if not files:
+                raise data.DataError(f"{path}: no images in this folder (looked for {', '.join(data.IMAGE_EXTENSIONS)}, "
+                                     "recursively)")
+            found += [(f, f.relative_to(path).with_suffix("").as_posix()) for f in files]
+        elif path.is_file():
+            found.append((path, path.stem))
+        elif glob.has_magic(spec):
+            files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+            if not files:
+                raise data.DataError(f"{spec}: the pattern matches no file")
+            found += [(f, f.stem) for f in files]
+        else:
+            raise data.DataError(f"{spec}: no such file or folder; pass image files, folders or globs")
+    inputs, seen = [], set()
+    for path, name in found:
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        if name in names:
+            raise data.DataError(f"{path}: its output name {name} is also that of {names[name]}; segment them in "
+                                 "separate runs (or pass their folder, whose sub-folders keep the names apart)")
+        names[name] = path
+        inputs.append(Input(path, name))
+    return inputs
+
+
+def load_input(item, preprocessing):
+    """Read and fit the image as data.py fits training images; keep the original size for the mask."""
+    file = data.open_image_file(item.path)
+    item.size = file.size
+    resolution = preprocessing["resolution"]
+    if file.format == "JPEG":
+        file.draft(file.mode, (resolution, resolution))
+    image = data.to_channels(data.decode(file, item.path), preprocessing["channels"])
+    square = data.fit_square(image, resolution, preprocessing["fit"], Image.Resampling.BILINEAR)
+    item.image = data.image_to_tensor(square)
+    return item
+
+
+def to_input_geometry(mask_logits, size, fit):
+    """Mask logits [K, R, R] of the fitted square to a class map [H, W] (uint8 numpy) of the input's size:
+    bilinear on the logits, then argmax (one class: logit > 0)."""
+    width, height = size
+
+    def classes_at(side_h, side_w):
+        up = F.interpolate(mask_logits[None].float(), size=(side_h, side_w), mode="bilinear", align_corners=False)
+        return train_gan.mask_classes(up)[0].to(torch.uint8).cpu().numpy()
+
+    if fit == "stretch" or width == height:
+        return classes_at(height, width)
+    if fit == "pad":  # data.fit_square pasted the image at ((side - W) // 2, (side - H) // 2)
+        side = max(width, height)
+        left, top = (side - width) // 2, (side - height) // 2
+        return classes_at(side, side)[top:top + height, left:left + width]
+    side = min(width, height)  # crop: the model saw the centred square only
+    left, top = (width - side) // 2, (height - side) // 2
+    out = np.zeros((height, width), np.uint8)
+    out[top:top + side, left:left + side] = classes_at(side, side)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimisation (module docstring)
+
+
+def image_seed(seed, name):
+    """A seed of the image's own: the run's --seed and a checksum of its name."""
+    return (seed * 1000003 + zlib.crc32(name.encode())) % 2 ** 63
+
+
+def make_noise(G, seeds, device):
+    """One noise map per layer and image [B, 1, r, r], each image's drawn from its own generator."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return [torch.stack([torch.randn(1, r, r, generator=g) for g in generators]).to(device)
+            for r in G.noise_resolutions]
+
+
+def noise_regularization(noise):
+    """Per image [B]: sum over maps and pyramid levels of the squared mean of n * shift(n) in x and in y."""
+    total = 0
+    for n in noise:
+        while True:
+            total = total + (n * torch.roll(n, 1, dims=3)).mean([1, 2, 3]).square() \
+                          + (n * torch.roll(n, 1, dims=2)).mean([1, 2, 3]).square()
+            if n.shape[2] <= 8:
+                break
+            n = F.avg_pool2d(n, 2)
+    return total
+
+
+@torch.no_grad()
+def normalize_noise_(noise):
+    for n in noise:
+        n.sub_(n.mean([1, 2, 3], keepdim=True)).div_(n.std([1, 2, 3], keepdim=True))
+
+
+def learning_rate(t, lr, rampup=0.05, rampdown=0.25):
+    """The official schedule at progress t in [0, 1): linear ramp-up, cosine ramp-down (0 at t = 0)."""
+    ramp = min(1.0, (1 - t) / rampdown)
+    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
+    return lr * ramp * min(1.0, t / rampup)
+
+
+def per_image_mse(a, b):
+    return (a.float() - b.float()).square().flatten(1).mean(1)
+
+
+def invert(G, E, percept, images, seeds, args, autocast, trace=None):
+    """Optimise w+ and the noise of a batch of images. Returns (mask logits at w+*, reconstruction,
+    mask logits of the encoder alone, losses per image [B]), all detached; `trace`, a list, receives each
+    step's losses per image."""
+    noise = make_noise(G, seeds, images.device)
+    with torch.no_grad(), autocast():
+        w_plus = E(images).float()
+        _, encoder_logits = G(w_plus, input_is_w=True, noise=noise)
+    w_plus = w_plus.clone().requires_grad_(True)
+    for n in noise:
+        n.requires_grad_(True)
+    optimizer = torch.optim.Adam([w_plus] + noise, lr=args.lr)
+    per_image = torch.zeros(images.shape[0], device=images.device)
+    for step in range(args.steps):
+        optimizer.param_groups[0]["lr"] = learning_rate(step / args.steps, args.lr)
+        with autocast():
+            reconstruction, _ = G(w_plus, input_is_w=True, noise=noise)
+            compared = reconstruction
+            if compared.shape[-1] > 256:  # as the official code: LPIPS and MSE at 256 px
+                compared = F.adaptive_avg_pool2d(compared, 256)
+                target = F.adaptive_avg_pool2d(images, 256)
+            else:
+                target = images
+            with torch.no_grad():
+                w_target = E(reconstruction).float()
+            per_image = (percept(compared.float(), target) + args.mse_weight * per_image_mse(compared, target)
+                         + args.encoder_weight * (w_plus - w_target).square().flatten(1).mean(1)
+                         + args.noise_weight * noise_regularization(noise))
+        if trace is not None:
+            trace.append(per_image.detach().cpu())
+        optimizer.zero_grad(set_to_none=True)
+        per_image.sum().backward()
+        optimizer.step()
+        normalize_noise_(noise)
+    with torch.no_grad(), autocast():
+        reconstruction, mask_logits = G(w_plus, input_is_w=True, noise=noise)
+    return mask_logits.float(), reconstruction.float(), encoder_logits.float(), per_image.detach()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def output_paths(out, name, reconstruction):
+    base = Path(out) / name
+    paths = {"mask": base.with_name(base.name + ".png"), "color": base.with_name(base.name + "_color.png"),
+             "overlay": base.with_name(base.name + "_overlay.png")}
+    if reconstruction:
+        paths["recon"] = base.with_name(base.name + "_recon.png")
+    return paths
+
+
+def save_outputs(item, classes, reconstruction, paths):
+    paths["mask"].parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(classes, "L").save(paths["mask"])
+    coloured = train_gan.colour_mask(classes).astype(np.uint8)
+    Image.fromarray(coloured).save(paths["color"])
+    original = np.asarray(data.to_channels(data.decode(data.open_image_file(item.path), item.path), 3))
+    blend = np.where(classes[..., None] > 0, (0.5 * original + 0.5 * coloured).astype(np.uint8), original)
+    Image.fromarray(blend).save(paths["overlay"])
+    if "recon" in paths:
+        Image.fromarray(train_gan.image_to_uint8(reconstruction)).save(paths["recon"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ground truth and scores
+
+
+def find_masks(inputs, source, lut, num_labels):
+    """{name: ground-truth class map} for every input, from a folder of masks or a labeled folder."""
+    folder = Path(source)
+    if (folder / "masks").is_dir():
+        folder = folder / "masks"
+    if not folder.is_dir():
+        raise data.DataError(f"{source}: no such folder; pass --eval a folder of masks or a labeled folder")
+    by_name = data.files_by_name(folder)
+    masks = {}
+    for item in inputs:
+        path = by_name.get(item.name) or by_name.get(Path(item.name).name)
+        if path is None:
+            raise data.DataError(f"{folder}/{item.name}.png: no ground-truth mask for {item.path}; add it, or "
+                                 "leave the image out of the evaluation")
+        values = data.remap(data.load_mask(path), lut, path)
+        if values.size and int(values.max()) >= num_labels:
+            raise data.DataError(f"{path}: mask value {int(values.max())} is not one of the model's {num_labels} "
+                                 "classes; pass the training --class-map")
+        masks[item.name] = (path, values)
+    return masks
+
+
+class Scores:
+    """Per-image DICE and Jaccard of each foreground class, summed intersections and unions (mIoU) and
+    per-patient sums (volumetric DICE), for one kind of mask (optimised, or the encoder alone)."""
+
+    def __init__(self, num_labels):
+        self.num_labels = num_labels
+        self.rows = {}
+        self.intersection = torch.zeros(num_labels, dtype=torch.long)
+        self.union = torch.zeros(num_labels, dtype=torch.long)
+        self.patients = {}
+
+    def add(self, name, prediction, truth):
+        prediction, truth = torch.from_numpy(prediction.astype(np.int64)), torch.from_numpy(truth.astype(np.int64))
+        row = {}
+        for c in range(1, self.num_labels):
+            dice, jaccard = losses.dice_jaccard(prediction[None], truth[None], c)
+            row[c] = (dice.item(), jaccard.item())
+            p, t = prediction == c, truth == c
+            sums = self.patients.setdefault(data.patient_id(name), np.zeros((self.num_labels, 2)))
+            sums[c] += (int((p & t).sum()), int(p.sum()) + int(t.sum()))
+        self.rows[name] = row
+        i, u = losses.intersection_union(prediction, truth, self.num_labels)
+        self.intersection += i
+        self.union += u
+
+    def summary(self, class_names):
+        classes = range(1, self.num_labels)
+        dice = {class_names[c]: float(np.mean([r[c][0] for r in self.rows.values()])) for c in classes}
+        jaccard = {class_names[c]: float(np.mean([r[c][1] for r in self.rows.values()])) for c in classes}
+        out = {"dice": dice, "jaccard": jaccard, "mean_dice": float(np.mean(list(dice.values()))),
+               "mean_jaccard": float(np.mean(list(jaccard.values()))),
+               "miou": losses.mean_iou(self.intersection, self.union)}
+        if len(self.patients) < len(self.rows):  # some patient has several slices: volumetric DICE per patient
+            per_patient = [np.mean([2 * s[c, 0] / s[c, 1] if s[c, 1] else 1.0 for c in classes])
+                           for s in self.patients.values()]
+            out["dice_per_patient"] = float(np.mean(per_patient))
+            out["patients"] = len(self.patients)
+        return out
+
+
+def print_table(results, class_names, steps):
+    """Per foreground class DICE and Jaccard, their mean, mIoU and DICE per patient; a column pair for the
+    optimised masks and one for the encoder alone."""
+    kinds = [k for k in ("optimised", "encoder_only") if k in results]
+    titles = {"optimised": f"{steps} steps", "encoder_only": "encoder"}
+    width = max(14, max(len(n) for n in class_names))
+    print(f"{'':<{width}}" + "".join(f"{'DICE ' + titles[k]:>18}{'Jaccard ' + titles[k]:>21}" for k in kinds))
+    for name in class_names[1:] + ["mean"]:
+        cells = ""
+        for k in kinds:
+            dice = results[k]["mean_dice"] if name == "mean" else results[k]["dice"][name]
+            jaccard = results[k]["mean_jaccard"] if name == "mean" else results[k]["jaccard"][name]
+            cells += f"{dice:>18.4f}{jaccard:>21.4f}"
+        print(f"{name:<{width}}{cells}")
+    print(f"{'mIoU':<{width}}" + "".join(f"{results[k]['miou']:>18.4f}{'':>21}" for k in kinds))
+    if "dice_per_patient" in results[kinds[0]]:
+        print(f"{'DICE/patient':<{width}}" + "".join(f"{results[k]['dice_per_patient']:>18.4f}{'':>21}" for k in kinds)
+              + f"  ({results[kinds[0]]['patients']} patients)")
+
+
+def write_metrics(out, scores, results, class_names, argv, model_path, steps, images):
+    with open(Path(out) / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        kinds = [(k, prefix) for k, prefix in (("optimised", ""), ("encoder_only", "encoder_")) if k in scores]
+        header = ["name", "patient"] + [f"{prefix}{metric}_{class_names[c]}" for _, prefix in kinds
+                                        for c in range(1, len(class_names)) for metric in ("dice", "jaccard")]
+        writer.writerow(header)
+        for name in scores["optimised"].rows:
+            row = [name, data.patient_id(name)]
+            for kind, _ in kinds:
+                for c in range(1, len(class_names)):
+                    row += [f"{v:.6f}" for v in scores[kind].rows[name][c]]
+            writer.writerow(row)
+    summary = {"command": " ".join(argv), "model": str(model_path), "steps": steps, "images": images,
+               "classes": class_names, **results}
+    with open(Path(out) / "metrics.json", "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+def newest_model(root="runs"):
+    found = [p for p in glob.glob(os.path.join(root, "**", "model.pt"), recursive=True) if os.path.isfile(p)]
+    if not found:
+        raise TrainingError(f"no model.pt under {root}/: pass --model OUT/model.pt of a train_encoder.py run "
+                            "(the README's demo command leaves one in runs/)")
+    return max(found, key=os.path.getmtime)
+
+
+def run(args, argv):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_path = args.model or newest_model()
+    if not args.model:
+        print(f"using {model_path} (the newest model.pt under runs/; pass --model to choose)", flush=True)
+    G, E, bundle = train_encoder.load_bundle(model_path, device)
+    num_labels = losses.label_count(bundle["num_classes"])
+    class_names = bundle.get("class_names") or ["background"] + [f"class{c}" for c in range(1, num_labels)]
+    if len(class_names) != num_labels:
+        class_names = ["background"] + [f"class{c}" for c in range(1, num_labels)]
+    lpips_net = args.lpips or bundle["lpips"]
+    percept = losses.Perceptual(lpips_net).to(device) if args.steps > 0 else None
+    autocast, precision = train_gan.make_autocast(args, device)
+
+    inputs = collect_inputs(args.inputs)
+    lut = data.lookup_table(data.parse_class_map(args.class_map)[0]) if args.class_map else None
+    truth = find_masks(inputs, args.eval, lut, num_labels) if args.eval else None
+    existing = [p for item in inputs for p in output_paths(args.out, item.name, args.save_reconstruction).values()
+                if p.exists()]
+    if existing and not args.overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise data.DataError(f"{existing[0]} exists{more}: pass --overwrite to replace, or another --out")
+    batch = args.batch or (16 if device.type == "cuda" else 4)
+    note = " (an UNTRAINED backbone: the scores are not the paper's)" if lpips_net == "random" else ""
+    print(f"semanticgan inversion: {len(inputs)} images, {args.steps} steps, batch {batch}, on {device.type} "
+          f"({precision}); model {model_path} ({bundle['preprocessing']['resolution']} px, {num_labels} classes); "
+          f"LPIPS {lpips_net}{note}", flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    scores = {"optimised": Scores(num_labels)}
+    if truth is not None and args.steps > 0:
+        scores["encoder_only"] = Scores(num_labels)
+    done, skipped, start = 0, [], time.time()
+    for first in range(0, len(inputs), batch):
+        chunk = []
+        for item in inputs[first:first + batch]:
+            try:
+                chunk.append(load_input(item, bundle["preprocessing"]))
+            except data.DataError as error:
+                if args.strict or len(inputs) == 1:
+                    raise
+                skipped.append(item.path)
+                print(f"skipped: {error}", file=sys.stderr, flush=True)
+        if not chunk:
+            continue
+        images = torch.stack([item.image for item in chunk]).to(device)
+        seeds = [image_seed(args.seed, item.name) for item in chunk]
+        mask_logits, reconstructions, encoder_logits, _ = invert(G, E, percept, images, seeds, args, autocast)
+        for k, item in enumerate(chunk):
+            classes = to_input_geometry(mask_logits[k], item.size, bundle["preprocessing"]["fit"])
+            save_outputs(item, classes, reconstructions[k],
+                         output_paths(args.out, item.name, args.save_reconstruction))
+            if truth is not None:
+                path, values = truth[item.name]
+                if values.shape != classes.shape:
+                    raise data.DataError(f"{path}: mask is {values.shape[1]}x{values.shape[0]}, its image {item.path} "
+                                         f"{classes.shape[1]}x{classes.shape[0]}; save the mask at the image's size")
+                scores["optimised"].add(item.name, classes, values)
+                if "encoder_only" in scores:
+                    encoder_classes = to_input_geometry(encoder_logits[k], item.size, bundle["preprocessing"]["fit"])
+                    scores["encoder_only"].add(item.name, encoder_classes, values)
+            item.image = None  # the tensors are not needed any more
+        done += len(chunk)
+        elapsed = time.time() - start
+        rate = done / max(elapsed, 1e-9)
+        left = len(inputs) - done - len(skipped)
+        print(f"{done}/{len(inputs)} images  {rate:.2f} img/s  eta {left / max(rate, 1e-9):.0f} s", flush=True)
+
+    summary = f"done: {done} images segmented into {args.out} in {time.time() - start:.1f} s"
+    if truth is not None and done:
+        results = {k: s.summary(class_names) for k, s in scores.items()}
+        print_table(results, class_names, args.steps)
+        write_metrics(args.out, scores, results, class_names, argv, model_path, args.steps, done)
+        summary += "; metrics.csv and metrics.json written"
+    if skipped:
+        summary += f"; skipped {len(skipped)} unreadable file(s), the first {skipped[0]}"
+    print(summary, flush=True)
+    return scores
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Segment images by inverting them into a SemanticGAN generator "
+                                "(and score the masks).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--model", default=None, help="model.pt of train_encoder.py (default: the newest under runs/)")
+    p.add_argument("--out", default="segmentations", help="output folder")
+    p.add_argument("--steps", type=int, default=100, help="optimisation steps (0: the encoder alone)")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--mse-weight", type=float, default=0.1, help="lambda3")
+    p.add_argument("--encoder-weight", type=float, default=1e-3, help="lambda2")
+    p.add_argument("--noise-weight", type=float, default=100.0, help="noise regularisation weight")
+    p.add_argument("--lpips", choices=losses.Perceptual.NETS, default=None,
+                   help="LPIPS network (default: the one the encoder was trained with)")
+    p.add_argument("--batch", type=int, default=0, help="images optimised together (0: 16 on a GPU, 4 on the CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise maps (with each image's name)")
+    p.add_argument("--eval", metavar="MASKS", default=None,
+                   help="a folder of ground-truth masks with the images' names, or a labeled folder: score")
+    p.add_argument("--class-map", default=None, help="merge the ground-truth classes as in training")
+    p.add_argument("--save-reconstruction", action="store_true", help="also write NAME_recon.png, G_x(w+*)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="fp32 as the official code (the optimisation follows small gradients); bf16 autocast, "
+                        "or auto = bf16 on GPUs that have it")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if there is one)")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.steps < 0:
+            raise TrainingError(f"--steps {args.steps}: give 0 (the encoder alone) or more")
+        return run(args, ["invert.py"] + list(argv))
+    except (data.DataError, TrainingError, losses.LPIPSUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the masks written so far are complete", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
