@@ -1,0 +1,108 @@
+"""A synthetic labeled data set from the generator (Li et al., CVPR 2021, Table 6).
+
+    python generate.py --ckpt runs/jsrt/checkpoint-00800000.pt --n 20000 --truncation 0.7 --out synth/
+
+G_ema draws image/mask pairs; they are written in the folder format of data.py (images/NAME.png,
+masks/NAME.png, pixel = class), so that any segmentation network can train on them, this project's
+included. Pair i comes from its own seed (--seed and i): its latent z and its noise maps, so a pair does not
+depend on the batch it was drawn in, and a stopped run continues where it stopped (pairs whose two files
+exist are skipped). --truncation 0.7 pulls every w towards the mean latent (typical, cleaner pairs);
+--truncation 1 keeps G's full diversity. The mask is the argmax of the mask logits (one class: logit > 0).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import model
+import train_encoder
+import train_gan
+from train_gan import TrainingError
+
+
+def load_any_generator(path, device):
+    """G_ema of a stage-1 checkpoint or of a model.pt."""
+    if not os.path.isfile(path):
+        raise TrainingError(f"{path}: no such file; pass --ckpt a train_gan.py checkpoint or a model.pt")
+    ckpt = train_gan.load_checkpoint(path, "pass --ckpt a complete train_gan.py checkpoint or a model.pt")
+    if isinstance(ckpt, dict) and ckpt.get("format") == train_encoder.BUNDLE_FORMAT:
+        G = model.Generator(**ckpt["generator"])
+        G.load_state_dict(ckpt["G_ema"])
+        return G.to(device).eval().requires_grad_(False)
+    return train_encoder.load_generator(ckpt, path, device)
+
+
+def pair_seed(seed, index):
+    return seed * 1000003 + index
+
+
+@torch.no_grad()
+def draw(G, indices, seed, truncation, mean_latent):
+    """(images [B, C, R, R] in [-1, 1], class maps [B, R, R]) of pairs `indices`, each from its own seed."""
+    generators = [torch.Generator().manual_seed(pair_seed(seed, i)) for i in indices]
+    device = G.constant.device
+    z = torch.stack([torch.randn(G.style_dim, generator=g) for g in generators]).to(device)
+    noise = [torch.stack([torch.randn(1, r, r, generator=g) for g in generators]).to(device)
+             for r in G.noise_resolutions]
+    images, mask_logits = G(z, truncation=truncation, truncation_latent=mean_latent, noise=noise)
+    return images, train_gan.mask_classes(mask_logits.float())
+
+
+def image_pixels(image):
+    """[C, R, R] in [-1, 1] -> uint8 [R, R] (grey) or [R, R, 3]."""
+    pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return pixels[..., 0] if pixels.shape[2] == 1 else pixels
+
+
+def generate(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    G = load_any_generator(args.ckpt, device)
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    name = lambda i: f"{i:06d}.png"  # noqa: E731
+    missing = [i for i in range(args.n) if not ((out / "images" / name(i)).exists() and (out / "masks" / name(i)).exists())]
+    print(f"generating {len(missing)} of {args.n} pairs ({args.n - len(missing)} already there) with truncation "
+          f"{args.truncation}, seed {args.seed}, into {out}", flush=True)
+    mean_latent = None
+    if args.truncation != 1:
+        with torch.random.fork_rng(devices=[]):  # the mean latent from its own seed: the same on every run
+            torch.manual_seed(args.seed)
+            mean_latent = G.mean_latent(args.mean_samples, device)
+    for start in range(0, len(missing), args.batch):
+        chunk = missing[start:start + args.batch]
+        images, masks = draw(G, chunk, args.seed, args.truncation, mean_latent)
+        for i, image, mask in zip(chunk, images, masks.cpu().numpy().astype(np.uint8)):
+            # the mask last: a pair counts as written once both files exist
+            Image.fromarray(image_pixels(image)).save(out / "images" / name(i))
+            Image.fromarray(mask).save(out / "masks" / name(i))
+        print(f"{start + len(chunk)}/{len(missing)}", flush=True)
+    print(f"done: {args.n} pairs in {out}/images and {out}/masks", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write image/mask pairs drawn from G_ema in the folder format.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a train_gan.py checkpoint or a model.pt")
+    p.add_argument("--n", type=int, default=20000, help="pairs")
+    p.add_argument("--truncation", type=float, default=0.7, help="1 = no truncation (the most diverse pairs)")
+    p.add_argument("--mean-samples", type=int, default=4096, help="latents averaged for the truncation centre")
+    p.add_argument("--out", default="synth")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    try:
+        generate(args)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""generate.py: the pairs it writes are read back by data.py and are G_ema's for the same seed, whatever the
+batch; a stopped run continues with the missing pairs only."""
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import generate
+import model
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A stage-1 checkpoint as train_gan.py writes it (untrained tiny G_ema, one grey channel, 2 classes)."""
+    torch.manual_seed(0)
+    G = model.Generator(32, 2, 1, style_dim=32, n_mlp=2, max_channels=16)
+    path = tmp_path_factory.mktemp("stage1") / "checkpoint-00000001.pt"
+    torch.save({"G_ema": G.state_dict(), "num_classes": 2, "image_channels": 1,
+                "args": {"resolution": 32, "style_dim": 32, "n_mlp": 2, "channel_multiplier": 2, "max_channels": 16}},
+               path)
+    return str(path)
+
+
+def test_pairs_are_g_emas_read_back_by_data_py_and_resume_fills_the_gaps(stage1, tmp_path):
+    generate.main(["--ckpt", stage1, "--n", "5", "--batch", "2", "--out", str(tmp_path / "a"), "--seed", "3"])
+    generate.main(["--ckpt", stage1, "--n", "5", "--batch", "5", "--out", str(tmp_path / "b"), "--seed", "3"])
+    args = argparse.Namespace(data=str(tmp_path / "a"), resolution=32, augment=False)
+    labeled, _, info = data.build_datasets(args)
+    assert len(labeled) == 5 and info["channels"] == 1
+
+    G = generate.load_any_generator(stage1, torch.device("cpu"))
+    mean = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        mean = G.mean_latent(4096)
+    images, masks = generate.draw(G, [0, 4], 3, 0.7, mean)
+    for k, i in enumerate([0, 4]):
+        image, mask = labeled[i]
+        want = torch.from_numpy(generate.image_pixels(images[k]).astype(np.float32)) / 127.5 - 1
+        torch.testing.assert_close(image[0], want)
+        assert torch.equal(mask, masks[k])
+    for name in sorted(os.listdir(tmp_path / "a" / "images")):  # the batch does not matter
+        for part in ("images", "masks"):
+            assert (tmp_path / "a" / part / name).read_bytes() == (tmp_path / "b" / part / name).read_bytes()
+
+    os.remove(tmp_path / "a" / "masks" / "000002.png")  # a run stopped before this pair was complete
+    kept = os.path.getmtime(tmp_path / "a" / "images" / "000001.png")
+    generate.main(["--ckpt", stage1, "--n", "5", "--out", str(tmp_path / "a"), "--seed", "3"])
+    assert (tmp_path / "a" / "masks" / "000002.png").read_bytes() == (tmp_path / "b" / "masks" / "000002.png").read_bytes()
+    assert os.path.getmtime(tmp_path / "a" / "images" / "000001.png") == kept
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        generate.main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path)])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none.pt" in err[0]
