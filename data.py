@@ -580,7 +580,7 @@ DEMO_COLOURS = np.array([(0.90, 0.25, 0.20), (0.20, 0.75, 0.30), (0.25, 0.45, 0.
 
 
 class DemoDataset(Dataset):
-    """Procedural labeled images: a dark gradient background and 2 to 5 shapes, each of a class
+    """Procedural labeled images: a dark gradient background and 1 to 3 shapes, each of a class
     1..K-1 (class c is a DEMO_SHAPES[(c-1) % 6] in its own colour or grey level), later shapes occluding
     earlier ones, plus a little shading and noise on the image only. The mask is exact: a pixel belongs to
     the last shape that covers its centre. Scenes live in the unit square, so every resolution shows the
@@ -615,10 +615,10 @@ class DemoDataset(Dataset):
         low, high = rng.uniform(0.02, 0.15, self.channels), rng.uniform(0.15, 0.35, self.channels)
         image = (low + (high - low) * ramp[..., None]).astype(np.float32)
         mask = np.zeros((size, size), np.uint8)
-        for _ in range(rng.integers(2, 6)):
+        for _ in range(rng.integers(1, 4)):
             c = int(rng.integers(1, self.num_classes))
-            cx, cy = rng.uniform(0.2, 0.8, 2)
-            a, b = rng.uniform(0.08, 0.22, 2)
+            cx, cy = rng.uniform(0.25, 0.75, 2)
+            a, b = rng.uniform(0.12, 0.26, 2)
             angle = rng.uniform(0, np.pi)
             brightness = rng.uniform(0.9, 1.05)
             reach = math.hypot(a, b)  # no shape extends further from its centre: work in that box only
@@ -631,7 +631,7 @@ class DemoDataset(Dataset):
             shade = 0.85 + 0.15 * (0.5 + u / (2 * a)).clip(0, 1)
             mask[rows, cols][inside] = c
             image[rows, cols][inside] = (self.class_colour(c) * brightness)[None] * shade[inside][:, None]
-        image += 0.03 * rng.standard_normal(image.shape, dtype=np.float32)
+        image += 0.02 * rng.standard_normal(image.shape, dtype=np.float32)
         return image.clip(0, 1), mask
 
     @staticmethod

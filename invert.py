@@ -57,6 +57,7 @@ from PIL import Image
 
 import data
 import losses
+import model
 import train_encoder
 import train_gan
 from train_gan import TrainingError
@@ -203,19 +204,20 @@ def invert(G, E, percept, images, seeds, args, autocast, trace=None):
         n.requires_grad_(True)
     optimizer = torch.optim.Adam([w_plus] + noise, lr=args.lr)
     per_image = torch.zeros(images.shape[0], device=images.device)
+    # as the official code: LPIPS and MSE at 256 px at most
+    target = F.adaptive_avg_pool2d(images, 256) if images.shape[-1] > 256 else images
+    if args.steps:
+        with torch.no_grad(), autocast():
+            target_features = percept.features(target)  # the target's half of LPIPS, once
     for step in range(args.steps):
         optimizer.param_groups[0]["lr"] = learning_rate(step / args.steps, args.lr)
         with autocast():
             reconstruction, _ = G(w_plus, input_is_w=True, noise=noise)
-            compared = reconstruction
-            if compared.shape[-1] > 256:  # as the official code: LPIPS and MSE at 256 px
-                compared = F.adaptive_avg_pool2d(compared, 256)
-                target = F.adaptive_avg_pool2d(images, 256)
-            else:
-                target = images
+            compared = F.adaptive_avg_pool2d(reconstruction, 256) if reconstruction.shape[-1] > 256 else reconstruction
             with torch.no_grad():
                 w_target = E(reconstruction).float()
-            per_image = (percept(compared.float(), target) + args.mse_weight * per_image_mse(compared, target)
+            per_image = (percept.distance_to(compared, target_features).float()
+                         + args.mse_weight * per_image_mse(compared, target)
                          + args.encoder_weight * (w_plus - w_target).square().flatten(1).mean(1)
                          + args.noise_weight * noise_regularization(noise))
         if trace is not None:
@@ -454,7 +456,7 @@ def run(args, argv):
 def build_parser():
     p = argparse.ArgumentParser(description="Segment images by inverting them into a SemanticGAN generator "
                                 "(and score the masks).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
+    p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or globs")
     p.add_argument("--model", default=None, help="model.pt of train_encoder.py (default: the newest under runs/)")
     p.add_argument("--out", default="segmentations", help="output folder")
     p.add_argument("--steps", type=int, default=100, help="optimisation steps (0: the encoder alone)")
@@ -476,7 +478,41 @@ def build_parser():
                    help="fp32 as the official code (the optimisation follows small gradients); bf16 autocast, "
                         "or auto = bf16 on GPUs that have it")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if there is one)")
+    b = p.add_argument_group("benchmark (instead of segmenting; no model needed)")
+    b.add_argument("--benchmark", action="store_true", help="images/s of --steps steps for each of --bench-batches, "
+                   "random config-f G and E at --bench-resolution")
+    b.add_argument("--bench-resolution", type=int, default=256)
+    b.add_argument("--bench-batches", default="1,4,16")
+    b.add_argument("--bench-max-channels", type=int, default=512, help="narrow G and E (CPU runs)")
     return p
+
+
+def benchmark(args):
+    """images/s of the whole inversion (E, --steps steps, the final masks) at each batch size."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    R, width = args.bench_resolution, args.bench_max_channels
+    torch.manual_seed(0)
+    G = model.Generator(R, 8, 3, max_channels=width).to(device).eval().requires_grad_(False)
+    E = model.Encoder(R, 3, G.style_dim, max_channels=width).to(device).eval().requires_grad_(False)
+    percept = losses.Perceptual("random").to(device)
+    autocast, precision = train_gan.make_autocast(args, device)
+    print(f"inversion throughput on {device}: {R} px, {args.steps} steps, precision {precision}, max channels {width}")
+    print(f"{'batch':>6} {'img/s':>8} {'s/image':>9} {'peak GiB':>9}")
+    for batch in (int(b) for b in args.bench_batches.split(",")):
+        images = torch.rand(batch, 3, R, R, device=device) * 2 - 1
+        invert(G, E, percept, images, list(range(batch)), argparse.Namespace(**{**vars(args), "steps": 2}), autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        invert(G, E, percept, images, list(range(batch)), args, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+        print(f"{batch:>6} {batch / seconds:>8.2f} {seconds / batch:>9.2f} {peak:>9.2f}", flush=True)
 
 
 def main(argv=None):
@@ -485,6 +521,10 @@ def main(argv=None):
     try:
         if args.steps < 0:
             raise TrainingError(f"--steps {args.steps}: give 0 (the encoder alone) or more")
+        if args.benchmark:
+            return benchmark(args)
+        if not args.inputs:
+            raise data.DataError("no images: pass image files, folders or globs (python invert.py img.png)")
         return run(args, ["invert.py"] + list(argv))
     except (data.DataError, TrainingError, losses.LPIPSUnavailable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -213,6 +213,20 @@ class Perceptual(torch.nn.Module):
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         return self.lpips(x, y).flatten()
 
+    def features(self, y):
+        """The unit-normalised backbone features LPIPS compares, for images that stay fixed (the target of an
+        inversion: computed once instead of at every step)."""
+        import lpips
+
+        y = y.expand(-1, 3, -1, -1) if y.shape[1] == 1 else y
+        return [lpips.normalize_tensor(f) for f in self.lpips.net(self.lpips.scaling_layer(y))]
+
+    def distance_to(self, x, target_features):
+        """forward(x, y) from features(y): the lpips package's net-lin sum of spatially averaged, linearly
+        weighted squared feature differences."""
+        return sum(linear((a - b).square()).mean([2, 3]) for linear, a, b
+                   in zip(self.lpips.lins, self.features(x), target_features)).flatten()
+
 
 # ----------------------------------------------------------------------------------------------------
 # Segmentation metrics (class-index maps; background is class 0)

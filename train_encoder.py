@@ -1,6 +1,7 @@
 """Stage 2 of SemanticGAN: an encoder into the frozen generator's W+ (Li et al., CVPR 2021, Sec. 3.2).
 
     python train_encoder.py --ckpt runs/jsrt/checkpoint-00800000.pt --out runs/jsrt-enc    # one GPU
+    python train_encoder.py --ckpt runs/jsrt --out runs/jsrt-enc                           # its latest checkpoint
     torchrun --nproc_per_node 8 train_encoder.py --ckpt ... --out ...                      # several (DDP)
 
 The encoder E: x -> w+ (model.Encoder, pSp) learns to invert G_ema of a stage-1 checkpoint, which stays
@@ -414,7 +415,8 @@ def _train(args, ckpt, rank, world, device):
 def build_parser():
     p = argparse.ArgumentParser(description="Stage 2 of SemanticGAN: train the encoder against a frozen generator.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a stage-1 checkpoint of train_gan.py (its G_ema is used)")
+    p.add_argument("--ckpt", help="a stage-1 checkpoint of train_gan.py, or its --out folder (the latest "
+                   "checkpoint); its G_ema is used")
     data.add_data_args(p)
     p.set_defaults(**{k: None for k in INHERITED})  # None: taken from the stage-1 checkpoint
     g = p.add_argument_group("training (defaults: the official configuration)")
@@ -446,6 +448,10 @@ def build_parser():
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     g.add_argument("--grid", type=int, default=8, help="labeled and unlabeled rows in the grid")
     g.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    b = p.add_argument_group("benchmark (instead of training; no checkpoint needed)")
+    b.add_argument("--benchmark", action="store_true", help="time the training step at --resolution on synthetic "
+                   "data with random config-f G and E (--max-channels narrows both) and exit")
+    b.add_argument("--bench-steps", type=int, default=20)
     n = p.add_argument_group("encoder (default: pSp's IR-SE-50; narrow it for CPU demos)")
     n.add_argument("--encoder-units", default="3,4,14,3", help="IR-SE units in the four stages")
     n.add_argument("--max-channels", type=int, default=512, help="cap on the encoder's feature maps")
@@ -455,6 +461,16 @@ def build_parser():
 def parse_args(argv=None):
     """(args, stage-1 checkpoint): the data options left out are taken from the checkpoint's arguments."""
     args = build_parser().parse_args(argv)
+    if args.benchmark:
+        return args, None
+    if not args.ckpt:
+        raise TrainingError("pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run (stage 2 trains against it)")
+    if os.path.isdir(args.ckpt):  # a stage-1 output folder: its latest checkpoint
+        found = train_gan.list_checkpoints(args.ckpt)
+        if not found:
+            raise TrainingError(f"{args.ckpt}: no checkpoint-STEP.pt in this folder; pass a train_gan.py --out folder "
+                                "or checkpoint")
+        args.ckpt = found[-1]
     if not os.path.isfile(args.ckpt):
         raise TrainingError(f"{args.ckpt}: no such file; pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run")
     ckpt = train_gan.load_checkpoint(args.ckpt, "pass --ckpt OUT/checkpoint-STEP.pt of a complete train_gan.py run")
@@ -470,9 +486,46 @@ def parse_args(argv=None):
     return args, ckpt
 
 
+def benchmark(args):
+    """Steady-state img/s (both batches of an iteration counted) and peak memory of train_step at
+    --resolution, batch --batch of each kind, 8 classes, on synthetic data: G and E random, LPIPS random
+    (the same computation as VGG's)."""
+    _, _, device = train_gan.setup_distributed()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    R, B = args.resolution or 256, args.batch
+    channels, classes = args.channels or 3, args.num_classes or 8
+    torch.manual_seed(0)
+    G = model.Generator(R, classes, channels, max_channels=args.max_channels).to(device).eval().requires_grad_(False)
+    E = model.Encoder(**encoder_config(args, G)).to(device)
+    percept = losses.Perceptual("random").to(device)
+    optimizers = (build_optimizer(args, E), build_optimizer(args, E))
+    autocast, precision = train_gan.make_autocast(args, device)
+    batch = (torch.randn(B, channels, R, R, device=device), torch.randn(B, channels, R, R, device=device),
+             torch.randint(0, classes, (B, R, R), device=device))
+    for _ in range(3):
+        train_step(E, G, percept, optimizers, batch, args, (0.1, 0.3), autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.bench_steps):
+        train_step(E, G, percept, optimizers, batch, args, (0.1, 0.3), autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    print(f"stage-2 training throughput on {device}: {R} px, batch {B} unlabeled + {B} labeled, {classes} classes, "
+          f"precision {precision}: {2 * B * args.bench_steps / seconds:.1f} img/s, "
+          f"{seconds / args.bench_steps:.3f} s/iteration, peak {peak:.2f} GiB "
+          f"(E {sum(p.numel() for p in E.parameters()):,} parameters)", flush=True)
+
+
 def main(argv=None):
     try:
         args, ckpt = parse_args(argv)
+        if args.benchmark:
+            return benchmark(args)
         train(args, ckpt)
     except (data.DataError, TrainingError, losses.LPIPSUnavailable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

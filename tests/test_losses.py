@@ -156,6 +156,9 @@ def test_random_lpips_is_one_fixed_network_zero_on_equal_images_and_takes_grey()
     assert torch.allclose(a(x, x), torch.zeros(2))
     grey, grey2 = x[:, :1], y[:, :1]
     torch.testing.assert_close(a(grey, grey2), a(grey.expand(-1, 3, -1, -1), grey2.expand(-1, 3, -1, -1)))
+    # the inversion's cached-target form gives the same distance
+    torch.testing.assert_close(a.distance_to(x, a.features(y)), a(x, y))
+    torch.testing.assert_close(a.distance_to(grey, a.features(grey2)), a(grey, grey2))
     assert not a.training and not any(p.requires_grad for p in a.parameters())
     a.train()
     assert not a.lpips.training  # dropout stays off

@@ -70,7 +70,8 @@ def test_a_short_run_writes_its_outputs_and_leaves_the_generator_as_it_was(stage
 
 
 def test_stage1_data_options_are_inherited_and_can_be_overridden(stage1):
-    args, _ = train_encoder.parse_args(["--ckpt", str(stage1)] + STAGE2)
+    args, _ = train_encoder.parse_args(["--ckpt", str(stage1.parent)] + STAGE2)  # a folder: its latest checkpoint
+    assert args.ckpt == str(stage1)
     assert (args.data, args.labels, args.resolution, args.num_classes, args.demo_length) == ("demo", 8, 32, 3, 24)
     args, _ = train_encoder.parse_args(["--ckpt", str(stage1), "--labels", "5"] + STAGE2)
     assert args.labels == 5
@@ -201,3 +202,47 @@ def test_lpips_weights_that_cannot_be_downloaded(capsys, stage1, tmp_path, monke
     argv = ["--ckpt", str(stage1), "--out", str(tmp_path)] + STAGE2 + ["--lpips", "vgg"]
     line = one_error_line(capsys, argv)
     assert "vgg16-397923af.pth" in line and "--lpips random" in line and "empty-cache" in line
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two processes under torchrun (gloo), and the bf16 path
+
+DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train_encoder, train_gan
+args, ckpt = train_encoder.parse_args({argv!r})
+rank, world, device = train_gan.setup_distributed()
+nets = train_encoder._train(args, ckpt, rank, world, device)
+torch.save(nets["E"].state_dict(), f"{{args.out}}/rank{{rank}}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_two_processes_agree_on_the_encoder(stage1, tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["--ckpt", str(stage1), "--out", str(tmp_path)] + STAGE2 + ["--iter", "3", "--snap-every", "3",
+                                                                       "--val-every", "3"]
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(root=root, argv=argv))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    rank0, rank1 = load(tmp_path / "rank0.pt"), load(tmp_path / "rank1.pt")
+    for name, value in rank0.items():
+        if "running" in name or "num_batches" in name:
+            continue  # BN statistics are each rank's own (as in the official code: no SyncBN)
+        torch.testing.assert_close(rank1[name], value, rtol=0, atol=0, msg=name)
+    assert (tmp_path / "model.pt").exists() and len(load(tmp_path / "checkpoint-00000003.pt")["rng"]) == 2
+
+
+def test_bf16_autocast_path_trains(stage1, tmp_path):
+    run(stage1, tmp_path, "--iter", "2", "--snap-every", "2", "--val-every", "2", "--precision", "bf16")
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert records[-1]["step"] == 2
+    assert all(math.isfinite(v) for r in records for k, v in r.items() if isinstance(v, float))
