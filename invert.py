@@ -388,6 +388,14 @@ def run(args, argv):
     autocast, precision = train_gan.make_autocast(args, device)
 
     inputs = collect_inputs(args.inputs)
+    if args.split:  # the images a split file names (data.py split's test.txt), matched by name
+        wanted = data.read_split_file(args.split)
+        by_name = {item.name: item for item in inputs}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise data.DataError(f"{args.split}: names {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
+                                 "which is not among the input images; pass the folder that holds them")
+        inputs = [by_name[n] for n in wanted]
     lut = data.lookup_table(data.parse_class_map(args.class_map)[0]) if args.class_map else None
     truth = find_masks(inputs, args.eval, lut, num_labels) if args.eval else None
     existing = [p for item in inputs for p in output_paths(args.out, item.name, args.save_reconstruction).values()
@@ -468,6 +476,8 @@ def build_parser():
                    help="LPIPS network (default: the one the encoder was trained with)")
     p.add_argument("--batch", type=int, default=0, help="images optimised together (0: 16 on a GPU, 4 on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise maps (with each image's name)")
+    p.add_argument("--split", metavar="FILE", default=None,
+                   help="segment only the input images named in FILE (one per line, e.g. data.py split's test.txt)")
     p.add_argument("--eval", metavar="MASKS", default=None,
                    help="a folder of ground-truth masks with the images' names, or a labeled folder: score")
     p.add_argument("--class-map", default=None, help="merge the ground-truth classes as in training")

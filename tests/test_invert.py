@@ -209,6 +209,16 @@ def test_bad_input_ends_in_one_line(bundle, tmp_path, capsys):
     assert "scene0" in line and "no ground-truth mask" in line
 
 
+def test_split_keeps_the_named_images(bundle, tmp_path, capsys):
+    write_images(tmp_path / "in", count=3)
+    (tmp_path / "test.txt").write_text("scene2\nscene0.png\n")
+    run(tmp_path / "in", "--split", tmp_path / "test.txt", "--model", bundle, "--out", tmp_path / "out", "--steps", 0)
+    assert sorted(p for p in os.listdir(tmp_path / "out") if "_" not in p) == ["scene0.png", "scene2.png"]
+    (tmp_path / "bad.txt").write_text("scene9\n")
+    line = one_error_line(capsys, tmp_path / "in", "--split", tmp_path / "bad.txt", "--model", bundle, "--steps", 0)
+    assert "scene9" in line
+
+
 def test_an_unreadable_file_among_many_is_skipped_unless_strict(bundle, tmp_path, capsys):
     write_images(tmp_path / "in", count=2)
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG broken")
