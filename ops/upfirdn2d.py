@@ -24,7 +24,6 @@ Two implementations with identical maths, chosen by `impl`:
 
 import functools
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
