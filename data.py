@@ -1810,16 +1810,15 @@ class Checked(Dataset):
 
 
 PALETTE = np.array([(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-                    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0)], np.uint8)
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190),
+                    (0, 128, 128), (230, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+                    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128)], np.uint8)
 
 
 def colour_mask(mask):
-    """Class ids [R, R] to colours [R, R, 3] (uint8); class 0 is black."""
-    mask = np.asarray(mask)
-    colours = PALETTE[mask % len(PALETTE)]
-    colours[mask == 0] = 0
-    return colours
+    """Class ids [H, W] to colours [H, W, 3] (uint8): class 0 is black, the others cycle through 19 colours."""
+    mask = np.asarray(mask).astype(np.int64)
+    return PALETTE[np.where(mask > 0, 1 + (mask - 1) % (len(PALETTE) - 1), 0)]
 
 
 def tensor_to_rgb(image):

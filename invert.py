@@ -247,7 +247,7 @@ def output_paths(out, name, reconstruction):
 def save_outputs(item, classes, reconstruction, paths):
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(classes, "L").save(paths["mask"])
-    coloured = train_gan.colour_mask(classes).astype(np.uint8)
+    coloured = data.colour_mask(classes).astype(np.uint8)
     Image.fromarray(coloured).save(paths["color"])
     original = np.asarray(data.to_channels(data.decode(data.open_image_file(item.path), item.path), 3))
     blend = np.where(classes[..., None] > 0, (0.5 * original + 0.5 * coloured).astype(np.uint8), original)

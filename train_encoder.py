@@ -190,7 +190,7 @@ def validate(E, G, dataset, batch, device, autocast):
 
 def tile_row(image, reconstruction, predicted, truth):
     """[H, 4W, 3] uint8: input | reconstruction | predicted mask | true mask (black if unknown)."""
-    coloured = [train_gan.colour_mask(m.cpu().numpy()) if m is not None else np.zeros_like(train_gan.image_to_uint8(image))
+    coloured = [data.colour_mask(m.cpu().numpy()) if m is not None else np.zeros_like(train_gan.image_to_uint8(image))
                 for m in (predicted, truth)]
     return np.concatenate([train_gan.image_to_uint8(image), train_gan.image_to_uint8(reconstruction)] + coloured, axis=1)
 

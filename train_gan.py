@@ -224,17 +224,6 @@ def accumulate(ema, net, decay):
 # ----------------------------------------------------------------------------------------------------
 # Samples: image | coloured mask | overlay, from fixed latents of G_ema
 
-PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190],
-                    [0, 128, 128], [230, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-                    [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128]], dtype=np.uint8)
-
-
-def colour_mask(class_map):
-    """[H, W] class ids -> [H, W, 3] uint8 colours (background black; colours repeat past 20 classes)."""
-    return PALETTE[class_map % len(PALETTE)]
-
-
 def image_to_uint8(image):
     """[C, H, W] in [-1, 1] -> [H, W, 3] uint8 (grayscale repeated)."""
     x = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -256,7 +245,7 @@ def save_grid(G_ema, latents, path, batch, columns=4):
     for chunk in latents.split(batch):
         images, masks = G_ema(chunk, randomize_noise=False)
         for image, classes in zip(images, mask_classes(masks.float())):
-            rgb, coloured = image_to_uint8(image), colour_mask(classes.cpu().numpy())
+            rgb, coloured = image_to_uint8(image), data.colour_mask(classes.cpu().numpy())
             overlay = np.where(classes.cpu().numpy()[..., None] > 0, (0.5 * rgb + 0.5 * coloured).astype(np.uint8), rgb)
             tiles.append(np.concatenate([rgb, coloured, overlay], axis=1))
     rows = [np.concatenate(tiles[i:i + columns] + [np.zeros_like(tiles[0])] * (columns - len(tiles[i:i + columns])),

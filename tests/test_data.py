@@ -577,3 +577,14 @@ def test_show_and_bench_run_on_the_demo(capsys, tmp_path):
 def test_patient_id():
     assert data.patient_id("lits012_z0045") == "lits012"
     assert data.patient_id("masks/chaos3-in_z010.png") == "chaos3-in"
+
+
+def test_colour_mask_background_black_classes_distinct_and_cycling():
+    mask = np.arange(40).reshape(4, 10)
+    colours = data.colour_mask(mask)
+    assert colours.shape == (4, 10, 3) and colours.dtype == np.uint8
+    flat = colours.reshape(-1, 3)
+    assert (flat[0] == 0).all()                                   # background
+    assert len({tuple(c) for c in flat[1:20]}) == 19               # 19 distinct colours for classes 1..19
+    assert not (flat[1:] == 0).all(axis=1).any()                  # no foreground class is black
+    assert (flat[20:39] == flat[1:20]).all()                      # then they repeat, 20 after 19
