@@ -61,7 +61,9 @@ from `state_dict()`. The random augmentation of a sample is derived from (seed, 
 worker state, so a stream is the same whatever the number of workers and across a resume.
 
 Converters (`python data.py prepare NAME SRC OUT`) write the public releases into the format above;
-each documents the layout it expects. `--data demo` needs no download at all (`DemoDataset`).
+each documents the layout it expects. The liver volumes are read with nibabel (LiTS, NIfTI) and pydicom
+(CHAOS, DICOM), optional packages imported only by those two converters. `--data demo` needs no
+download at all (`DemoDataset`).
 
 Every problem with the input raises `DataError`, whose message is one line naming the file and what to
 do; `python data.py ...` prints it as `error: ...` and exits with status 2.
@@ -76,12 +78,11 @@ Command line:
 """
 
 import argparse
-import gzip
+import importlib
 import math
 import os
 import re
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
@@ -1026,193 +1027,86 @@ def read_jsrt(path):
     return 4095.0 - np.clip(values, 0, 4095)
 
 
-NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4",
-               1024: "i8", 1280: "u8"}
+# Medical volumes are read with nibabel (NIfTI) and pydicom (DICOM): they follow the orientation in the
+# headers, which hospitals and scanners do not store alike. Both are optional, imported only by the
+# `lits` and `chaos` converters.
 
-
-def read_nifti(path):
-    """A single-file NIfTI-1 volume (.nii or .nii.gz) with numpy and gzip only.
-
-    The 348-byte header gives the dimensions (int16[8] at byte 40), the datatype (int16 at 70), where the
-    voxels start (vox_offset, float32 at 108) and their scaling (scl_slope, scl_inter at 112 and 116);
-    its first int32 is 348 in the file's byte order. Voxels are stored x fastest (Fortran order).
-    Returns (voxels [X, Y, Z] as stored, slope, intercept): real values are voxels * slope + intercept
-    (slope 0 means no scaling). An uncompressed file is memory-mapped, not read."""
-    path = Path(path)
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+def optional_module(name, converter, install):
     try:
-        with opener(path, "rb") as file:
-            header = file.read(348)
-    except (OSError, EOFError) as error:
-        raise DataError(f"{path}: cannot read ({error}); re-download it") from None
-    if len(header) < 348:
-        raise DataError(f"{path}: shorter than a NIfTI header; re-download it")
-    endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
-    if endian is None or header[344:347] not in (b"n+1", b"ni1"):
-        raise DataError(f"{path}: not a NIfTI-1 file (no 348 / n+1 in its header); convert it to .nii")
-    if header[344:347] == b"ni1":
-        raise DataError(f"{path}: a NIfTI .hdr/.img pair; convert it to a single .nii file")
-    dims = struct.unpack(endian + "8h", header[40:56])
-    datatype = struct.unpack(endian + "h", header[70:72])[0]
-    offset = int(struct.unpack(endian + "f", header[108:112])[0])
-    slope, intercept = struct.unpack(endian + "ff", header[112:120])
-    if datatype not in NIFTI_TYPES:
-        raise DataError(f"{path}: NIfTI datatype {datatype} is not supported (integers and floats are)")
-    shape = tuple(int(d) for d in dims[1:1 + dims[0]])
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        raise DataError(f"{path}: a {len(shape)}-D NIfTI; expected a 3-D volume")
-    dtype = np.dtype(endian + NIFTI_TYPES[datatype])
-    count = int(np.prod(shape))
-    try:
-        if opener is open:
-            voxels = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
-        else:
-            with gzip.open(path, "rb") as file:
-                raw = file.read()
-            voxels = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path}: truncated NIfTI volume ({error}); re-download it") from None
-    return voxels, float(slope), float(intercept)
-
-
-def nifti_slice(voxels, slope, intercept, z):
-    """Slice z as float32 [Y, X] (rows = y, columns = x) with the NIfTI scaling applied."""
-    plane = np.asarray(voxels[:, :, z], dtype=np.float32).T
-    return plane * slope + intercept if slope not in (0.0, 1.0) or intercept != 0.0 else plane
-
-
-DICOM_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-DICOM_UNCOMPRESSED = {"1.2.840.10008.1.2": ("<", False),    # implicit VR little endian
-                      "1.2.840.10008.1.2.1": ("<", True),   # explicit VR little endian
-                      "1.2.840.10008.1.2.2": (">", True)}   # explicit VR big endian (retired)
-DICOM_TAGS = {(0x0002, 0x0010): ("transfer_syntax", b"UI"), (0x0020, 0x0013): ("instance", b"IS"),
-              (0x0028, 0x0002): ("samples", b"US"), (0x0028, 0x0004): ("photometric", b"CS"),
-              (0x0028, 0x0010): ("rows", b"US"), (0x0028, 0x0011): ("columns", b"US"),
-              (0x0028, 0x0100): ("bits", b"US"), (0x0028, 0x0103): ("signed", b"US"),
-              (0x0028, 0x1052): ("intercept", b"DS"), (0x0028, 0x1053): ("slope", b"DS")}
-
-
-class DicomReader:
-    """Walks the elements of an uncompressed DICOM file, keeping the few it needs."""
-
-    def __init__(self, raw, path):
-        self.raw, self.path = raw, path
-
-    def header(self, pos, endian, explicit):
-        """(tag, vr, length, position of the value) of the element at `pos`."""
-        group, element = struct.unpack_from(endian + "HH", self.raw, pos)
-        if group == 0xFFFE or not explicit:  # items and delimiters never have a VR
-            return (group, element), None, struct.unpack_from(endian + "I", self.raw, pos + 4)[0], pos + 8
-        vr = self.raw[pos + 4:pos + 6]
-        if vr in DICOM_LONG_VRS:
-            return (group, element), vr, struct.unpack_from(endian + "I", self.raw, pos + 8)[0], pos + 12
-        return (group, element), vr, struct.unpack_from(endian + "H", self.raw, pos + 6)[0], pos + 8
-
-    def skip_undefined(self, pos, endian, explicit, until):
-        """Skip elements up to and including the delimiter `until` (an undefined-length sequence or item)."""
-        while pos < len(self.raw):
-            tag, _, length, pos = self.header(pos, endian, explicit)
-            if tag == until:
-                return pos
-            if length == 0xFFFFFFFF:
-                pos = self.skip_undefined(pos, endian, explicit,
-                                          (0xFFFE, 0xE00D) if tag == (0xFFFE, 0xE000) else (0xFFFE, 0xE0DD))
-            elif tag != (0xFFFE, 0xE000):  # a defined-length item's elements are walked, not skipped
-                pos += length
-        raise DataError(f"{self.path}: DICOM sequence runs past the end of the file; re-export it")
-
-    def elements(self, pos, endian, explicit, wanted, stop_group=None):
-        found = {}
-        while pos + 8 <= len(self.raw):
-            tag, vr, length, value_at = self.header(pos, endian, explicit)
-            if stop_group is not None and tag[0] != stop_group:
-                return found, pos
-            if tag == (0x7FE0, 0x0010):
-                if length == 0xFFFFFFFF:
-                    found["encapsulated"] = True
-                    return found, pos
-                found["pixels"] = (value_at, length)
-                return found, value_at + length
-            if length == 0xFFFFFFFF:
-                pos = self.skip_undefined(value_at, endian, explicit, (0xFFFE, 0xE0DD))
-                continue
-            if tag in wanted:
-                name, known_vr = wanted[tag]  # implicit VR files do not say it: the dictionary does
-                found[name] = (vr or known_vr, self.raw[value_at:value_at + length])
-            pos = value_at + length
-        return found, pos
-
-
-def dicom_value(element, endian, numeric=True):
-    vr, data = element
-    if vr == b"US" and len(data) == 2:
-        return struct.unpack(endian + "H", data)[0]
-    text = data.decode("latin-1").strip("\x00 ").split("\\")[0]
-    return float(text) if numeric and text else text
-
-
-def read_dicom(path):
-    """Pixels of a DICOM file as float32 [rows, columns] with RescaleSlope/Intercept applied, and its
-    InstanceNumber (or None). Reads uncompressed little- and big-endian, explicit- and implicit-VR files
-    with a small parser; compressed transfer syntaxes go to pydicom when it is installed (it is optional),
-    else they are a DataError saying how to get them read."""
-    path = Path(path)
-    raw = path.read_bytes()
-    reader = DicomReader(raw, path)
-    syntax = "1.2.840.10008.1.2"
-    pos = 0
-    if raw[128:132] == b"DICM":  # Part 10 file: preamble, then the meta group in explicit VR LE
-        meta, pos = reader.elements(132, "<", True, DICOM_TAGS, stop_group=0x0002)
-        if "transfer_syntax" in meta:
-            syntax = dicom_value(meta["transfer_syntax"], "<", numeric=False)
-    if syntax not in DICOM_UNCOMPRESSED:
-        return read_dicom_with_pydicom(path, f"transfer syntax {syntax} (compressed)")
-    endian, explicit = DICOM_UNCOMPRESSED[syntax]
-    try:
-        found, _ = reader.elements(pos, endian, explicit, DICOM_TAGS)
-    except struct.error:
-        raise DataError(f"{path}: truncated or not a DICOM file; re-export it") from None
-    if found.get("encapsulated"):
-        return read_dicom_with_pydicom(path, "encapsulated pixel data")
-    if "pixels" not in found or "rows" not in found:
-        raise DataError(f"{path}: no image in this DICOM file (no PixelData); is it a DICOM image?")
-
-    def number(name, default):
-        return dicom_value(found[name], endian) if name in found else default
-
-    rows, columns, bits = int(number("rows", 0)), int(number("columns", 0)), int(number("bits", 16))
-    if int(number("samples", 1)) != 1 or bits not in (8, 16, 32):
-        raise DataError(f"{path}: DICOM with {int(number('samples', 1))} samples of {bits} bits; only "
-                        "single-channel 8/16/32-bit images are read")
-    kind = "i" if int(number("signed", 0)) else "u"
-    start, length = found["pixels"]
-    count = rows * columns
-    if length < count * bits // 8 or len(raw) < start + count * bits // 8:
-        raise DataError(f"{path}: DICOM pixel data is truncated; re-export it")
-    pixels = np.frombuffer(raw, dtype=f"{endian}{kind}{bits // 8}", count=count, offset=start)
-    pixels = pixels.reshape(rows, columns).astype(np.float32) * number("slope", 1.0) + number("intercept", 0.0)
-    if "photometric" in found and dicom_value(found["photometric"], endian, numeric=False) == "MONOCHROME1":
-        pixels = pixels.max() - pixels  # MONOCHROME1: high values are dark
-    instance = number("instance", None)
-    return pixels, (int(instance) if instance not in (None, "") else None)
-
-
-def read_dicom_with_pydicom(path, why):
-    try:
-        import pydicom
+        return importlib.import_module(name)
     except ImportError:
-        raise DataError(f"{path}: {why}; `pip install pydicom pylibjpeg pylibjpeg-libjpeg` to read it, or "
-                        "decompress it first (gdcmconv --raw IN OUT)") from None
+        raise DataError(f"`data.py prepare {converter}` reads its files with {name}, which is not installed: "
+                        f"pip install {install}") from None
+
+
+def read_ras_volume(nibabel, path):
+    """A NIfTI volume (NIfTI-1 or -2; .nii, .nii.gz or an .hdr/.img pair) as float32 [X, Y, Z], with its
+    scaling applied, turned into nibabel's closest canonical orientation, RAS+: whatever order and
+    direction the file stores its axes in (its qform/sform affine says), voxel axes 0, 1, 2 then run
+    towards the patient's Right, Anterior and Superior. This is `nibabel.as_closest_canonical`, applied
+    to the scaled float32 array, so an int16 CT is never held as float64."""
+    try:
+        image = nibabel.load(str(path))
+        voxels = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises many kinds on a damaged file
+        raise DataError(f"{path}: nibabel cannot read it ({one_line(error)}); re-download it") from None
+    while voxels.ndim > 3 and voxels.shape[-1] == 1:
+        voxels = voxels[..., 0]
+    if voxels.ndim != 3:
+        raise DataError(f"{path}: a {voxels.ndim}-D NIfTI of shape {voxels.shape}; expected a 3-D volume")
+    to_ras = nibabel.orientations.io_orientation(image.affine)
+    return nibabel.orientations.apply_orientation(voxels, to_ras)
+
+
+def axial_slice(ras_voxels, z):
+    """Axial slice z of an RAS+ volume as a radiologist views it, float32 [rows, columns]: anterior at
+    the top, the patient's right on the left of the image (the layout of an axial DICOM, so CT slices
+    face the same way as CHAOS's MRI slices)."""
+    return np.ascontiguousarray(ras_voxels[::-1, ::-1, z].T)
+
+
+def read_dicom_slice(pydicom, path):
+    """One single-frame DICOM image read with pydicom (compressed transfer syntaxes too, where pydicom's
+    decoder plugins are installed). Returns (pixels float32 [rows, columns] with the modality rescale
+    applied and MONOCHROME1 inverted, its ImageOrientationPatient or None, its position along the slice
+    normal or None, its InstanceNumber or None)."""
     try:
         dataset = pydicom.dcmread(str(path))
-        pixels = dataset.pixel_array.astype(np.float32)
-    except Exception as error:
-        raise DataError(f"{path}: pydicom cannot read it ({error}); decompress it with gdcmconv --raw") from None
-    pixels = pixels * float(getattr(dataset, "RescaleSlope", 1)) + float(getattr(dataset, "RescaleIntercept", 0))
-    instance = getattr(dataset, "InstanceNumber", None)
-    return pixels, (int(instance) if instance is not None else None)
+        pixels = pydicom.pixels.apply_modality_lut(dataset.pixel_array, dataset).astype(np.float32)
+    except Exception as error:  # pydicom raises many kinds: damaged file, no decoder for the syntax, ...
+        raise DataError(f"{path}: pydicom cannot read it ({one_line(error)}); a compressed file needs "
+                        "`pip install pylibjpeg pylibjpeg-libjpeg`, else re-export it") from None
+    if pixels.ndim != 2:
+        raise DataError(f"{path}: DICOM pixel data of shape {pixels.shape}; only single-frame grey images are read")
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1: high values are dark
+    orientation = [float(v) for v in dataset.ImageOrientationPatient] if "ImageOrientationPatient" in dataset else None
+    position = None
+    if orientation is not None and "ImagePositionPatient" in dataset:
+        normal = np.cross(orientation[:3], orientation[3:])
+        normal *= np.sign(normal[np.abs(normal).argmax()])  # towards +z (superior) for an axial slice
+        position = float(np.dot([float(v) for v in dataset.ImagePositionPatient], normal))
+    instance = int(dataset.InstanceNumber) if dataset.get("InstanceNumber") not in (None, "") else None
+    return pixels, orientation, position, instance
+
+
+def dicom_to_display(pixels, orientation):
+    """Flip or transpose a DICOM slice into the layout of the standard axial view, whatever its
+    ImageOrientationPatient (the patient-space directions of its rows and columns, in DICOM's LPS axes:
+    x to the patient's Left, y to Posterior, z to Superior): columns running towards the patient's left
+    (x) and rows towards posterior (y) for an axial slice; for a coronal or sagittal one, rows run from
+    head to feet. Masks stored in the slice's pixel order get the same operation."""
+    if orientation is None:
+        return pixels
+    along_row, along_column = np.array(orientation[:3]), np.array(orientation[3:])
+    if np.abs(along_row).argmax() > np.abs(along_column).argmax():  # rows run along the earlier axis
+        pixels, along_row, along_column = pixels.T, along_column, along_row
+    if along_row[np.abs(along_row).argmax()] < 0:
+        pixels = pixels[:, ::-1]
+    column_axis = np.abs(along_column).argmax()
+    if along_column[column_axis] * (-1 if column_axis == 2 else 1) < 0:
+        pixels = pixels[::-1, :]
+    return np.ascontiguousarray(pixels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1624,25 +1518,29 @@ def window_to_8bit(values, low, high):
 def convert_lits(src, out, options):
     """LiTS (Bilic et al. 2019) CT volumes to axial slices:
 
-        SRC/**/volume-N.nii (or .nii.gz)        CT in Hounsfield units
+        SRC/**/volume-N.nii (or .nii.gz, .hdr)  CT in Hounsfield units
         SRC/**/segmentation-N.nii               0 background, 1 liver, 2 tumour
         SRC/**/test-volume-N.nii                the test volumes: no segmentation (an unlabeled pool)
 
-    Slices are written as lits{N:03d}_z{slice:04d} (patient_id() reads the patient back), rows = y and
-    columns = x of the voxel array (no reorientation from the affine: image and mask get the same).
-    CT window: --window, default level 40 width 400 HU (-160..240), linear to 0..255. Liver and tumour
-    become class 1 (liver). Labeled volumes keep only the slices that show liver unless --all-slices;
-    the test volumes (or volumes without a segmentation, when no volume has one) give all their slices
-    as unlabeled images. Volumes without a segmentation next to labeled ones are left out and counted."""
+    LiTS gathers volumes from several hospitals, which do not store their axes alike; every volume (and
+    its segmentation) is read with nibabel and turned into the RAS+ orientation (`read_ras_volume`), and
+    its axial slices are written as a radiologist views them (`axial_slice`: anterior up, the patient's
+    right on the left), so all slices, and CHAOS's, face the same way. Names are lits{N:03d}_z{z:04d},
+    z counted from the feet (patient_id() reads the patient back). CT window: --window, default level 40
+    width 400 HU (-160..240), linear to 0..255. Liver and tumour become class 1 (liver). Labeled volumes
+    keep only the slices that show liver unless --all-slices; the test volumes (or volumes without a
+    segmentation, when no volume has one) give all their slices as unlabeled images. Volumes without a
+    segmentation next to labeled ones are left out and counted."""
     src = Path(src)
     volumes, segmentations, tests = {}, {}, {}
-    for path in find(src, lambda p: p.name.lower().endswith((".nii", ".nii.gz"))):
-        match = re.fullmatch(r"(test-)?(volume|segmentation)-(\d+)\.nii(\.gz)?", path.name.lower())
+    for path in find(src, lambda p: p.name.lower().endswith((".nii", ".nii.gz", ".hdr"))):
+        match = re.fullmatch(r"(test-)?(volume|segmentation)-(\d+)\.(nii|nii\.gz|hdr)", path.name.lower())
         if match:
             table = tests if match.group(1) else volumes if match.group(2) == "volume" else segmentations
             table[int(match.group(3))] = path
     if not volumes and not tests:
         raise DataError(f"{src}: no LiTS volumes found; expected SRC/**/volume-N.nii and segmentation-N.nii")
+    nibabel = optional_module("nibabel", "lits", "nibabel")
     low, high = options.window
     writer = DatasetWriter(out, options.size, options.fit)
     labeled = {n: p for n, p in volumes.items() if n in segmentations}
@@ -1650,17 +1548,17 @@ def convert_lits(src, out, options):
         writer.classes(["background", "liver"])
         empty = 0
         for number, path in sorted(labeled.items()):
-            voxels, slope, intercept = read_nifti(path)
-            labels, label_slope, label_intercept = read_nifti(segmentations[number])
+            voxels = read_ras_volume(nibabel, path)
+            labels = read_ras_volume(nibabel, segmentations[number])
             if labels.shape != voxels.shape:
                 raise DataError(f"{segmentations[number]}: shape {labels.shape} differs from its volume's "
-                                f"{voxels.shape}; re-download it")
+                                f"{voxels.shape} (both in RAS+ orientation); re-download it")
             for z in range(voxels.shape[2]):
-                liver = nifti_slice(labels, label_slope, label_intercept, z) > 0.5
+                liver = axial_slice(labels, z) > 0.5
                 if not liver.any() and not options.all_slices:
                     empty += 1
                     continue
-                image = window_to_8bit(nifti_slice(voxels, slope, intercept, z), low, high)
+                image = window_to_8bit(axial_slice(voxels, z), low, high)
                 writer.pair(f"lits{number:03d}_z{z:04d}", Image.fromarray(image, "L"), liver)
         note = skipped_note(0, 0, f"{empty} slices without liver" if empty else "")
         missing = len(volumes) - len(labeled) + len(tests)
@@ -1668,9 +1566,9 @@ def convert_lits(src, out, options):
         return writer.summary("lits", note)
     for prefix, table in (("lits", volumes), ("litstest", tests)):
         for number, path in sorted(table.items()):
-            voxels, slope, intercept = read_nifti(path)
+            voxels = read_ras_volume(nibabel, path)
             for z in range(voxels.shape[2]):
-                image = window_to_8bit(nifti_slice(voxels, slope, intercept, z), low, high)
+                image = window_to_8bit(axial_slice(voxels, z), low, high)
                 writer.image(f"{prefix}{number:03d}_z{z:04d}", Image.fromarray(image, "L"))
     return writer.summary("lits", " (no segmentations: an unlabeled set)")
 
@@ -1686,6 +1584,22 @@ def percentile_to_8bit(series):
     return [window_to_8bit(s, low, high if high > low else low + 1) for s in series]
 
 
+def read_dicom_series(pydicom, files):
+    """The slices of one DICOM series, read with pydicom: a list of (pixels, orientation, position,
+    instance, path), in acquisition order (InstanceNumber, then file name: the order the CHAOS ground
+    truth PNGs follow)."""
+    slices = [read_dicom_slice(pydicom, f) + (f,) for f in files]
+    return sorted(slices, key=lambda s: (s[3] if s[3] is not None else 0, natural_key(s[4])))
+
+
+def anatomical_order(slices):
+    """Indices of `slices` from the feet to the head (by ImagePositionPatient along the slice normal);
+    acquisition order where a slice has no position."""
+    if any(s[2] is None for s in slices):
+        return list(range(len(slices)))
+    return sorted(range(len(slices)), key=lambda k: slices[k][2])
+
+
 def convert_chaos(src, out, options):
     """CHAOS (Kavur et al. 2021) MRI T1-DUAL to slices with liver masks:
 
@@ -1695,11 +1609,13 @@ def convert_chaos(src, out, options):
 
     Ground truth intensities, from the challenge's data description (chaos.grand-challenge.org, "Data"):
     liver 63 (55..70), right kidney 126 (110..135), left kidney 189 (175..200), spleen 252 (240..255);
-    liver becomes class 1, the rest background. Slices are paired by order: the DICOMs of a phase sorted
-    by InstanceNumber (else file name), the Ground PNGs by file name, and their counts must agree; we are
-    not sure every copy numbers them alike, so check a few with `data.py show`. Names are
-    chaos{patient}-{in|out}_z{k:03d} (the patient id includes the phase: the paper scores T1-in and
-    T1-out separately). --phase picks in, out or both; slices without liver are left out unless
+    liver becomes class 1, the rest background. DICOMs are read with pydicom. A phase's slices are paired
+    with the Ground PNGs in acquisition order (InstanceNumber, else file name, against the PNGs' names),
+    and their counts must agree; we are not sure every copy numbers them alike, so check a few with
+    `data.py show`. Each pair is then flipped or transposed into the standard axial view
+    (`dicom_to_display`) and numbered by its position along the slice normal from the feet up, not by
+    file name: chaos{patient}-{in|out}_z{k:03d} (the patient id includes the phase: the paper scores
+    T1-in and T1-out separately). --phase picks in, out or both; slices without liver are left out unless
     --all-slices. Patients without Ground (the test set) are written as unlabeled images."""
     src = Path(src)
     phases = {"in": "InPhase", "out": "OutPhase"}
@@ -1710,6 +1626,7 @@ def convert_chaos(src, out, options):
     if not t1dual_folders:
         raise DataError(f"{src}: no CHAOS T1DUAL DICOMs found; expected "
                         "SRC/**/MR/N/T1DUAL/DICOM_anon/InPhase/*.dcm")
+    pydicom = optional_module("pydicom", "chaos", "'pydicom>=3'")
     labeled = [f for f in t1dual_folders if (f / "Ground").is_dir()]
     writer = DatasetWriter(out, options.size, options.fit)
     if labeled:
@@ -1719,26 +1636,27 @@ def convert_chaos(src, out, options):
         ground = sorted(find(t1dual / "Ground", is_image_file), key=natural_key) if labeled else []
         for phase in wanted:
             files = find(t1dual / "DICOM_anon" / phases[phase], lambda p: p.suffix.lower() == ".dcm")
-            slices = sorted(((read_dicom(f), f) for f in files),
-                            key=lambda s: (s[0][1] if s[0][1] is not None else 0, natural_key(s[1])))
-            images = percentile_to_8bit([pixels for (pixels, _), _ in slices])
+            slices = read_dicom_series(pydicom, files)
+            images = percentile_to_8bit([pixels for pixels, *_ in slices])
             name = f"chaos{t1dual.parent.name}-{phase}"
-            if not labeled:
-                for k, image in enumerate(images):
-                    writer.image(f"{name}_z{k:03d}", Image.fromarray(image, "L"))
-                continue
-            if len(ground) != len(images):
+            if labeled and len(ground) != len(images):
                 raise DataError(f"{t1dual / 'Ground'}: {len(ground)} ground-truth PNGs for {len(images)} "
                                 f"{phases[phase]} slices; the counts must agree (re-download this patient)")
-            for k, (image, truth) in enumerate(zip(images, ground)):
-                values = load_mask(truth)
-                liver = (values >= 55) & (values <= 70)
+            for k, index in enumerate(anatomical_order(slices)):
+                orientation = slices[index][1]
+                image = dicom_to_display(images[index], orientation)
+                if not labeled:
+                    writer.image(f"{name}_z{k:03d}", Image.fromarray(image, "L"))
+                    continue
+                values = load_mask(ground[index])
+                if values.shape != images[index].shape:
+                    raise DataError(f"{ground[index]}: {values.shape[1]}x{values.shape[0]} but its "
+                                    f"{phases[phase]} slice is {images[index].shape[1]}x{images[index].shape[0]}; "
+                                    "re-download this patient")
+                liver = dicom_to_display((values >= 55) & (values <= 70), orientation)
                 if not liver.any() and not options.all_slices:
                     empty += 1
                     continue
-                if liver.shape != image.shape:
-                    raise DataError(f"{truth}: {liver.shape[1]}x{liver.shape[0]} but the {phases[phase]} slice "
-                                    f"is {image.shape[1]}x{image.shape[0]}; re-download this patient")
                 writer.pair(f"{name}_z{k:03d}", Image.fromarray(image, "L"), liver)
     if not labeled:
         return writer.summary("chaos", " (no Ground folders: an unlabeled set)")

@@ -1,10 +1,12 @@
 """`python data.py prepare NAME SRC OUT`: each converter on a tiny replica of its release's layout, written
 here, with the outputs checked against what the test knows: names, counts, class ids, pixel values.
-Also the raw-format readers (JSRT .IMG, NIfTI, DICOM) on files this test writes byte by byte."""
-import gzip
-import struct
+Also the JSRT .IMG reader on files this test writes byte by byte, and the NIfTI and DICOM volumes of the
+liver sets, written here with nibabel and pydicom in other orientations than the canonical one."""
+import sys
 
+import nibabel
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -239,47 +241,32 @@ def test_waterloo_skin_sets(capsys, tmp_path, name, folder):
 # Liver: NIfTI (LiTS) and DICOM (CHAOS)
 
 
-def write_nifti(path, array, slope=1.0, intercept=0.0, magic=b"n+1\0"):
-    """A NIfTI-1 single file: 348-byte header, 4 bytes of extension flags, voxels x fastest."""
-    codes = {np.dtype("int16"): 4, np.dtype("uint8"): 2, np.dtype("float32"): 16}
-    header = bytearray(348)
-    struct.pack_into("<i", header, 0, 348)
-    struct.pack_into("<8h", header, 40, array.ndim, *array.shape, *[1] * (7 - array.ndim))
-    struct.pack_into("<hh", header, 70, codes[array.dtype], array.dtype.itemsize * 8)
-    struct.pack_into("<fff", header, 108, 352.0, slope, intercept)
-    header[344:348] = magic
-    payload = bytes(header) + b"\0" * 4 + array.tobytes(order="F")
+def write_nifti(path, array, affine=None, slope=None, intercept=None, kind="Nifti1Image"):
+    """A NIfTI file written by nibabel (`kind`: Nifti1Image, Nifti2Image or Nifti1Pair for .hdr/.img)."""
+    image = getattr(nibabel, kind)(array, np.eye(4) if affine is None else affine)
+    if slope is not None:
+        image.header.set_slope_inter(slope, intercept)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(payload) if path.name.endswith(".gz") else payload)
+    nibabel.save(image, str(path))
 
 
-def test_nifti_reader_plain_and_gzip_with_scaling(tmp_path):
-    volume = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
-    write_nifti(tmp_path / "a.nii", volume, slope=2.0, intercept=-5.0)
-    write_nifti(tmp_path / "a.nii.gz", volume)
-    voxels, slope, intercept = data.read_nifti(tmp_path / "a.nii")
-    assert voxels.shape == (2, 3, 4) and np.array_equal(np.asarray(voxels), volume)
-    assert (slope, intercept) == (2.0, -5.0)
-    assert np.array_equal(data.nifti_slice(voxels, slope, intercept, 1), volume[:, :, 1].T * 2.0 - 5.0)
-    assert np.array_equal(np.asarray(data.read_nifti(tmp_path / "a.nii.gz")[0]), volume)
-    write_nifti(tmp_path / "pair.nii", volume, magic=b"ni1\0")
-    with pytest.raises(data.DataError, match="hdr/.img pair"):
-        data.read_nifti(tmp_path / "pair.nii")
-    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress((tmp_path / "a.nii").read_bytes()[:360]))
-    with pytest.raises(data.DataError, match="truncated"):
-        data.read_nifti(tmp_path / "cut.nii.gz")
+def displayed(volume, z):
+    """What an RAS+ volume's axial slice z must look like: anterior (high y) at the top, the patient's
+    right (high x) on the left. Written with loops, independently of data.axial_slice."""
+    X, Y = volume.shape[:2]
+    return np.array([[volume[X - 1 - column, Y - 1 - row, z] for column in range(X)] for row in range(Y)])
 
 
 def test_lits_slices_with_liver_window_and_patient_names(capsys, tmp_path):
     src, out = tmp_path / "LiTS", tmp_path / "out"
-    hu = np.full((6, 4, 3), -1000, np.int16)  # x 6, y 4, 3 slices
+    hu = np.full((6, 4, 3), -1000, np.int16)  # x 6 (to the right), y 4 (to anterior), 3 slices; RAS+
     hu[1, 2, :] = 40   # the window's level: grey 128
-    hu[5, 0, :] = 500  # above the window: white
+    hu[5, 0, :] = 500  # above the window: white; the patient's rightmost, posterior voxel
     labels = np.zeros((6, 4, 3), np.uint8)
     labels[1:3, 1:3, 1] = 1
     labels[2, 2, 1] = 2  # tumour: still liver
     labels[0, 3, 2] = 1
-    write_nifti(src / "Training Batch 1/volume-7.nii", (hu + 1024).astype(np.int16), intercept=-1024.0)
+    write_nifti(src / "Training Batch 1/volume-7.nii", (hu + 1024).astype(np.int16), slope=1.0, intercept=-1024.0)
     write_nifti(src / "Training Batch 1/segmentation-7.nii.gz", labels)
     write_nifti(src / "Training Batch 2/volume-8.nii", hu)  # no segmentation: left out, counted
     stdout = prepare(capsys, "lits", src, out)
@@ -287,8 +274,8 @@ def test_lits_slices_with_liver_window_and_patient_names(capsys, tmp_path):
     assert written(out) == ["lits007_z0001", "lits007_z0002"]  # slice 0 has no liver
     assert {data.patient_id(n) for n in written(out)} == {"lits007"}
     mask, image = read(out / "masks/lits007_z0001.png"), read(out / "images/lits007_z0001.png")
-    assert mask.shape == (4, 6) and np.array_equal(mask, (labels[:, :, 1] > 0).T.astype(np.uint8))  # rows = y
-    assert image[2, 1] == 128 and image[0, 5] == 255 and image[0, 0] == 0
+    assert mask.shape == (4, 6) and np.array_equal(mask, displayed(labels > 0, 1).astype(np.uint8))
+    assert image[1, 4] == 128 and image[3, 0] == 255 and image[0, 0] == 0  # the right-posterior voxel: bottom left
     stdout = prepare(capsys, "lits", src, tmp_path / "all", "--all-slices", "--window=-1000,1000")
     assert len(written(tmp_path / "all")) == 3 and read(tmp_path / "all/images/lits007_z0000.png")[0, 0] == 0
     # test volumes only: an unlabeled set of every slice
@@ -297,91 +284,170 @@ def test_lits_slices_with_liver_window_and_patient_names(capsys, tmp_path):
     assert written(tmp_path / "pool") == ["litstest003_z0000", "litstest003_z0001", "litstest003_z0002"]
 
 
-LONG_VRS = {b"OB", b"OW", b"SQ", b"UN", b"UT"}
+@pytest.mark.parametrize("kind,suffix", [("Nifti1Image", ".nii.gz"), ("Nifti2Image", ".nii"), ("Nifti1Pair", ".hdr")])
+def test_lits_faces_one_way_whatever_the_stored_orientation(capsys, tmp_path, kind, suffix):
+    """The same anatomy stored canonically (RAS+, identity affine) and stored as many scanners do
+    (LPS, y before x, feet and head swapped, 2 mm voxels, an offset) gives the same slices."""
+    rng = np.random.default_rng(0)
+    X, Y, Z = 6, 5, 4
+    hu = rng.integers(-150, 230, (X, Y, Z)).astype(np.int16)
+    liver = np.zeros((X, Y, Z), np.uint8)
+    liver[0:3, 1:4, :] = 1  # on the patient's left
+    stored_hu = np.ascontiguousarray(hu[::-1, ::-1, ::-1].transpose(1, 0, 2))
+    stored_liver = np.ascontiguousarray(liver[::-1, ::-1, ::-1].transpose(1, 0, 2))
+    # stored index (a, b, c) holds RAS voxel (X-1-b, Y-1-a, Z-1-c); world = 2 mm x voxel + offset
+    affine = np.array([[0, -2, 0, 2 * (X - 1) + 10], [-2, 0, 0, 2 * (Y - 1) - 7],
+                       [0, 0, -2, 2 * (Z - 1) + 3], [0, 0, 0, 1]], float)
+    write_nifti(tmp_path / "canonical/volume-1.nii", hu, np.diag([2, 2, 2, 1.0]))
+    write_nifti(tmp_path / "canonical/segmentation-1.nii", liver, np.diag([2, 2, 2, 1.0]))
+    write_nifti(tmp_path / f"scanner/volume-1{suffix}", stored_hu, affine, kind=kind)
+    write_nifti(tmp_path / f"scanner/segmentation-1{suffix}", stored_liver, affine, kind=kind)
+    prepare(capsys, "lits", tmp_path / "canonical", tmp_path / "a")
+    prepare(capsys, "lits", tmp_path / "scanner", tmp_path / "b")
+    assert written(tmp_path / "a") == written(tmp_path / "b") == [f"lits001_z{z:04d}" for z in range(Z)]
+    for z in range(Z):
+        for folder in ("images", "masks"):
+            assert np.array_equal(read(tmp_path / f"a/{folder}/lits001_z{z:04d}.png"),
+                                  read(tmp_path / f"b/{folder}/lits001_z{z:04d}.png"))
+        expected = data.window_to_8bit(displayed(hu.astype(np.float32), z), -160, 240)
+        assert np.array_equal(read(tmp_path / f"a/images/lits001_z{z:04d}.png"), expected)
+        mask = read(tmp_path / f"a/masks/lits001_z{z:04d}.png")
+        assert mask[1:4, 3:].all() and mask.sum() == 9  # the patient's left is on the image's right
 
 
-def dicom_element(group, element, vr, value, explicit):
-    if len(value) % 2:
-        value += b"\0" if vr in (b"UI", b"OB") else b" "
-    if not explicit:
-        return struct.pack("<HHI", group, element, len(value)) + value
-    if vr in LONG_VRS:
-        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+def test_lits_without_nibabel_says_what_to_install(capsys, tmp_path, monkeypatch):
+    write_nifti(tmp_path / "src/volume-1.nii", np.zeros((2, 2, 2), np.int16))
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel now raises ImportError
+    code, _, err = run_main(capsys, ["prepare", "lits", tmp_path / "src", tmp_path / "out"])
+    assert_one_error_line(code, err, "nibabel", "pip install nibabel")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad/volume-2.nii").write_bytes(b"not a nifti")
+    monkeypatch.undo()
+    code, _, err = run_main(capsys, ["prepare", "lits", tmp_path / "bad", tmp_path / "out2"])
+    assert_one_error_line(code, err, "volume-2.nii", "nibabel cannot read it")
 
 
-def write_dicom(path, pixels, instance, explicit=True, part10=True, syntax=None):
-    """A DICOM file with an undefined-length sequence before the pixels (the reader must skip it)."""
-    syntax = syntax or ("1.2.840.10008.1.2.1" if explicit else "1.2.840.10008.1.2")
-    rows, columns = pixels.shape
-    undefined = 0xFFFFFFFF
-    item = dicom_element(0x0008, 0x1150, b"UI", b"1.2.3.4", explicit)
-    if explicit:
-        sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, undefined)
-    else:
-        sequence = struct.pack("<HHI", 0x0008, 0x1140, undefined)
-    sequence += struct.pack("<HHI", 0xFFFE, 0xE000, undefined) + item + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
-    sequence += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
-    body = (dicom_element(0x0008, 0x0060, b"CS", b"MR", explicit) + sequence
-            + dicom_element(0x0020, 0x0013, b"IS", str(instance).encode(), explicit)
-            + dicom_element(0x0028, 0x0002, b"US", struct.pack("<H", 1), explicit)
-            + dicom_element(0x0028, 0x0004, b"CS", b"MONOCHROME2", explicit)
-            + dicom_element(0x0028, 0x0010, b"US", struct.pack("<H", rows), explicit)
-            + dicom_element(0x0028, 0x0011, b"US", struct.pack("<H", columns), explicit)
-            + dicom_element(0x0028, 0x0100, b"US", struct.pack("<H", 16), explicit)
-            + dicom_element(0x0028, 0x0103, b"US", struct.pack("<H", 0), explicit)
-            + dicom_element(0x7FE0, 0x0010, b"OW", pixels.astype("<u2").tobytes(), explicit))
-    meta = dicom_element(0x0002, 0x0010, b"UI", syntax.encode(), True)
+AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # rows run to the patient's left, columns to posterior (DICOM LPS)
+
+
+def write_dicom(path, pixels, instance, position=None, orientation=AXIAL, syntax=None, photometric="MONOCHROME2",
+                rescale=None):
+    """A single-frame MR DICOM written by pydicom; `syntax` RLE Lossless compresses it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.InstanceNumber = "MR", instance
+    if orientation is not None:
+        ds.ImageOrientationPatient = orientation
+    if position is not None:
+        ds.ImagePositionPatient = position
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    if syntax == "rle":
+        ds.compress(RLELossless)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes((b"\0" * 128 + b"DICM" + meta if part10 else b"") + body)
+    ds.save_as(str(path), enforce_file_format=True)
 
 
-@pytest.mark.parametrize("explicit,part10", [(True, True), (False, True), (False, False)])
-def test_dicom_reader(tmp_path, explicit, part10):
+def test_dicom_slices_read_with_pydicom_rescaled_compressed_and_monochrome1(tmp_path):
     pixels = np.arange(12, dtype=np.uint16).reshape(3, 4) * 100
-    write_dicom(tmp_path / "a.dcm", pixels, 7, explicit, part10)
-    read_pixels, instance = data.read_dicom(tmp_path / "a.dcm")
-    assert instance == 7 and np.array_equal(read_pixels, pixels.astype(np.float32))
+    write_dicom(tmp_path / "a.dcm", pixels, 7, position=[0, 0, 5.0], rescale=(2, -5))
+    read_pixels, orientation, position, instance = data.read_dicom_slice(pydicom, tmp_path / "a.dcm")
+    assert instance == 7 and orientation == AXIAL and position == 5.0
+    assert np.array_equal(read_pixels, pixels * 2.0 - 5.0)
+    write_dicom(tmp_path / "rle.dcm", pixels, 1, syntax="rle")
+    assert pydicom.dcmread(str(tmp_path / "rle.dcm")).file_meta.TransferSyntaxUID.is_compressed
+    assert np.array_equal(data.read_dicom_slice(pydicom, tmp_path / "rle.dcm")[0], pixels)
+    write_dicom(tmp_path / "m1.dcm", pixels, 1, photometric="MONOCHROME1")
+    assert np.array_equal(data.read_dicom_slice(pydicom, tmp_path / "m1.dcm")[0], 1100.0 - pixels)
+    (tmp_path / "bad.dcm").write_bytes(b"\0" * 200)
+    with pytest.raises(data.DataError, match="bad.dcm: pydicom cannot read it"):
+        data.read_dicom_slice(pydicom, tmp_path / "bad.dcm")
 
 
-def test_dicom_reader_sends_compressed_files_to_pydicom(tmp_path):
-    write_dicom(tmp_path / "j.dcm", np.zeros((2, 2), np.uint16), 1, syntax="1.2.840.10008.1.2.4.50")
-    try:
-        import pydicom  # noqa: F401
-        pytest.skip("pydicom is installed: it reads compressed files itself")
-    except ImportError:
-        pass
-    with pytest.raises(data.DataError, match="pip install pydicom"):
-        data.read_dicom(tmp_path / "j.dcm")
+@pytest.mark.parametrize("orientation,flip", [([-1.0, 0, 0, 0, 1.0, 0], np.fliplr), ([1.0, 0, 0, 0, -1.0, 0], np.flipud),
+                                              ([0, 1.0, 0, 1.0, 0, 0], np.transpose),
+                                              ([0, -1.0, 0, -1.0, 0, 0], lambda a: np.rot90(a, 2).T)])
+def test_dicom_to_display_undoes_the_stored_orientation(orientation, flip):
+    """A slice stored with another orientation is the standard one flipped or transposed; undone."""
+    standard = np.arange(12).reshape(3, 4)
+    stored = flip(standard)
+    assert np.array_equal(data.dicom_to_display(stored, orientation), standard)
+    assert np.array_equal(data.dicom_to_display(standard, AXIAL), standard)
+    coronal = [1.0, 0, 0, 0, 0, -1.0]  # DICOM's own coronal layout: rows run from head to feet, kept
+    assert np.array_equal(data.dicom_to_display(standard, coronal), standard)
+    assert np.array_equal(data.dicom_to_display(standard, [1.0, 0, 0, 0, 0, 1.0]), standard[::-1])
 
 
-def test_chaos_pairs_slices_in_order_and_keeps_liver_only(capsys, tmp_path):
+def test_chaos_pairs_in_acquisition_order_numbers_by_position_keeps_liver_only(capsys, tmp_path):
     src, out = tmp_path / "CHAOS_Train_Sets/Train_Sets", tmp_path / "out"
     t1 = src / "MR/3/T1DUAL"
+    heights = [30.0, 10.0, 20.0]  # instance k+1 lies at heights[k] mm: anatomical order is 2, 3, 1
     for k in range(3):  # file names run against the instance numbers: the reader sorts by instance
         for phase, offset in (("InPhase", 0), ("OutPhase", 50)):
             slice_pixels = np.full((4, 5), 100 * (k + 1) + offset, np.uint16)
             write_dicom(t1 / f"DICOM_anon/{phase}/IMG-0004-{10 - k:05d}.dcm", slice_pixels, k + 1,
-                        explicit=(phase == "InPhase"))
+                        position=[-100.0, -80.0, heights[k]])
         ground = np.zeros((4, 5), np.uint8)
-        if k >= 1:
-            ground[1:3, 1:3] = 63       # liver
-            ground[0, 4] = 126          # right kidney: background here
+        if k != 1:
+            ground[1:3, 1 + k:3 + k] = 63   # liver, moving right with the instance
+            ground[0, 4] = 126              # right kidney: background here
         save(t1 / f"Ground/IMG-0002-{k + 1:05d}.png", ground)
     stdout = prepare(capsys, "chaos", src.parent, out)
     assert "wrote 4 labeled pairs" in stdout and "2 slices without liver" in stdout
+    # by position: z000 = instance 2 (no liver, left out), z001 = instance 3, z002 = instance 1
     assert written(out) == ["chaos3-in_z001", "chaos3-in_z002", "chaos3-out_z001", "chaos3-out_z002"]
-    expected = np.zeros((4, 5), np.uint8)
-    expected[1:3, 1:3] = 1
-    assert np.array_equal(read(out / "masks/chaos3-out_z002.png"), expected)
-    # slice order by instance: brightness grows with k, in each phase mapped over its own range
-    assert read(out / "images/chaos3-in_z001.png")[0, 0] < read(out / "images/chaos3-in_z002.png")[0, 0]
+    for name, k in (("chaos3-out_z001", 2), ("chaos3-in_z002", 0)):
+        expected = np.zeros((4, 5), np.uint8)
+        expected[1:3, 1 + k:3 + k] = 1
+        assert np.array_equal(read(out / f"masks/{name}.png"), expected)
+    # instance 3 is the brightest slice of its phase, instance 1 the darkest
+    assert read(out / "images/chaos3-in_z001.png")[0, 0] > read(out / "images/chaos3-in_z002.png")[0, 0]
     assert data.patient_id("chaos3-in_z001") == "chaos3-in"
     prepare(capsys, "chaos", src.parent, tmp_path / "in", "--phase", "in")
     assert written(tmp_path / "in") == ["chaos3-in_z001", "chaos3-in_z002"]
+    # a patient stored mirrored (rows running to the patient's right), its ground truth too: same output
+    mirrored = src / "MR/4/T1DUAL"
+    for k in range(3):
+        for phase, offset in (("InPhase", 0), ("OutPhase", 50)):
+            write_dicom(mirrored / f"DICOM_anon/{phase}/IMG-0004-{10 - k:05d}.dcm",
+                        np.full((4, 5), 100 * (k + 1) + offset, np.uint16), k + 1,
+                        position=[100.0, -80.0, heights[k]], orientation=[-1.0, 0, 0, 0, 1.0, 0])
+        save(mirrored / f"Ground/IMG-0002-{k + 1:05d}.png", np.fliplr(read(t1 / f"Ground/IMG-0002-{k + 1:05d}.png")))
+    prepare(capsys, "chaos", src.parent, tmp_path / "both")
+    for name in written(out):
+        for folder in ("images", "masks"):
+            assert np.array_equal(read(tmp_path / f"both/{folder}/{name}.png"),
+                                  read(tmp_path / f"both/{folder}/{name.replace('chaos3', 'chaos4')}.png"))
     (t1 / "Ground/IMG-0002-00003.png").unlink()
     code, _, err = run_main(capsys, ["prepare", "chaos", src.parent, tmp_path / "bad"])
     assert_one_error_line(code, err, "Ground", "2 ground-truth PNGs for 3 InPhase slices")
+
+
+def test_chaos_without_positions_keeps_acquisition_order(capsys, tmp_path):
+    t1 = tmp_path / "MR/1/T1DUAL"
+    for k in range(3):
+        write_dicom(t1 / f"DICOM_anon/InPhase/IMG-{9 - k}.dcm", np.full((2, 3), 10 * k, np.uint16), k + 1,
+                    orientation=None)
+    stdout = prepare(capsys, "chaos", tmp_path, tmp_path / "out", "--phase", "in")
+    assert "unlabeled" in stdout
+    values = [read(tmp_path / f"out/images/chaos1-in_z{k:03d}.png")[0, 0] for k in range(3)]
+    assert values[0] < values[1] < values[2]
+
+
+def test_chaos_without_pydicom_says_what_to_install(capsys, tmp_path, monkeypatch):
+    write_dicom(tmp_path / "MR/1/T1DUAL/DICOM_anon/InPhase/a.dcm", np.zeros((2, 2), np.uint16), 1)
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    code, _, err = run_main(capsys, ["prepare", "chaos", tmp_path, tmp_path / "out"])
+    assert_one_error_line(code, err, "pydicom", "pip install 'pydicom>=3'")
 
 
 # ----------------------------------------------------------------------------------------------------
