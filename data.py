@@ -82,6 +82,7 @@ import importlib
 import math
 import os
 import re
+import signal
 import statistics
 import sys
 import time
@@ -90,7 +91,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
@@ -543,20 +544,49 @@ def random_flip(image, rng):
 
 
 class ImageFolder(Dataset):
-    """Images [C, R, R] in [-1, 1] from a list of files; `flip`: flipped horizontally with probability 0.5."""
+    """Images [C, R, R] in [-1, 1] from a list of files; `flip`: flipped horizontally with probability 0.5.
 
-    def __init__(self, paths, resolution, channels, fit="pad", flip=False):
+    `replace_unreadable` (the unlabeled pool of a long run): a file that cannot be read (corrupt, or
+    removed since the pool was listed) is replaced by another drawn from the pool with the sample's own
+    seed, so the stream stays reproducible; an item is then (image, [(path, reason), ...] of the files
+    replaced), which InfiniteLoader counts. A pool of 100k images should not lose a week of training to
+    one bad file; labeled pairs, a precious few, still stop the run at once."""
+
+    REPLACEMENT_TRIES = 10
+
+    def __init__(self, paths, resolution, channels, fit="pad", flip=False, replace_unreadable=False):
         self.paths, self.resolution, self.channels, self.fit = list(paths), resolution, channels, fit
-        self.flip = flip
+        self.flip, self.replace_unreadable = flip, replace_unreadable
 
     def __len__(self):
         return len(self.paths)
 
+    def load(self, index):
+        image = load_image(self.paths[index], self.channels, min_size=self.resolution)
+        return fit_square(image, self.resolution, self.fit, Image.Resampling.BILINEAR)
+
     def __getitem__(self, key):
         index, rng = sample_key(key)
-        image = load_image(self.paths[index], self.channels, min_size=self.resolution)
-        image = fit_square(image, self.resolution, self.fit, Image.Resampling.BILINEAR)
-        return image_to_tensor(random_flip(image, rng) if self.flip else image)
+        if not self.replace_unreadable:
+            image = self.load(index)
+            return image_to_tensor(random_flip(image, rng) if self.flip else image)
+        unreadable = []
+        for _ in range(self.REPLACEMENT_TRIES):
+            try:
+                image = self.load(index)
+                break
+            except DataError as error:
+                unreadable.append((str(self.paths[index]), one_line(error)))
+                index = int(rng.integers(len(self.paths)))  # drawn only when needed: good samples unchanged
+        else:
+            raise DataError(f"{unreadable[0][1]} (and the {len(unreadable) - 1} images drawn to replace it "
+                            "were unreadable too); check the pool with `python data.py check --data ...`")
+        return image_to_tensor(random_flip(image, rng) if self.flip else image), unreadable
+
+
+def collate_replaced(items):
+    """Batches of ImageFolder(replace_unreadable=True) items: (images [B, C, R, R], files replaced)."""
+    return default_collate([image for image, _ in items]), [bad for _, replaced in items for bad in replaced]
 
 
 class ImagesOf(Dataset):
@@ -711,6 +741,10 @@ def add_data_args(parser):
     group.add_argument("--skip-unpaired", action="store_true",
                        help="leave out images without masks and masks without images (counted) "
                             "instead of stopping")
+    group.add_argument("--max-unreadable", type=float, default=0.01, metavar="FRACTION",
+                       help="unreadable unlabeled images are replaced by others from the pool and counted; "
+                            "past this fraction of the pool (at least one file) the run stops; 0: stop at the "
+                            "first (default 0.01)")
     group.add_argument("--demo-length", type=int, default=1000, help="images in --data demo (default 1000)")
     options = parser._option_string_actions
     if "--workers" not in options:
@@ -725,10 +759,12 @@ def option(args, name, default=None):
     return getattr(args, name, default)
 
 
-def build_datasets(args, augment=None):
+def build_datasets(args, augment=None, replace_unreadable=False):
     """(labeled, unlabeled, info) from the options of add_data_args (see the module docstring).
 
-    `augment=False` turns the augmentation and the flips off whatever the options say (for evaluation)."""
+    `augment=False` turns the augmentation and the flips off whatever the options say (for evaluation).
+    `replace_unreadable` (training streams): unreadable unlabeled images are replaced, up to
+    --max-unreadable (ImageFolder)."""
     source = option(args, "data")
     if not source:
         raise DataError("no data: pass --data FOLDER (or --data demo)")
@@ -787,7 +823,7 @@ def build_datasets(args, augment=None):
         raise DataError(f"{data_folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                         "recursively); point --data at the folder that holds them")
 
-    channels = option(args, "channels") or infer_channels(unique)
+    channels = option(args, "channels") or infer_channels(unique, labeled={p.image for p in all_pairs})
     class_map, class_names = (None, None)
     if option(args, "class_map"):
         class_map, class_names = parse_class_map(args.class_map)
@@ -809,7 +845,8 @@ def build_datasets(args, augment=None):
     fit = option(args, "fit", "pad")
     labeled = (LabeledFolder(pairs, resolution, channels, num_classes, class_map, fit, augmentation)
                if pairs else None)
-    unlabeled = ImageFolder(unique, resolution, channels, fit, flip_unlabeled)
+    unlabeled = ImageFolder(unique, resolution, channels, fit, flip_unlabeled,
+                            replace_unreadable=replace_unreadable and option(args, "max_unreadable", 0.01) > 0)
     info = dict(source=str(data_folder), labeled_source=str(labeled_folder) if labeled_folder else None,
                 resolution=resolution, channels=channels, num_classes=num_classes, num_classes_from=classes_from,
                 class_names=class_names, labeled_count=len(pairs), labeled_total=labeled_total,
@@ -882,8 +919,28 @@ def evenly_spaced(items, count):
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
-def infer_channels(paths, samples=8):
-    return 1 if all(looks_grayscale(p) for p in evenly_spaced(paths, samples)) else 3
+def infer_channels(paths, samples=8, labeled=()):
+    """1 if `samples` images spread over `paths` are all grey, else 3. An unreadable unlabeled one is
+    skipped (the next file in the list is taken, and a warning names it), as the training stream would
+    replace it; an unreadable image of a labeled pair (in `labeled`) stops here."""
+    grey, checked, skipped = True, 0, []
+    for start in evenly_spaced(range(len(paths)), samples):
+        for path in paths[start:start + 4]:
+            try:
+                grey = grey and looks_grayscale(path)
+                checked += 1
+                break
+            except DataError as error:
+                if path in labeled:
+                    raise
+                skipped.append(one_line(error))
+    if skipped:
+        print(f"warning: {len(skipped)} unreadable image(s) skipped while guessing the channels, the first: "
+              f"{skipped[0]}", file=sys.stderr, flush=True)
+    if not checked:
+        raise DataError(f"{skipped[0]} (no readable image among the {len(skipped)} sampled to guess the channels); "
+                        "check the data with `python data.py check --data ...`, or pass --channels")
+    return 1 if grey else 3
 
 
 def infer_num_classes(pairs, folder, class_map, class_names, samples=64):
@@ -946,6 +1003,14 @@ class KeyBatches:
             epoch, start = epoch + 1, 0
 
 
+def leave_signals_to_the_main_process(worker_id):
+    """A DataLoader worker ignores SIGTERM and SIGINT. Schedulers (SLURM, Kubernetes) and Ctrl-C signal
+    every process of a job; a worker killed by one would end the run with an error before the main
+    process could write its checkpoint. Workers end when the main process does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class InfiniteLoader:
     """Batches of `dataset` forever: each epoch a new permutation (seed + epoch) split over `world_size`
     ranks by DistributedSampler, incomplete batches dropped; a dataset smaller than one global batch is
@@ -953,11 +1018,20 @@ class InfiniteLoader:
 
     state_dict() is (epoch, batch within the epoch); a loader given it yields the very batches an
     uninterrupted one would have yielded next. Batches are collated by the default collate: labeled
-    datasets give (images [B, C, R, R], masks [B, R, R]), unlabeled ones images [B, C, R, R]."""
+    datasets give (images [B, C, R, R], masks [B, R, R]), unlabeled ones images [B, C, R, R].
 
-    def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, workers=None, pin_memory=None):
+    Of a dataset that replaces unreadable files (ImageFolder(replace_unreadable=True)) the loader keeps
+    count: `unreadable` maps each file replaced to its reason, `new_unreadable()` gives those met since
+    the last call (to warn about), and once more than `max_unreadable` of the dataset (at least one file)
+    is unreadable it stops with a DataError. `name` says which stream an error is about."""
+
+    def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, workers=None, pin_memory=None,
+                 name="data", max_unreadable=0.01):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.name = rank, world_size, name
+        self.replaces = getattr(dataset, "replace_unreadable", False)
+        self.unreadable, self.reported = {}, 0
+        self.unreadable_limit = max(1, int(max_unreadable * len(dataset)))
         self.dataset_length = len(dataset)
         if self.dataset_length == 0:
             raise DataError("the data set is empty: nothing to load")
@@ -979,12 +1053,22 @@ class InfiniteLoader:
             # RNG, and a resumed run (which creates it at another step) would then draw different latents.
             # Every sample's randomness comes from its key, so the workers' own seeds do not matter.
             self.batches = iter(DataLoader(self.dataset, batch_sampler=keys, num_workers=self.workers,
-                                           pin_memory=self.pin_memory, generator=torch.Generator()))
+                                           pin_memory=self.pin_memory, generator=torch.Generator(),
+                                           collate_fn=collate_replaced if self.replaces else None,
+                                           worker_init_fn=leave_signals_to_the_main_process))
         try:
             batch, message = next(self.batches), None
         except DataError as error:  # from a worker it comes wrapped in a traceback: keep the one line
             message = one_line(error)
             error.__traceback__ = None  # its frames hold the DataLoader iterator in a reference cycle
+        if message is None and self.replaces:
+            batch, replaced = batch
+            self.unreadable.update(replaced)
+            if len(self.unreadable) > self.unreadable_limit:
+                message = (f"{len(self.unreadable)} of the {self.dataset_length} images of the {self.name} are "
+                           f"unreadable (more than --max-unreadable allows), the first: "
+                           f"{next(iter(self.unreadable.values()))}; clean it (`python data.py check --data "
+                           "...` lists every bad file) or raise --max-unreadable, then --resume auto")
         if message is not None:  # raised out here, so that no traceback keeps the workers alive
             self.close()
             raise DataError(message)
@@ -997,16 +1081,26 @@ class InfiniteLoader:
         """Stop the worker processes (the next batch starts new ones where the stream stands)."""
         self.batches = None
 
+    def new_unreadable(self):
+        """[(path, reason)] of the files replaced since the last call."""
+        found = list(self.unreadable.items())[self.reported:]
+        self.reported += len(found)
+        return found
+
     def state_dict(self):
         return dict(epoch=self.epoch, batch=self.batch, seed=self.seed, batch_size=self.batch_size,
-                    world_size=self.world_size, length=self.length)
+                    world_size=self.world_size, length=self.length, unreadable=dict(self.unreadable))
 
     def load_state_dict(self, state):
         for key in ("seed", "batch_size", "world_size", "length"):
             if state[key] != getattr(self, key):
-                raise DataError(f"loader state: saved with {key} {state[key]}, resumed with "
-                                f"{getattr(self, key)}; resume with the same data and batch settings")
+                raise DataError(f"the {self.name} stream was saved with {key.replace('_', ' ')} {state[key]} and "
+                                f"is resumed with {getattr(self, key)}: the data, --batch or the number of "
+                                "processes changed; resume with the same, or add --new-data to keep the "
+                                "networks, optimisers and step and start a fresh data stream")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.unreadable = dict(state.get("unreadable", {}))
+        self.reported = len(self.unreadable)  # warned about before the checkpoint
         self.close()  # the next batch starts a stream at (epoch, batch)
 
 

@@ -39,6 +39,10 @@ true mask, labeled rows then unlabeled rows); checkpoint-STEP.pt (E, both optimi
 every RNG; atomic, `--resume auto`); model.pt, the inference bundle invert.py reads (G_ema, E, the mean
 latent, the preprocessing, the classes, the LPIPS network; state_dicts and plain data only, so it loads
 with weights_only=True); best.pt, the same bundle at the best validation score.
+
+Long runs behave as train_gan.py's: SIGTERM or Ctrl-C ends the step with a checkpoint and model.pt (every
+rank at the same step), unreadable pool images are replaced and counted (--max-unreadable), `--resume
+auto --new-data` continues over changed data, and a checkpoint that cannot be written stops the run.
 """
 
 import argparse
@@ -281,8 +285,9 @@ def _train(args, ckpt, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial encoder on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    train_gan.writable_folder(args.out)
     G = load_generator(ckpt, args.ckpt, device)
-    labeled, unlabeled, info = data.build_datasets(args)
+    labeled, unlabeled, info = data.build_datasets(args, replace_unreadable=True)
     if labeled is None:
         raise TrainingError("stage 2 needs labeled pairs for the mask losses: pass --labeled (or --labels N > 0)")
     if args.resolution != G.resolution:
@@ -302,19 +307,18 @@ def _train(args, ckpt, rank, world, device):
     E.latent_avg.copy_(G.mean_latent(4096, device)[0])  # start every image at the mean latent
     optimizers = (build_optimizer(args, E), build_optimizer(args, E))
     autocast, precision = train_gan.make_autocast(args, device)
-    labeled_stream = data.InfiniteLoader(labeled, args.batch, seed=args.seed, rank=rank, world_size=world,
-                                         workers=args.workers)
-    unlabeled_stream = data.InfiniteLoader(unlabeled, args.batch, seed=args.seed + 1, rank=rank, world_size=world,
-                                           workers=args.workers)
+    labeled_stream, unlabeled_stream = train_gan.open_streams(args, labeled, unlabeled, rank, world, args.seed)
     step, best = 0, None
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise
     random.seed(args.seed + rank)
 
-    os.makedirs(args.out, exist_ok=True)
     resume = args.resume
     if resume == "auto":
         found = train_gan.list_checkpoints(args.out)
         resume = found[-1] if found else None
+    if args.new_data and not resume:
+        raise TrainingError("--new-data continues a run over changed data: pass it with --resume (no checkpoint "
+                            f"found in {args.out})")
     if resume:
         state = train_gan.load_checkpoint(resume)
         if state.get("stage") != "encoder":
@@ -327,16 +331,21 @@ def _train(args, ckpt, rank, world, device):
         E.load_state_dict(state["E"])
         for optimizer, saved in zip(optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
-        labeled_stream.load_state_dict(state["labeled_stream"])
-        unlabeled_stream.load_state_dict(state["unlabeled_stream"])
         step, best = state["step"], state["best"]
+        if args.new_data:  # fresh streams over the data as it is now, seeded by the step
+            labeled_stream, unlabeled_stream = train_gan.open_streams(args, labeled, unlabeled, rank, world,
+                                                                      args.seed + 7919 * step)
+        else:
+            labeled_stream.load_state_dict(state["labeled_stream"])
+            unlabeled_stream.load_state_dict(state["unlabeled_stream"])
         if len(state["rng"]) == world:
             train_gan.set_rng_state(state["rng"][rank])
         else:
             torch.manual_seed(args.seed + rank + 7919 * step)
             random.seed(args.seed + rank + 7919 * step)
         if rank == 0:
-            print(f"resumed from {resume} at step {step}", flush=True)
+            fresh = " with fresh data streams (--new-data)" if args.new_data else ""
+            print(f"resumed from {resume} at step {step}{fresh}", flush=True)
 
     net = E
     if world > 1:
@@ -362,46 +371,54 @@ def _train(args, ckpt, rank, world, device):
 
     last_log = time.time()
     labeled_iter, unlabeled_iter = iter(labeled_stream), iter(unlabeled_stream)
+    stopper, agree = train_gan.StopOnSignal(), train_gan.Agreement(world, device, 2)
+    try:
+        while step < args.iter:
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, args)
+            unlabeled_images = next(unlabeled_iter).to(device, non_blocking=True)
+            train_gan.warn_unreadable(unlabeled_stream)
+            labeled_images, labeled_masks = (t.to(device, non_blocking=True) for t in next(labeled_iter))
+            progress.add(train_step(net, G, percept, optimizers, (unlabeled_images, labeled_images, labeled_masks),
+                                    args, temperatures, autocast))
+            step += 1
 
-    while step < args.iter:
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args)
-        unlabeled_images = next(unlabeled_iter).to(device, non_blocking=True)
-        labeled_images, labeled_masks = (t.to(device, non_blocking=True) for t in next(labeled_iter))
-        progress.add(train_step(net, G, percept, optimizers, (unlabeled_images, labeled_images, labeled_masks),
-                                args, temperatures, autocast))
-        step += 1
-
-        validated = None
-        if validation is not None and (step % args.val_every == 0 or step == args.iter):
-            validated = validate(E, G, validation, args.batch, device, autocast)  # every rank: same numbers
-            progress.add({k: torch.tensor(v) for k, v in validated.items()})
-        snapshot = step % args.snap_every == 0 or step == args.iter
-        if snapshot or validated or time.time() - last_log >= args.log_every:
-            progress.report(step, rank, world)
-            last_log = time.time()
-        score = None if validated is None else next(iter(validated.values()))
-        if rank == 0 and score is not None and (best is None or score > best):
-            best = score
-            save_bundle(bundle(step, validated), os.path.join(args.out, "best.pt"))
-        if snapshot:
-            rngs = [train_gan.rng_state()]
-            if world > 1:
-                rngs = [None] * world
-                dist.all_gather_object(rngs, train_gan.rng_state())
-            if rank == 0:
-                save_grid(E, G, grid_labeled, grid_unlabeled, os.path.join(args.out, f"samples-{step:08d}.png"),
-                          args.batch, autocast)
-                payload = {"stage": "encoder", "E": E.state_dict(), "G_ema": G.state_dict(),
-                           "optimizers": [o.state_dict() for o in optimizers], "step": step, "best": best,
-                           "labeled_stream": labeled_stream.state_dict(),
-                           "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
-                           "args": {k: v for k, v in vars(args).items()}}
-                train_gan.save_checkpoint(payload, train_gan.checkpoint_path(args.out, step), args.keep)
-                save_bundle(bundle(step), os.path.join(args.out, "model.pt"))
-            if world > 1:
-                dist.barrier()
+            stop, log_due = agree(stopper.signum, time.time() - last_log >= args.log_every)
+            validated = None
+            if validation is not None and (step % args.val_every == 0 or step == args.iter):
+                validated = validate(E, G, validation, args.batch, device, autocast)  # every rank: same numbers
+                progress.add({k: torch.tensor(v) for k, v in validated.items()})
+            snapshot = step % args.snap_every == 0 or step == args.iter or stop
+            if snapshot or validated or log_due:
+                progress.report(step, rank, world, {"unreadable_images": len(unlabeled_stream.unreadable)})
+                last_log = time.time()
+            score = None if validated is None else next(iter(validated.values()))
+            if rank == 0 and score is not None and (best is None or score > best):
+                best = score
+                save_bundle(bundle(step, validated), os.path.join(args.out, "best.pt"))
+            if snapshot:
+                rngs = [train_gan.rng_state()]
+                if world > 1:
+                    rngs = [None] * world
+                    dist.all_gather_object(rngs, train_gan.rng_state())
+                if rank == 0:
+                    payload = {"stage": "encoder", "E": E.state_dict(), "G_ema": G.state_dict(),
+                               "optimizers": [o.state_dict() for o in optimizers], "step": step, "best": best,
+                               "labeled_stream": labeled_stream.state_dict(),
+                               "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
+                               "args": {k: v for k, v in vars(args).items()}}
+                    train_gan.save_checkpoint(payload, train_gan.checkpoint_path(args.out, step), args.keep)
+                    save_bundle(bundle(step), os.path.join(args.out, "model.pt"))
+                    if not stop:  # the grid after the checkpoint: a preempted job has seconds left
+                        save_grid(E, G, grid_labeled, grid_unlabeled,
+                                  os.path.join(args.out, f"samples-{step:08d}.png"), args.batch, autocast)
+                if world > 1:
+                    dist.barrier()
+                if stop:
+                    raise train_gan.Stopped(stopper.signum, step, args.out)
+    finally:
+        stopper.restore()
     if rank == 0:
         best_text = f"; best validation {best:.4f} in best.pt" if best is not None else ""
         print(f"done: {step} steps; model.pt, checkpoints and samples in {args.out}{best_text}", flush=True)
@@ -444,6 +461,8 @@ def build_parser():
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
     g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
+    g.add_argument("--new-data", action="store_true", help="with --resume: keep the encoder, optimisers and step, "
+                   "and start fresh seeded data streams (the data changed since the checkpoint)")
     g.add_argument("--snap-every", type=int, default=2000, help="steps between grids, checkpoints and model.pt")
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     g.add_argument("--grid", type=int, default=8, help="labeled and unlabeled rows in the grid")
@@ -530,6 +549,9 @@ def main(argv=None):
     except (data.DataError, TrainingError, losses.LPIPSUnavailable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except train_gan.Stopped as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --resume auto", file=sys.stderr)
         sys.exit(130)

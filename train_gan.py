@@ -29,6 +29,12 @@ Checkpoints (written atomically: a temporary file, then os.replace) hold state_d
 and are read with torch.load(weights_only=True); `--resume auto` continues the latest one in --out, with
 the optimisers, the path-length mean, the data streams' positions and every RNG, so a resumed run
 continues exactly as if it had not stopped.
+
+Long runs on shared clusters: SIGTERM (what SLURM and Kubernetes send before killing a job) or Ctrl-C
+ends the current step, writes a checkpoint and exits (status 128 + the signal), every rank at the same
+step; an unreadable image in the unlabeled pool is replaced by another and counted (--max-unreadable);
+`--resume auto --new-data` continues the networks over a changed pool; a checkpoint that cannot be
+written (disk full, --out gone) stops the run with the previous checkpoint intact.
 """
 
 import argparse
@@ -39,7 +45,10 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -271,7 +280,9 @@ def list_checkpoints(out_dir):
 
 def save_checkpoint(payload, path, keep):
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a run killed at any
-    moment leaves the previous checkpoint intact and never a half-written file under a checkpoint's name."""
+    moment leaves the previous checkpoint intact and never a half-written file under a checkpoint's name.
+    A write that fails (disk full, quota, --out removed or read-only) is a TrainingError: training on
+    without a way back would only lose more work."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -279,12 +290,35 @@ def save_checkpoint(payload, path, keep):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        previous = [p for p in list_checkpoints(os.path.dirname(path)) if p != path]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise TrainingError(f"cannot write {path} ({one_line(error)}): {kept}; free space or fix the folder, "
+                            "then continue with --resume auto") from None
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
     if keep:  # only the last `keep` checkpoint-STEP.pt stay (None: rotate nothing, for other files)
         for old in list_checkpoints(os.path.dirname(path))[:-keep]:
             os.remove(old)
+
+
+def one_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def writable_folder(path):
+    """Create --out and check that a file can be written there, before any training is spent."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise TrainingError(f"--out {path}: cannot write there ({one_line(error)}); pass a writable folder") from None
 
 
 def load_checkpoint(path, advice="delete it to resume from the one before, or pass another --resume"):
@@ -317,6 +351,84 @@ ARCHITECTURE_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "
 # The training loop
 
 
+class Stopped(Exception):
+    """The run stopped on a signal after writing a checkpoint (main() reports it and exits 128 + signal)."""
+
+    def __init__(self, signum, step, out):
+        by = signal.Signals(signum).name if signum else "a signal to another process"
+        super().__init__(f"stopped by {by} at step {step}: checkpoint {checkpoint_path(out, step)} written; "
+                         "continue with --resume auto")
+        self.signum = signum or signal.SIGTERM
+
+
+class StopOnSignal:
+    """SIGTERM and SIGINT ask the run to stop after the current step (`signum` is then set); a second
+    Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint stays). Installed before the data
+    loaders start their workers, which inherit the handler and so outlive a SIGTERM sent to the whole
+    job, as SLURM does."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.previous, self.pid = None, {}, os.getpid()
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self.previous = {s: signal.signal(s, self.handler) for s in self.SIGNALS}
+
+    def handler(self, signum, frame):
+        if os.getpid() != self.pid:  # a loader worker (it inherited the handler): the main process decides
+            return
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum  # nothing printed here: the handler may interrupt a print
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Agreement:
+    """Decisions that every rank must take at the same step although each has its own clock and its own
+    signals (stop now? report now?). Each step, every rank all-reduces (MAX) its flags and reads the
+    result one step later: all ranks then act at the same step, one after the first rank wanted to,
+    and the host never waits for the GPU (the flags are copied back to pinned memory behind the step
+    that produced them, so reading them waits only for that step, long finished). One process: at once."""
+
+    def __init__(self, world, device, count):
+        self.world, self.device = world, device
+        pin = device.type == "cuda"
+        self.send, self.receive = torch.zeros(count, pin_memory=pin), torch.zeros(count, pin_memory=pin)
+        self.done = None  # the CUDA event after the last exchange (True on the CPU, where it is synchronous)
+
+    def __call__(self, *flags):
+        if self.world == 1:
+            return tuple(bool(f) for f in flags)
+        agreed = (False,) * len(flags)
+        if self.done is not None:
+            if self.done is not True:
+                self.done.synchronize()
+            agreed = tuple(v > 0 for v in self.receive.tolist())
+        self.send.copy_(torch.tensor([float(bool(f)) for f in flags]))
+        exchanged = self.send.to(self.device, non_blocking=True)
+        dist.all_reduce(exchanged, op=dist.ReduceOp.MAX)
+        self.receive.copy_(exchanged, non_blocking=True)
+        self.done = True
+        if self.device.type == "cuda":
+            self.done = torch.cuda.Event()
+            self.done.record()
+        return agreed
+
+
+def warn_unreadable(stream, first=5):
+    """Name the first few unreadable pool images on stderr; past them, the progress line counts them."""
+    already = stream.reported
+    for count, (path, reason) in enumerate(stream.new_unreadable(), start=already + 1):
+        if count <= first:
+            print(f"warning: {reason}; replaced by another image of the pool", file=sys.stderr, flush=True)
+        if count == first:
+            print("warning: further unreadable images are only counted: progress line and log.jsonl "
+                  "(unreadable_images)", file=sys.stderr, flush=True)
+
+
 class Progress:
     """Sums the losses on the device (no synchronisation per step) and reports every --log-every seconds:
     a line on the console and the same numbers as a JSON line in OUT/log.jsonl."""
@@ -335,13 +447,16 @@ class Progress:
         """The mean of each loss since the last report. Synchronises with the device."""
         return {k: (v / self.counts[k]).item() for k, v in self.sums.items()}
 
-    def report(self, step, rank, world):
-        means = self.averages()
+    def report(self, step, rank, world, counts=None):
+        """Called at the same step on every rank. `counts`: totals (e.g. unreadable_images), summed over
+        the ranks and shown when not zero."""
+        means, counts = self.averages(), dict(counts or {})
         if world > 1:  # every rank checks for NaN, so every rank must see the same numbers
-            names = sorted(means)
-            t = torch.tensor([means[n] for n in names], device=self.device)
+            names, count_names = sorted(means), sorted(counts)
+            t = torch.tensor([means[n] for n in names] + [float(counts[n]) for n in count_names], device=self.device)
             dist.all_reduce(t)
-            means = dict(zip(names, (t / world).tolist()))
+            means = dict(zip(names, (t[:len(names)] / world).tolist()))
+            counts = {n: int(v) for n, v in zip(count_names, t[len(names):].tolist())}
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             raise TrainingError(f"the loss {', '.join(bad)} became {means[bad[0]]} by step {step}: training diverged. "
@@ -352,14 +467,16 @@ class Progress:
         img_per_s = steps * self.global_batch / max(seconds, 1e-9)
         record = {"step": step, "kimg": step * self.global_batch / 1000, "img_per_s": img_per_s,
                   "sec_per_kimg": 1000 / max(img_per_s, 1e-9),
-                  "eta_hours": (self.total_steps - step) * self.global_batch / max(img_per_s, 1e-9) / 3600, **means}
+                  "eta_hours": (self.total_steps - step) * self.global_batch / max(img_per_s, 1e-9) / 3600, **means,
+                  **counts}
         if self.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if rank == 0:
             losses_text = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
             mem = f"  mem {record['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in record else ""
+            counted = "".join(f"  {k.replace('_', ' ')} {v}" for k, v in counts.items() if v)
             print(f"step {step:>8}  kimg {record['kimg']:9.1f}  {img_per_s:7.1f} img/s  {record['sec_per_kimg']:7.2f} s/kimg  "
-                  f"eta {record['eta_hours']:6.2f} h  {losses_text}{mem}", flush=True)
+                  f"eta {record['eta_hours']:6.2f} h  {losses_text}{mem}{counted}", flush=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.sums, self.counts = {}, {}
@@ -383,6 +500,14 @@ def train(args):
             dist.destroy_process_group()
 
 
+def open_streams(args, labeled, unlabeled, rank, world, seed):
+    """The labeled and the unlabeled stream, seeded (`seed`, and `seed` + 1)."""
+    return (data.InfiniteLoader(labeled, args.batch, seed=seed, rank=rank, world_size=world, workers=args.workers,
+                                name="labeled pairs"),
+            data.InfiniteLoader(unlabeled, args.batch, seed=seed + 1, rank=rank, world_size=world,
+                                workers=args.workers, name="unlabeled pool", max_unreadable=args.max_unreadable))
+
+
 def _train(args, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (G_ema is copied before DDP syncs G)
     if device.type == "cuda":
@@ -390,7 +515,8 @@ def _train(args, rank, world, device):
         # mapping network); bf16 autocast, the default here, runs both in bf16 anyway
         torch.backends.cudnn.benchmark = True
 
-    labeled, unlabeled, info = data.build_datasets(args)
+    writable_folder(args.out)
+    labeled, unlabeled, info = data.build_datasets(args, replace_unreadable=True)
     if labeled is None:
         raise TrainingError("D_m needs labeled pairs: pass a folder with images/ and masks/ via --labeled "
                             "(or as --data), or --data demo")
@@ -398,20 +524,19 @@ def _train(args, rank, world, device):
     G, G_ema, D_r, D_m = build_networks(args, image_channels, num_classes, device)
     opt_G, opt_D_r, opt_D_m = build_optimizers(args, G, D_r, D_m)
     autocast, precision = make_autocast(args, device)
-    labeled_stream = data.InfiniteLoader(labeled, args.batch, seed=args.seed, rank=rank, world_size=world,
-                                         workers=args.workers)
-    unlabeled_stream = data.InfiniteLoader(unlabeled, args.batch, seed=args.seed + 1, rank=rank, world_size=world,
-                                           workers=args.workers)
+    labeled_stream, unlabeled_stream = open_streams(args, labeled, unlabeled, rank, world, args.seed)
     state = {"G_ema": G_ema, "mean_path_length": torch.zeros((), device=device)}
     step = 0
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own latents and noise
     random.seed(args.seed + rank)
 
-    os.makedirs(args.out, exist_ok=True)
     resume = args.resume
     if resume == "auto":
         found = list_checkpoints(args.out)
         resume = found[-1] if found else None
+    if args.new_data and not resume:
+        raise TrainingError("--new-data continues a run over changed data: pass it with --resume (no checkpoint "
+                            f"found in {args.out})")
     if resume:
         ckpt = load_checkpoint(resume)
         for key in ARCHITECTURE_ARGS:
@@ -428,17 +553,22 @@ def _train(args, rank, world, device):
         opt_G.load_state_dict(ckpt["opt_G"])
         opt_D_r.load_state_dict(ckpt["opt_D_r"])
         opt_D_m.load_state_dict(ckpt["opt_D_m"])
-        labeled_stream.load_state_dict(ckpt["labeled_stream"])
-        unlabeled_stream.load_state_dict(ckpt["unlabeled_stream"])
         state["mean_path_length"] = ckpt["mean_path_length"].to(device)
         step = ckpt["step"]
+        if args.new_data:  # fresh streams over the data as it is now, seeded by the step
+            labeled_stream, unlabeled_stream = open_streams(args, labeled, unlabeled, rank, world,
+                                                            args.seed + 7919 * step)
+        else:
+            labeled_stream.load_state_dict(ckpt["labeled_stream"])
+            unlabeled_stream.load_state_dict(ckpt["unlabeled_stream"])
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank])
         else:  # a different number of processes: fresh, distinct streams per rank
             torch.manual_seed(args.seed + rank + 7919 * step)
             random.seed(args.seed + rank + 7919 * step)
         if rank == 0:
-            print(f"resumed from {resume} at step {step}", flush=True)
+            fresh = " with fresh data streams (--new-data)" if args.new_data else ""
+            print(f"resumed from {resume} at step {step}{fresh}", flush=True)
 
     nets = (G, D_r, D_m)
     if world > 1:
@@ -462,39 +592,48 @@ def _train(args, rank, world, device):
     progress = Progress(os.path.join(args.out, "log.jsonl"), global_batch, total_steps, step, device)
     last_log = time.time()
     labeled_iter, unlabeled_iter = iter(labeled_stream), iter(unlabeled_stream)
+    stopper, agree = StopOnSignal(), Agreement(world, device, 2)
+    try:
+        while step < total_steps:
+            real_images = next(unlabeled_iter)
+            warn_unreadable(unlabeled_stream)
+            labeled_images, labeled_masks = next(labeled_iter)
+            batch = (real_images.to(device, non_blocking=True), labeled_images.to(device, non_blocking=True),
+                     labeled_masks.to(device, non_blocking=True))
+            if args.channels_last and device.type == "cuda":
+                batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t for t in batch)
+            progress.add(train_step(step, nets, (opt_G, opt_D_r, opt_D_m), batch, args, state, autocast))
+            step += 1
 
-    while step < total_steps:
-        real_images = next(unlabeled_iter)
-        labeled_images, labeled_masks = next(labeled_iter)
-        batch = (real_images.to(device, non_blocking=True), labeled_images.to(device, non_blocking=True),
-                 labeled_masks.to(device, non_blocking=True))
-        if args.channels_last and device.type == "cuda":
-            batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t for t in batch)
-        progress.add(train_step(step, nets, (opt_G, opt_D_r, opt_D_m), batch, args, state, autocast))
-        step += 1
-
-        snapshot = step % snapshot_every == 0 or step == total_steps
-        if snapshot or time.time() - last_log >= args.log_every:
-            progress.report(step, rank, world)  # raises on NaN before anything is written
-            last_log = time.time()
-        if snapshot:
-            rngs = [rng_state()]
-            if world > 1:
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng_state())
-            if rank == 0:
-                save_grid(G_ema, grid_latents, os.path.join(args.out, f"samples-{step:08d}.png"), args.batch)
-                payload = {"G": unwrap(G).state_dict(), "G_ema": G_ema.state_dict(), "D_r": unwrap(D_r).state_dict(),
-                           "D_m": unwrap(D_m).state_dict(), "opt_G": opt_G.state_dict(),
-                           "opt_D_r": opt_D_r.state_dict(), "opt_D_m": opt_D_m.state_dict(), "step": step,
-                           "mean_path_length": state["mean_path_length"].detach().cpu(),
-                           "labeled_stream": labeled_stream.state_dict(),
-                           "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
-                           "image_channels": image_channels, "num_classes": num_classes,
-                           "args": {k: v for k, v in vars(args).items()}}
-                save_checkpoint(payload, checkpoint_path(args.out, step), args.keep)
-            if world > 1:
-                dist.barrier()
+            stop, log_due = agree(stopper.signum, time.time() - last_log >= args.log_every)
+            snapshot = step % snapshot_every == 0 or step == total_steps or stop
+            if snapshot or log_due:
+                # raises on NaN before anything is written
+                progress.report(step, rank, world, {"unreadable_images": len(unlabeled_stream.unreadable)})
+                last_log = time.time()
+            if snapshot:
+                rngs = [rng_state()]
+                if world > 1:
+                    rngs = [None] * world
+                    dist.all_gather_object(rngs, rng_state())
+                if rank == 0:
+                    payload = {"G": unwrap(G).state_dict(), "G_ema": G_ema.state_dict(), "D_r": unwrap(D_r).state_dict(),
+                               "D_m": unwrap(D_m).state_dict(), "opt_G": opt_G.state_dict(),
+                               "opt_D_r": opt_D_r.state_dict(), "opt_D_m": opt_D_m.state_dict(), "step": step,
+                               "mean_path_length": state["mean_path_length"].detach().cpu(),
+                               "labeled_stream": labeled_stream.state_dict(),
+                               "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
+                               "image_channels": image_channels, "num_classes": num_classes,
+                               "args": {k: v for k, v in vars(args).items()}}
+                    save_checkpoint(payload, checkpoint_path(args.out, step), args.keep)
+                    if not stop:  # the grid after the checkpoint: a preempted job has seconds left
+                        save_grid(G_ema, grid_latents, os.path.join(args.out, f"samples-{step:08d}.png"), args.batch)
+                if world > 1:
+                    dist.barrier()
+                if stop:
+                    raise Stopped(stopper.signum, step, args.out)
+    finally:
+        stopper.restore()
     if rank == 0:
         print(f"done: {step} steps; checkpoints and samples in {args.out}", flush=True)
     return {"G": unwrap(G), "G_ema": G_ema, "D_r": unwrap(D_r), "D_m": unwrap(D_m)}
@@ -586,6 +725,8 @@ def parse_args(argv=None):
                    help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format on GPU")
     g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
+    g.add_argument("--new-data", action="store_true", help="with --resume: keep the networks, optimisers, G_ema "
+                   "and step, and start fresh seeded data streams (the data changed since the checkpoint)")
     g.add_argument("--snap-kimg", type=float, default=50.0, help="sample grid + checkpoint every this many kimg")
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     g.add_argument("--grid", type=int, default=16, help="samples in the grid")
@@ -615,6 +756,9 @@ def main(argv=None):
     except (data.DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Stopped as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --resume auto", file=sys.stderr)
         sys.exit(130)

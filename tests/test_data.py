@@ -402,7 +402,7 @@ def test_resumed_loader_yields_the_batches_an_uninterrupted_one_would():
     for want in expected[5:]:
         got = next(resumed)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    with pytest.raises(data.DataError, match="batch_size"):
+    with pytest.raises(data.DataError, match="batch size 4 and is resumed with 2.*--new-data"):
         data.InfiniteLoader(demo, 2, seed=3, workers=0).load_state_dict(state)
 
 

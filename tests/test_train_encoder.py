@@ -4,6 +4,7 @@ resume, the learning-rate schedule, and bad input. LPIPS runs with --lpips rando
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -101,6 +102,52 @@ def test_resume_continues_exactly(stage1, eight_steps, tmp_path, monkeypatch):
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(a["state"][index][name]), torch.as_tensor(value)), (index, name)
     assert resumed["best"] == straight["best"]
+
+
+def test_sigterm_ends_the_step_with_a_checkpoint_and_model_pt_and_the_resume_is_exact(stage1, eight_steps, tmp_path,
+                                                                                     monkeypatch, capsys):
+    real_step, steps_done = train_encoder.train_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        steps_done.append(1)
+        if len(steps_done) == 2:  # after step 2, as a scheduler would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(train_encoder, "train_step", step_then_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stopped by SIGTERM at step 2: checkpoint {tmp_path / 'checkpoint-00000002.pt'} written; continue with "
+        "--resume auto"]
+    assert train_encoder.load_bundle(str(tmp_path / "model.pt"))[2]["step"] == 2
+    monkeypatch.undo()
+    run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4", "--resume", "auto")
+    resumed, straight = load(tmp_path / "checkpoint-00000008.pt"), load(eight_steps / "checkpoint-00000008.pt")
+    for key in straight["E"]:
+        assert torch.equal(resumed["E"][key], straight["E"][key]), key
+    assert resumed["best"] == straight["best"]
+
+
+def test_new_data_keeps_the_encoder_and_starts_fresh_streams(stage1, eight_steps, tmp_path, capsys):
+    import shutil
+    for name in ("checkpoint-00000004.pt", "log.jsonl"):
+        shutil.copy(eight_steps / name, tmp_path / name)
+    # the demo pool grows from 24 to 30 images: an exact resume is refused, with what to do
+    with pytest.raises(SystemExit) as refused:
+        run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4", "--resume", "auto",
+            "--demo-length", "30")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2 and len(err) == 1 and "--new-data" in err[0]
+    run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4", "--resume", "auto",
+        "--demo-length", "30", "--new-data")
+    after = load(tmp_path / "checkpoint-00000008.pt")
+    assert after["step"] == 8 and after["unlabeled_stream"]["seed"] == 1 + 7919 * 4
+    assert after["unlabeled_stream"]["length"] == 30
+    assert not all(torch.equal(after["E"][k], load(eight_steps / "checkpoint-00000008.pt")["E"][k])
+                   for k in after["E"])  # other data from step 4 on: another encoder than the exact resume's
 
 
 def test_learning_rate_is_constant_then_a_cosine_to_the_minimum():

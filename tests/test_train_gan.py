@@ -1,14 +1,18 @@
 """train_gan.py end to end on the demo data at 32 px with narrow networks: a short run, an exact resume,
 crash-safe checkpoints, a diverged run, bad input, and two processes under torchrun (gloo)."""
+import errno
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train_gan
 
@@ -217,3 +221,211 @@ def test_dm_r1_per_sample_is_batch_squared_times_the_official():
     per_sample, _, _, _ = one_step(0, "--dm-r1", "per-sample")
     assert per_sample["R1_D_m"].item() == pytest.approx(2 ** 2 * official["R1_D_m"].item(), rel=1e-5)
     assert per_sample["R1_D_r"].item() == pytest.approx(official["R1_D_r"].item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What long runs on clusters meet: preemption, bad files in a big pool, a changed pool, a full disk
+
+
+def signal_after(monkeypatch, at_step, signum):
+    """Make train_step send this process `signum` after step index `at_step`, as a scheduler would."""
+    real_step = train_gan.train_step
+
+    def step_then_signal(step, *args, **kwargs):
+        result = real_step(step, *args, **kwargs)
+        if step == at_step:
+            os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(train_gan, "train_step", step_then_signal)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_step_with_a_checkpoint_and_the_resume_is_exact(twenty_steps, tmp_path, monkeypatch,
+                                                                           capsys, signum):
+    before = signal.getsignal(signum)
+    signal_after(monkeypatch, 6, signum)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "--iter", "20", "--snap-kimg", "0.02")
+    assert stop.value.code == 128 + signum
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"stopped by {signal.Signals(signum).name} at step 7: checkpoint "
+                   f"{tmp_path / 'checkpoint-00000007.pt'} written; continue with --resume auto"]
+    assert train_gan.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000007.pt")]
+    assert signal.getsignal(signum) == before  # the handlers are put back
+    monkeypatch.undo()
+    run(tmp_path, "--iter", "20", "--snap-kimg", "0.02", "--resume", "auto")
+    resumed, straight = load(tmp_path / "checkpoint-00000020.pt"), load(twenty_steps / "checkpoint-00000020.pt")
+    for net in ("G", "G_ema", "D_r", "D_m"):
+        for name, value in straight[net].items():
+            torch.testing.assert_close(resumed[net][name], value, rtol=1e-5, atol=1e-6, msg=f"{net}.{name}")
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 21))
+
+
+def test_agreement_is_immediate_for_one_process():
+    agree = train_gan.Agreement(1, torch.device("cpu"), 2)
+    assert agree(None, True) == (False, True) and agree(signal.SIGTERM, False) == (True, False)
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train_gan
+args = train_gan.parse_args({argv!r})
+rank, world, device = train_gan.setup_distributed()
+real_step = train_gan.train_step
+def step_then_signal(step, *a, **k):
+    result = real_step(step, *a, **k)
+    if rank == 1 and step == {at_step}:  # only rank 1 is signalled
+        os.kill(os.getpid(), signal.SIGTERM)
+    return result
+if {signal_rank_1}:
+    train_gan.train_step = step_then_signal
+try:
+    nets = train_gan._train(args, rank, world, device)
+    torch.save({{name: net.state_dict() for name, net in nets.items()}}, f"{{args.out}}/rank{{rank}}.pt")
+except train_gan.Stopped as stopped:
+    open(f"{{args.out}}/stopped{{rank}}.txt", "w").write(str(stopped))
+dist.destroy_process_group()
+"""
+
+
+def torchrun(tmp_path, script_name, argv, signal_rank_1, at_step=2):
+    script = tmp_path / script_name
+    script.write_text(SIGNAL_SCRIPT.format(root=ROOT, argv=argv, at_step=at_step, signal_rank_1=signal_rank_1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_under_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """Rank 1 alone is signalled after step index 2; the ranks agree one step later and both stop after
+    step 4 with one checkpoint; resumed, the run equals one never stopped."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    argv = TINY + ["--iter", "7", "--snap-kimg", "1"]  # no snapshot but the last
+    torchrun(tmp_path, "a.py", argv + ["--out", str(straight)], signal_rank_1=False)
+    torchrun(tmp_path, "b.py", argv + ["--out", str(stopped)], signal_rank_1=True)
+    texts = [(stopped / f"stopped{rank}.txt").read_text() for rank in (0, 1)]
+    assert "at step 4:" in texts[0] and "a signal to another process" in texts[0]
+    assert "stopped by SIGTERM at step 4:" in texts[1]
+    assert train_gan.list_checkpoints(str(stopped)) == [str(stopped / "checkpoint-00000004.pt")]
+    torchrun(tmp_path, "c.py", argv + ["--out", str(stopped), "--resume", "auto"], signal_rank_1=False)
+    for rank in (0, 1):
+        resumed, reference = load(stopped / f"rank{rank}.pt"), load(straight / f"rank{rank}.pt")
+        for net in ("G", "G_ema", "D_r", "D_m"):
+            for name, value in reference[net].items():
+                torch.testing.assert_close(resumed[net][name], value, rtol=1e-5, atol=1e-6, msg=f"{net}.{name}")
+
+
+def make_pool(root, count, start=0):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + count):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """A pool of 16 images and 4 labeled pairs (classes 0-2) at 32 px."""
+    pool, labeled = tmp_path / "pool", tmp_path / "labeled"
+    for folder in (pool, labeled / "images", labeled / "masks"):
+        folder.mkdir(parents=True)
+    make_pool(pool, 16)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(labeled / f"images/p{i}.png")
+        Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)).save(labeled / f"masks/p{i}.png")
+    return pool, labeled
+
+
+def folder_args(folders, out, *extra):
+    pool, labeled = folders
+    tiny = [a for a in TINY]
+    tiny[tiny.index("demo")] = str(pool)
+    tiny = tiny[:tiny.index("--demo-length")] + tiny[tiny.index("--demo-length") + 2:]
+    return tiny + ["--labeled", str(labeled), "--out", str(out)] + list(extra)
+
+
+def test_unreadable_pool_images_are_replaced_counted_and_named_up_to_a_limit(folders, tmp_path, monkeypatch):
+    pool, _ = folders
+    (pool / "000-corrupt.png").write_bytes(b"no image here")  # first in the list: met when guessing channels
+    real_build = train_gan.data.build_datasets
+
+    def build_then_delete(*args, **kwargs):  # a file removed after the pool was listed
+        built = real_build(*args, **kwargs)
+        (pool / "007.png").unlink(missing_ok=True)
+        return built
+
+    monkeypatch.setattr(train_gan.data, "build_datasets", build_then_delete)
+    # 21 images (16 + the corrupt one + 4 labeled): 12 steps of 2 go through every image at least once
+    command = [sys.executable, "train_gan.py"]
+    argv = folder_args(folders, tmp_path / "run", "--iter", "24", "--snap-kimg", "1", "--max-unreadable", "0.1")
+    train_gan.main(argv)
+    records = [json.loads(line) for line in open(tmp_path / "run/log.jsonl")]
+    assert records[-1]["step"] == 24 and records[-1]["unreadable_images"] == 2
+    assert load(tmp_path / "run/checkpoint-00000024.pt")["unlabeled_stream"]["unreadable"].keys() == {
+        str(pool / "000-corrupt.png"), str(pool / "007.png")}
+    # as a user sees it: the warnings name the files; past the limit (1% of 21: one file) one error line
+    (pool / "008-corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a second bad file; 007.png is gone
+    result = subprocess.run(command + folder_args(folders, tmp_path / "strict", "--iter", "24", "--snap-kimg", "1"),
+                            cwd=ROOT, capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("warning: 1 unreadable image(s) skipped while guessing the channels") \
+        and "000-corrupt.png" in lines[0]
+    assert any(line.startswith("warning: ") and "replaced by another image of the pool" in line for line in lines)
+    assert [line for line in lines if line.startswith("error: ")] == [lines[-1]]
+    assert "2 of the 21 images of the unlabeled pool are unreadable" in lines[-1] and "--max-unreadable" in lines[-1]
+
+
+def test_a_changed_pool_is_refused_unless_new_data_is_asked_for(folders, tmp_path, capsys):
+    pool, _ = folders
+    out = tmp_path / "run"
+    train_gan.main(folder_args(folders, out, "--iter", "4", "--snap-kimg", "0.008"))
+    with pytest.raises(SystemExit) as refused:
+        train_gan.main(folder_args(folders, tmp_path / "fresh", "--iter", "4", "--new-data"))
+    assert refused.value.code == 2 and "--new-data continues a run" in capsys.readouterr().err
+    make_pool(pool, 5, start=16)  # the user adds images
+    with pytest.raises(SystemExit) as refused:
+        train_gan.main(folder_args(folders, out, "--iter", "8", "--snap-kimg", "0.008", "--resume", "auto"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2 and len(err) == 1
+    assert "unlabeled pool stream was saved with length 20 and is resumed with 25" in err[0] and "--new-data" in err[0]
+    before = load(out / "checkpoint-00000004.pt")
+    train_gan.main(folder_args(folders, out, "--iter", "8", "--snap-kimg", "0.008", "--resume", "auto", "--new-data"))
+    assert "resumed from" in capsys.readouterr().out
+    after = load(out / "checkpoint-00000008.pt")
+    assert after["step"] == 8 and after["unlabeled_stream"]["length"] == 25
+    assert after["unlabeled_stream"]["seed"] == 1 + 7919 * 4  # a fresh stream, seeded by the step
+    # the optimisers kept their state: 4 more steps add as many Adam steps again (G steps + path-length steps)
+    assert after["opt_G"]["state"][0]["step"] == 2 * before["opt_G"]["state"][0]["step"]
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(1, 9))
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    run(tmp_path, "--iter", "4", "--snap-kimg", "0.008")
+    good = (tmp_path / "checkpoint-00000004.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "--iter", "12", "--snap-kimg", "0.008", "--resume", "auto")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert "cannot write" in err[0] and "checkpoint-00000008.pt" in err[0] and "No space left" in err[0]
+    assert f"the previous checkpoint {tmp_path / 'checkpoint-00000004.pt'} is intact" in err[0]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-00000004.pt"]  # no temporary file
+    assert (tmp_path / "checkpoint-00000004.pt").read_bytes() == good
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")][-1] == 8  # it went no further
+
+
+def test_an_unwritable_out_stops_before_training(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path / "a_file" / "run", "--iter", "2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--out" in err[0] and "cannot write there" in err[0]
