@@ -429,3 +429,13 @@ def test_an_unwritable_out_stops_before_training(tmp_path, capsys):
         run(tmp_path / "a_file" / "run", "--iter", "2")
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "--out" in err[0] and "cannot write there" in err[0]
+
+
+def test_an_unreadable_labeled_image_still_stops_the_run_at_once(folders, tmp_path):
+    _, labeled = folders
+    (labeled / "images/p2.png").write_bytes(b"no image here")
+    argv = folder_args(folders, tmp_path / "run", "--iter", "8", "--max-unreadable", "0.5", "--channels", "3")
+    result = subprocess.run([sys.executable, "train_gan.py"] + argv, cwd=ROOT, capture_output=True, text=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and "p2.png" in errors[0] and "not a readable image" in errors[0]
