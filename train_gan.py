@@ -293,7 +293,7 @@ def save_checkpoint(payload, path, keep):
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         previous = [p for p in list_checkpoints(os.path.dirname(path)) if p != path]
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise TrainingError(f"cannot write {path} ({one_line(error)}): {kept}; free space or fix the folder, "
+        raise TrainingError(f"cannot write {path} ({short_error(error)}): {kept}; free space or fix the folder, "
                             "then continue with --resume auto") from None
     finally:
         if os.path.exists(tmp):
@@ -306,7 +306,8 @@ def save_checkpoint(payload, path, keep):
             os.remove(old)
 
 
-def one_line(error):
+def short_error(error):
+    """'OSError: [Errno 28] No space left on device' (the first line, the type named)."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
@@ -318,7 +319,7 @@ def writable_folder(path):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise TrainingError(f"--out {path}: cannot write there ({one_line(error)}); pass a writable folder") from None
+        raise TrainingError(f"--out {path}: cannot write there ({short_error(error)}); pass a writable folder") from None
 
 
 def load_checkpoint(path, advice="delete it to resume from the one before, or pass another --resume"):
@@ -327,7 +328,7 @@ def load_checkpoint(path, advice="delete it to resume from the one before, or pa
     except FileNotFoundError:
         raise TrainingError(f"checkpoint {path} does not exist: pass an existing file or --resume auto")
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        raise TrainingError(f"checkpoint {path} cannot be read ({short_error(e)}); "
                             f"{advice}")
 
 
@@ -363,9 +364,9 @@ class Stopped(Exception):
 
 class StopOnSignal:
     """SIGTERM and SIGINT ask the run to stop after the current step (`signum` is then set); a second
-    Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint stays). Installed before the data
-    loaders start their workers, which inherit the handler and so outlive a SIGTERM sent to the whole
-    job, as SLURM does."""
+    Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint stays). The data loaders' workers ignore
+    both (data.leave_signals_to_the_main_process), so a signal sent to the whole job, as SLURM sends it,
+    leaves them running until the checkpoint is written."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
