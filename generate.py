@@ -59,6 +59,14 @@ def image_pixels(image):
     return pixels[..., 0] if pixels.shape[2] == 1 else pixels
 
 
+def save_png(pixels, path):
+    """Write to a temporary name, then rename: a run killed mid-write never leaves a truncated file under
+    a pair's name (which the next run would take for a finished pair)."""
+    partial = path.with_name(path.name + ".partial")
+    Image.fromarray(pixels).save(partial, format="PNG")
+    os.replace(partial, path)
+
+
 def generate(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     G = load_any_generator(args.ckpt, device)
@@ -79,8 +87,8 @@ def generate(args):
         images, masks = draw(G, chunk, args.seed, args.truncation, mean_latent)
         for i, image, mask in zip(chunk, images, masks.cpu().numpy().astype(np.uint8)):
             # the mask last: a pair counts as written once both files exist
-            Image.fromarray(image_pixels(image)).save(out / "images" / name(i))
-            Image.fromarray(mask).save(out / "masks" / name(i))
+            save_png(image_pixels(image), out / "images" / name(i))
+            save_png(mask, out / "masks" / name(i))
         print(f"{start + len(chunk)}/{len(missing)}", flush=True)
     print(f"done: {args.n} pairs in {out}/images and {out}/masks", flush=True)
 
@@ -102,6 +110,14 @@ def main(argv=None):
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as e:  # disk full, --out not writable
+        print(f"error: cannot write into {args.out} ({e}); the pairs written so far are complete: free space "
+              "or fix the folder, then run the same command again to continue", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the pairs written so far are complete; run the same command again to continue",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

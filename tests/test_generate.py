@@ -59,3 +59,28 @@ def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "none.pt" in err[0]
+
+
+def test_a_run_killed_mid_write_leaves_no_truncated_pair(stage1, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    real_save, saves = Image.Image.save, []
+
+    def save_then_die(image, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 4:  # the mask of pair 1: half its bytes, then the process "dies"
+            real_save(image, path, *args, **kwargs)
+            with open(path, "r+b") as f:
+                f.truncate(20)
+            raise KeyboardInterrupt
+        return real_save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_die)
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--ckpt", stage1, "--n", "3", "--batch", "3", "--out", str(tmp_path)])
+    assert stop.value.code == 130 and "run the same command again" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "masks")) == ["000000.png", "000001.png.partial"]
+    monkeypatch.undo()
+    generate.main(["--ckpt", stage1, "--n", "3", "--batch", "3", "--out", str(tmp_path)])
+    assert "generating 2 of 3 pairs" in capsys.readouterr().out  # pair 1 was not taken for finished
+    for i in range(3):
+        data.load_mask(tmp_path / f"masks/{i:06d}.png")  # every mask decodes
