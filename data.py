@@ -1833,6 +1833,16 @@ def colour_mask(mask):
     return PALETTE[np.where(mask > 0, 1 + (mask - 1) % (len(PALETTE) - 1), 0)]
 
 
+def save_png(pixels, path):
+    """An image (uint8 array or Pillow image) as PNG, written to a temporary name and then renamed: a run
+    killed mid-write never leaves a truncated file under the final name, which a resumed run would take
+    for a finished one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    (pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)).save(partial, format="PNG")
+    os.replace(partial, path)
+
+
 def tensor_to_rgb(image):
     pixels = ((image.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
     return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels

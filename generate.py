@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+import data
 import model
 import train_encoder
 import train_gan
@@ -59,14 +59,6 @@ def image_pixels(image):
     return pixels[..., 0] if pixels.shape[2] == 1 else pixels
 
 
-def save_png(pixels, path):
-    """Write to a temporary name, then rename: a run killed mid-write never leaves a truncated file under
-    a pair's name (which the next run would take for a finished pair)."""
-    partial = path.with_name(path.name + ".partial")
-    Image.fromarray(pixels).save(partial, format="PNG")
-    os.replace(partial, path)
-
-
 def generate(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     G = load_any_generator(args.ckpt, device)
@@ -87,8 +79,8 @@ def generate(args):
         images, masks = draw(G, chunk, args.seed, args.truncation, mean_latent)
         for i, image, mask in zip(chunk, images, masks.cpu().numpy().astype(np.uint8)):
             # the mask last: a pair counts as written once both files exist
-            save_png(image_pixels(image), out / "images" / name(i))
-            save_png(mask, out / "masks" / name(i))
+            data.save_png(image_pixels(image), out / "images" / name(i))
+            data.save_png(mask, out / "masks" / name(i))
         print(f"{start + len(chunk)}/{len(missing)}", flush=True)
     print(f"done: {args.n} pairs in {out}/images and {out}/masks", flush=True)
 

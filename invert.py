@@ -246,14 +246,14 @@ def output_paths(out, name, reconstruction):
 
 def save_outputs(item, classes, reconstruction, paths):
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(classes, "L").save(paths["mask"])
+    data.save_png(Image.fromarray(classes, "L"), paths["mask"])
     coloured = data.colour_mask(classes).astype(np.uint8)
-    Image.fromarray(coloured).save(paths["color"])
+    data.save_png(coloured, paths["color"])
     original = np.asarray(data.to_channels(data.decode(data.open_image_file(item.path), item.path), 3))
     blend = np.where(classes[..., None] > 0, (0.5 * original + 0.5 * coloured).astype(np.uint8), original)
-    Image.fromarray(blend).save(paths["overlay"])
+    data.save_png(blend, paths["overlay"])
     if "recon" in paths:
-        Image.fromarray(train_gan.image_to_uint8(reconstruction)).save(paths["recon"])
+        data.save_png(train_gan.image_to_uint8(reconstruction), paths["recon"])
 
 
 # ----------------------------------------------------------------------------------------------------
