@@ -1029,10 +1029,10 @@ class InfiniteLoader:
                  name="data", max_unreadable=0.01):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.name = rank, world_size, name
+        self.dataset_length = len(dataset)
         self.replaces = getattr(dataset, "replace_unreadable", False)
         self.unreadable, self.reported = {}, 0
-        self.unreadable_limit = max(1, int(max_unreadable * len(dataset)))
-        self.dataset_length = len(dataset)
+        self.unreadable_limit = max(1, int(max_unreadable * self.dataset_length))
         if self.dataset_length == 0:
             raise DataError("the data set is empty: nothing to load")
         self.length = max(self.dataset_length, batch_size * world_size)
@@ -1082,7 +1082,9 @@ class InfiniteLoader:
         self.batches = None
 
     def new_unreadable(self):
-        """[(path, reason)] of the files replaced since the last call."""
+        """[(path, reason)] of the files replaced since the last call (called every step: cheap when none)."""
+        if self.reported == len(self.unreadable):
+            return []
         found = list(self.unreadable.items())[self.reported:]
         self.reported += len(found)
         return found

@@ -247,7 +247,7 @@ def output_paths(out, name, reconstruction):
 def save_outputs(item, classes, reconstruction, paths):
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
     data.save_png(Image.fromarray(classes, "L"), paths["mask"])
-    coloured = data.colour_mask(classes).astype(np.uint8)
+    coloured = data.colour_mask(classes)
     data.save_png(coloured, paths["color"])
     original = np.asarray(data.to_channels(data.decode(data.open_image_file(item.path), item.path), 3))
     blend = np.where(classes[..., None] > 0, (0.5 * original + 0.5 * coloured).astype(np.uint8), original)

@@ -312,13 +312,7 @@ def _train(args, ckpt, rank, world, device):
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise
     random.seed(args.seed + rank)
 
-    resume = args.resume
-    if resume == "auto":
-        found = train_gan.list_checkpoints(args.out)
-        resume = found[-1] if found else None
-    if args.new_data and not resume:
-        raise TrainingError("--new-data continues a run over changed data: pass it with --resume (no checkpoint "
-                            f"found in {args.out})")
+    resume = train_gan.find_resume(args)
     if resume:
         state = train_gan.load_checkpoint(resume)
         if state.get("stage") != "encoder":
@@ -332,12 +326,7 @@ def _train(args, ckpt, rank, world, device):
         for optimizer, saved in zip(optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
         step, best = state["step"], state["best"]
-        if args.new_data:  # fresh streams over the data as it is now, seeded by the step
-            labeled_stream, unlabeled_stream = train_gan.open_streams(args, labeled, unlabeled, rank, world,
-                                                                      args.seed + 7919 * step)
-        else:
-            labeled_stream.load_state_dict(state["labeled_stream"])
-            unlabeled_stream.load_state_dict(state["unlabeled_stream"])
+        labeled_stream, unlabeled_stream = train_gan.resumed_streams(args, state, labeled, unlabeled, rank, world)
         if len(state["rng"]) == world:
             train_gan.set_rng_state(state["rng"][rank])
         else:

@@ -509,6 +509,29 @@ def open_streams(args, labeled, unlabeled, rank, world, seed):
                                 workers=args.workers, name="unlabeled pool", max_unreadable=args.max_unreadable))
 
 
+def find_resume(args):
+    """The checkpoint to resume from: --resume, the latest in --out for 'auto', or None (a fresh start)."""
+    resume = args.resume
+    if resume == "auto":
+        found = list_checkpoints(args.out)
+        resume = found[-1] if found else None
+    if args.new_data and not resume:
+        raise TrainingError("--new-data continues a run over changed data: pass it with --resume (no checkpoint "
+                            f"found in {args.out})")
+    return resume
+
+
+def resumed_streams(args, saved, labeled, unlabeled, rank, world):
+    """The data streams of a resumed run: where checkpoint `saved` left them, or with --new-data fresh ones
+    over the data as it is now, seeded by the step."""
+    if args.new_data:
+        return open_streams(args, labeled, unlabeled, rank, world, args.seed + 7919 * saved["step"])
+    streams = open_streams(args, labeled, unlabeled, rank, world, args.seed)
+    for stream, key in zip(streams, ("labeled_stream", "unlabeled_stream")):
+        stream.load_state_dict(saved[key])
+    return streams
+
+
 def _train(args, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (G_ema is copied before DDP syncs G)
     if device.type == "cuda":
@@ -531,13 +554,7 @@ def _train(args, rank, world, device):
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own latents and noise
     random.seed(args.seed + rank)
 
-    resume = args.resume
-    if resume == "auto":
-        found = list_checkpoints(args.out)
-        resume = found[-1] if found else None
-    if args.new_data and not resume:
-        raise TrainingError("--new-data continues a run over changed data: pass it with --resume (no checkpoint "
-                            f"found in {args.out})")
+    resume = find_resume(args)
     if resume:
         ckpt = load_checkpoint(resume)
         for key in ARCHITECTURE_ARGS:
@@ -556,12 +573,7 @@ def _train(args, rank, world, device):
         opt_D_m.load_state_dict(ckpt["opt_D_m"])
         state["mean_path_length"] = ckpt["mean_path_length"].to(device)
         step = ckpt["step"]
-        if args.new_data:  # fresh streams over the data as it is now, seeded by the step
-            labeled_stream, unlabeled_stream = open_streams(args, labeled, unlabeled, rank, world,
-                                                            args.seed + 7919 * step)
-        else:
-            labeled_stream.load_state_dict(ckpt["labeled_stream"])
-            unlabeled_stream.load_state_dict(ckpt["unlabeled_stream"])
+        labeled_stream, unlabeled_stream = resumed_streams(args, ckpt, labeled, unlabeled, rank, world)
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank])
         else:  # a different number of processes: fresh, distinct streams per rank
