@@ -211,7 +211,10 @@ class ToOutput(nn.Module):
 
 
 class Generator(nn.Module):
-    """SemanticGAN's generator: StyleGAN2 with a tSeg beside every tImage. Returns (image, mask logits)."""
+    """SemanticGAN's generator: StyleGAN2 with a tSeg beside every tImage. Returns (image, mask logits).
+
+    num_classes: the mask channels, one logit per class, or 1 for a binary task in the official form (the
+    foreground's logit; mask_channels)."""
 
     def __init__(self, resolution=256, num_classes=8, image_channels=3, style_dim=512, n_mlp=8,
                  channel_multiplier=2, max_channels=512, lr_mlp=0.01, blur_kernel=(1, 3, 3, 1)):
@@ -313,6 +316,18 @@ class Generator(nn.Module):
 def mask_probabilities(mask_logits):
     """Class probabilities of mask logits: softmax over K channels, or a sigmoid when K = 1."""
     return torch.sigmoid(mask_logits) if mask_logits.shape[1] == 1 else torch.softmax(mask_logits, dim=1)
+
+
+# Binary tasks (one foreground class: lungs, lesions, the liver). The official code gives them one mask
+# channel (its GeneratorSeg's default, seg_dim 1): D_m sees that channel, stage 2 a binary cross-entropy and a
+# Dice on it, and the decision is logit > 0 (sigmoid > 0.5). "softmax" keeps two channels, as any K.
+BINARY_FORMS = ("sigmoid", "softmax")
+
+
+def mask_channels(num_classes, binary="sigmoid"):
+    """The generator's mask channels for `num_classes` classes (background included): 1 for two classes in
+    the official sigmoid form, else one per class."""
+    return 1 if num_classes == 2 and binary == "sigmoid" else num_classes
 
 
 def one_hot_mask(mask, num_classes):
@@ -545,13 +560,14 @@ class BottleneckIRSE(nn.Module):
 
 
 class Map2Style(nn.Module):
-    """Strided 3x3 convs + LeakyReLU from a spatial x spatial map down to 1x1, then an equalized linear."""
+    """Strided 3x3 convs + LeakyReLU (slope 0.01, as pSp and the official ToStyleCode) from a spatial x
+    spatial map down to 1x1, then an equalized linear."""
 
     def __init__(self, in_channels, style_dim, spatial):
         super().__init__()
         layers = []
         for k in range(int(math.log2(spatial))):
-            layers += [nn.Conv2d(in_channels if k == 0 else style_dim, style_dim, 3, 2, 1), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(in_channels if k == 0 else style_dim, style_dim, 3, 2, 1), nn.LeakyReLU(0.01)]
         self.convs = nn.Sequential(*layers)
         self.linear = EqualLinear(style_dim, style_dim)
 

@@ -81,7 +81,8 @@ def load_generator(ckpt, path, device):
 def generator_config(ckpt):
     """Generator arguments of a stage-1 checkpoint."""
     a = ckpt["args"]
-    return dict(resolution=a["resolution"], num_classes=ckpt["num_classes"], image_channels=ckpt["image_channels"],
+    channels = ckpt.get("mask_channels", ckpt["num_classes"])  # older checkpoints: one channel per class
+    return dict(resolution=a["resolution"], num_classes=channels, image_channels=ckpt["image_channels"],
                 style_dim=a["style_dim"], n_mlp=a["n_mlp"], channel_multiplier=a["channel_multiplier"],
                 max_channels=a["max_channels"])
 
@@ -240,7 +241,7 @@ def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=Non
     return {"format": BUNDLE_FORMAT, "G_ema": G.state_dict(), "generator": G.config, "E": E.state_dict(),
             "encoder": E.config, "mean_latent": E.latent_avg.detach().cpu().clone(),
             "preprocessing": {"resolution": G.resolution, "channels": G.image_channels, "fit": fit},
-            "num_classes": G.num_classes, "class_names": class_names, "lpips": lpips, "step": step,
+            "num_classes": losses.label_count(G.num_classes), "class_names": class_names, "lpips": lpips, "step": step,
             "validation": validation, "args": args or {}, "stage1_args": stage1_args or {}}
 
 
@@ -296,9 +297,10 @@ def _train(args, ckpt, rank, world, device):
     if info["channels"] != G.image_channels:
         raise TrainingError(f"the data has {info['channels']} image channels, {args.ckpt} generates "
                             f"{G.image_channels}: pass --channels {G.image_channels} or the data stage 1 trained on")
-    if info["num_classes"] != G.num_classes:
-        raise TrainingError(f"the data has {info['num_classes']} classes, {args.ckpt} generates {G.num_classes}: "
-                            f"pass --num-classes {G.num_classes} (or the stage-1 --class-map)")
+    classes = losses.label_count(G.num_classes)
+    if info["num_classes"] != classes:
+        raise TrainingError(f"the data has {info['num_classes']} classes, {args.ckpt} generates masks of {classes}: "
+                            f"pass --num-classes {classes} (or the stage-1 --class-map)")
     validation, validation_source = data.build_validation(args, args.val)
     temperatures = mask_temperatures(args, ckpt["args"], G.num_classes)
     percept = losses.Perceptual(args.lpips).to(device)
@@ -345,7 +347,7 @@ def _train(args, ckpt, rank, world, device):
     images_per_step = 2 * args.batch * world  # an unlabeled and a labeled batch
     if rank == 0:
         print(f"semanticgan stage 2: encoder for {args.ckpt} ({G.resolution} px, {G.image_channels} image channels, "
-              f"{G.num_classes} classes); {world} process(es) on {device.type}, batch {args.batch} unlabeled + "
+              f"{classes} classes, {G.num_classes} mask channel(s)); {world} process(es) on {device.type}, batch {args.batch} unlabeled + "
               f"{args.batch} labeled per process; precision {precision}; {args.iter} steps; data: "
               f"{info['labeled_count']} labeled pairs and {info['unlabeled_count']} images from {info['source']}; "
               f"validation: {validation_source}", flush=True)

@@ -84,11 +84,14 @@ def setup_distributed():
 
 
 def build_networks(args, image_channels, num_classes, device):
-    G = model.Generator(args.resolution, num_classes, image_channels, style_dim=args.style_dim, n_mlp=args.n_mlp,
+    """G, G_ema, D_r, D_m for data of `num_classes` classes (background included): the mask has
+    model.mask_channels of them (one for a binary task in the official --binary sigmoid form)."""
+    channels = model.mask_channels(num_classes, args.binary)
+    G = model.Generator(args.resolution, channels, image_channels, style_dim=args.style_dim, n_mlp=args.n_mlp,
                         channel_multiplier=args.channel_multiplier, max_channels=args.max_channels)
     D_r = model.ImageDiscriminator(args.resolution, image_channels, channel_multiplier=args.channel_multiplier,
                                    max_channels=args.max_channels)
-    D_m = model.MaskDiscriminator(image_channels, num_classes, base_channels=min(64, args.max_channels),
+    D_m = model.MaskDiscriminator(image_channels, channels, base_channels=min(64, args.max_channels),
                                   max_channels=args.max_channels)
     G, D_r, D_m = G.to(device), D_r.to(device), D_m.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -564,6 +567,11 @@ def _train(args, rank, world, device):
         if (ckpt["image_channels"], ckpt["num_classes"]) != (image_channels, num_classes):
             raise TrainingError(f"checkpoint {resume} has {ckpt['image_channels']} image channels and "
                                 f"{ckpt['num_classes']} classes, the data {image_channels} and {num_classes}")
+        saved_channels = ckpt.get("mask_channels", ckpt["num_classes"])  # older checkpoints: one per class
+        if saved_channels != G.num_classes:
+            form = "sigmoid" if saved_channels == 1 else "softmax"
+            raise TrainingError(f"checkpoint {resume} has {saved_channels} mask channel(s), --binary "
+                                f"{args.binary} makes {G.num_classes}: pass --binary {form} to resume it")
         G.load_state_dict(ckpt["G"])
         G_ema.load_state_dict(ckpt["G_ema"])
         D_r.load_state_dict(ckpt["D_r"])
@@ -596,7 +604,9 @@ def _train(args, rank, world, device):
     snapshot_every = max(1, round(args.snap_kimg * 1000 / global_batch))
     if rank == 0:
         counts = f"{info['labeled_count']} labeled pairs and {info['unlabeled_count']} images from {info['source']}"
-        print(f"semanticgan stage 1: {args.resolution} px, {image_channels} image channels, {num_classes} classes; "
+        masks = "one sigmoid mask channel" if G.num_classes == 1 else f"{G.num_classes} mask channels"
+        print(f"semanticgan stage 1: {args.resolution} px, {image_channels} image channels, {num_classes} classes "
+              f"({masks}); "
               f"{world} process(es) on {device.type}, batch {args.batch} per process = {global_batch} global; "
               f"precision {precision}; {total_steps} steps = {total_steps * global_batch / 1000:.1f} kimg; "
               f"snapshot every {snapshot_every} steps; data: {counts}", flush=True)
@@ -637,6 +647,7 @@ def _train(args, rank, world, device):
                                "labeled_stream": labeled_stream.state_dict(),
                                "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
                                "image_channels": image_channels, "num_classes": num_classes,
+                               "mask_channels": G_ema.num_classes,
                                "args": {k: v for k, v in vars(args).items()}}
                     save_checkpoint(payload, checkpoint_path(args.out, step), args.keep)
                     if not stop:  # the grid after the checkpoint: a preempted job has seconds left
@@ -725,6 +736,9 @@ def parse_args(argv=None):
     g.add_argument("--dm-mask", choices=model.DM_MASK_INPUTS, default="logits",
                    help="what D_m sees of a mask: the official raw logits against one-hot in {-1, +1}, or "
                         "softmax probabilities against one-hot in {0, 1}")
+    g.add_argument("--binary", choices=model.BINARY_FORMS, default="sigmoid",
+                   help="data with one foreground class: one mask channel decided by sigmoid > 0.5 (the "
+                        "official form) or two softmax channels")
     g.add_argument("--dm-r1", choices=["official", "per-sample"], default="official",
                    help="D_m's R1: the official score (batch-mean logits, 1/B^2 of a per-sample R1) or a "
                         "per-sample R1 with the full gamma, as D_r's")
