@@ -701,6 +701,84 @@ class DemoDataset(Dataset):
 # The shared command-line options and build_datasets
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad option reported in one line (argparse's own prints its whole usage first):
+    `error: argument --batch: 0: give a whole number of 1 or more (see train_gan.py --help)`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind, low=None, high=None, above=None):
+    """An argparse type for numeric options, checked when the command line is parsed: a `kind` (int or
+    float) of at least `low` (or more than `above`) and at most `high`. Anything else (a negative batch, a
+    zero learning rate, nan) is one error line naming the option and the values it takes."""
+    whole = kind is int
+    noun = "a whole number" if whole else "a number"
+    if low is not None and high is not None:
+        takes = f"{noun} from {low:g} to {high:g}"
+    elif low is not None:
+        takes = f"{noun} of {low:g} or more"
+    elif above is not None:
+        takes = f"{noun} above {above:g}"
+    else:
+        takes = noun
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {takes}") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (above is not None and value <= above) \
+                or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text}: give {takes}")
+        return value
+
+    parse.__name__ = takes  # what argparse would name in its own messages
+    parse.kind, parse.low, parse.high, parse.above = kind, low, high, above  # for the tests that walk the options
+    return parse
+
+
+def number_list(kind, low=None, count=None):
+    """An argparse type for comma-separated numbers (--encoder-units 3,4,14,3), each checked as number()
+    checks one, `count` of them if given."""
+    one = number(kind, low=low)
+    takes = f"{count or 'one or more'} comma-separated values, each {one.__name__}"
+
+    def parse(text):
+        try:
+            values = tuple(one(v) for v in text.split(","))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text}: give {takes}") from None
+        if count is not None and len(values) != count:
+            raise argparse.ArgumentTypeError(f"{text}: give {takes}")
+        return values
+
+    parse.__name__ = takes
+    parse.item, parse.count = one, count
+    return parse
+
+
+def choice_list(choices):
+    """An argparse type for a comma-separated subset of `choices` (--bench-precisions fp32,bf16)."""
+    def parse(text):
+        values = [v for v in text.split(",")]
+        if not values or any(v not in choices for v in values):
+            raise argparse.ArgumentTypeError(f"{text}: give one or more of {', '.join(choices)}, comma-separated")
+        return values
+
+    parse.__name__ = f"a list of {', '.join(choices)}"
+    parse.choices = tuple(choices)
+    return parse
+
+
+POSITIVE_INT = number(int, low=1)         # steps, batches, sizes, intervals
+COUNT = number(int, low=0)                # counts where 0 means none, seeds, workers
+POSITIVE = number(float, above=0)         # learning rates, temperatures, clip norms
+NON_NEGATIVE = number(float, low=0)       # loss weights (0 turns a term off), gammas, seconds
+FRACTION = number(float, low=0, high=1)   # probabilities, decays, fractions
+
+
 def default_workers(world_size=1):
     """DataLoader workers per stream: the CPU cores this process may use, shared among the local ranks,
     at most 8."""
@@ -711,24 +789,26 @@ def default_workers(world_size=1):
     return max(1, min(8, cores // max(1, world_size)))
 
 
-def add_data_args(parser):
+def add_data_args(parser, resolutions=None):
     """The data options every script shares. `--seed` and `--workers` are added only when the parser
-    has no option of that name yet."""
+    has no option of that name yet. `resolutions`: the sizes the networks can take (the training
+    scripts); otherwise any size of 4 pixels or more."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="PATH", help="a folder of images (searched recursively), a "
                        "labeled folder (images/ + masks/; then it is also --labeled), or 'demo'")
     group.add_argument("--labeled", metavar="DIR", help="a labeled folder (images/NAME.* + masks/NAME.png) "
                        "when --data is the unlabeled pool")
-    group.add_argument("--resolution", type=int, default=256, help="square size R (default 256)")
+    size = dict(type=int, choices=resolutions) if resolutions else dict(type=number(int, low=4))
+    group.add_argument("--resolution", default=256, help="square size R (default 256)", **size)
     group.add_argument("--channels", type=int, choices=(1, 3), default=None,
                        help="1 (grey: X-ray, CT, MRI) or 3 (RGB); default: 1 if the sampled images are grey")
-    group.add_argument("--num-classes", type=int, default=None, help="classes including background; "
+    group.add_argument("--num-classes", type=number(int, low=2, high=MAX_CLASSES), default=None, help="classes including background; "
                        "default: from --class-map, classes.txt or the masks")
     group.add_argument("--class-map", default=None, metavar="MAP", help="merge classes: "
                        f"{', '.join(CLASS_MAPS)}, a file of SRC:DST lines, or SRC:DST,SRC:DST")
-    group.add_argument("--labels", type=int, default=None, metavar="N",
+    group.add_argument("--labels", type=COUNT, default=None, metavar="N",
                        help="keep N labeled pairs (a fixed seeded subset; smaller sets nest in larger ones)")
-    group.add_argument("--labels-seed", type=int, default=0, help="seed of the --labels subset (default 0)")
+    group.add_argument("--labels-seed", type=COUNT, default=0, help="seed of the --labels subset (default 0)")
     group.add_argument("--split", metavar="FILE", help="keep the labeled pairs named in FILE (one per line)")
     group.add_argument("--fit", choices=FITS, default="pad",
                        help="non-square images: pad (default), centre crop, or stretch")
@@ -741,17 +821,17 @@ def add_data_args(parser):
     group.add_argument("--skip-unpaired", action="store_true",
                        help="leave out images without masks and masks without images (counted) "
                             "instead of stopping")
-    group.add_argument("--max-unreadable", type=float, default=0.01, metavar="FRACTION",
+    group.add_argument("--max-unreadable", type=FRACTION, default=0.01, metavar="FRACTION",
                        help="unreadable unlabeled images are replaced by others from the pool and counted; "
                             "past this fraction of the pool (at least one file) the run stops; 0: stop at the "
                             "first (default 0.01)")
-    group.add_argument("--demo-length", type=int, default=1000, help="images in --data demo (default 1000)")
+    group.add_argument("--demo-length", type=POSITIVE_INT, default=1000, help="images in --data demo (default 1000)")
     options = parser._option_string_actions
     if "--workers" not in options:
-        group.add_argument("--workers", type=int, default=None, help="DataLoader workers per stream "
+        group.add_argument("--workers", type=COUNT, default=None, help="DataLoader workers per stream "
                            "(default: the CPU cores, at most 8)")
     if "--seed" not in options:
-        group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        group.add_argument("--seed", type=COUNT, default=0, help="random seed (default 0)")
     return parser
 
 
@@ -1949,14 +2029,14 @@ def parse_window(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="semanticgan data: convert, check, show and time data sets")
+    parser = ArgumentParser(description="semanticgan data: convert, check, show and time data sets")
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser("prepare", help="convert a public release into images/ + masks/")
     prepare.add_argument("name", choices=sorted(CONVERTERS), help="which release")
     prepare.add_argument("src", help="the folder the release was extracted to")
     prepare.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
-    prepare.add_argument("--size", type=int, default=None, help="also square and resize to SIZE px")
+    prepare.add_argument("--size", type=number(int, low=4), default=None, help="also square and resize to SIZE px")
     prepare.add_argument("--fit", choices=FITS, default="pad", help="how --size squares (default pad)")
     prepare.add_argument("--window", type=parse_window, default=(-160.0, 240.0),
                          help="lits: CT window in HU, written --window=LOW,HIGH (default -160,240: level 40, "
@@ -1970,31 +2050,31 @@ def build_parser():
 
     show = add_data_args(commands.add_parser("show", help="write a grid of images with their masks"))
     show.add_argument("--out", default="grid.png")
-    show.add_argument("--count", type=int, default=8, help="samples (default 8)")
+    show.add_argument("--count", type=POSITIVE_INT, default=8, help="samples (default 8)")
     show.add_argument("--show-augmented", action="store_true", help="show augmented pairs")
     show.set_defaults(run=command_show)
 
     bench = add_data_args(commands.add_parser("bench", help="loader throughput"))
-    bench.add_argument("--batch", type=int, default=16)
-    bench.add_argument("--batches", type=int, default=30, help="timed batches (default 30)")
-    bench.add_argument("--warmup", type=int, default=5, help="untimed batches first (default 5)")
+    bench.add_argument("--batch", type=POSITIVE_INT, default=16)
+    bench.add_argument("--batches", type=POSITIVE_INT, default=30, help="timed batches (default 30)")
+    bench.add_argument("--warmup", type=COUNT, default=5, help="untimed batches first (default 5)")
     bench.set_defaults(run=command_bench)
 
     demo = commands.add_parser("demo", help="write demo scenes as a labeled folder")
     demo.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
-    demo.add_argument("--count", type=int, default=100)
-    demo.add_argument("--seed", type=int, default=1, help="scene seed (training uses 0; default 1: unseen scenes)")
-    demo.add_argument("--resolution", type=int, default=256)
+    demo.add_argument("--count", type=POSITIVE_INT, default=100)
+    demo.add_argument("--seed", type=COUNT, default=1, help="scene seed (training uses 0; default 1: unseen scenes)")
+    demo.add_argument("--resolution", type=number(int, low=4), default=256)
     demo.add_argument("--channels", type=int, choices=(1, 3), default=3)
-    demo.add_argument("--num-classes", type=int, default=4)
+    demo.add_argument("--num-classes", type=number(int, low=2, high=MAX_CLASSES), default=4)
     demo.set_defaults(run=command_demo)
 
     split = commands.add_parser("split", help="seeded train/val/test name lists of a labeled folder")
     split.add_argument("--data", required=True, help="a labeled folder")
     split.add_argument("--out", required=True, help="folder for train.txt, val.txt, test.txt")
-    split.add_argument("--val", type=float, default=0.1, help="fraction for val.txt (default 0.1)")
-    split.add_argument("--test", type=float, default=0.2, help="fraction for test.txt (default 0.2)")
-    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--val", type=FRACTION, default=0.1, help="fraction for val.txt (default 0.1)")
+    split.add_argument("--test", type=FRACTION, default=0.2, help="fraction for test.txt (default 0.2)")
+    split.add_argument("--seed", type=COUNT, default=0)
     split.add_argument("--skip-unpaired", action="store_true")
     split.set_defaults(run=command_split)
     return parser

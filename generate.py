@@ -85,18 +85,24 @@ def generate(args):
     print(f"done: {args.n} pairs in {out}/images and {out}/masks", flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Write image/mask pairs drawn from G_ema in the folder format.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = data.ArgumentParser(description="Write image/mask pairs drawn from G_ema in the folder format.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train_gan.py checkpoint or a model.pt")
-    p.add_argument("--n", type=int, default=20000, help="pairs")
-    p.add_argument("--truncation", type=float, default=0.7, help="1 = no truncation (the most diverse pairs)")
-    p.add_argument("--mean-samples", type=int, default=4096, help="latents averaged for the truncation centre")
+    p.add_argument("--n", type=data.POSITIVE_INT, default=20000, help="pairs")
+    p.add_argument("--truncation", type=data.NON_NEGATIVE, default=0.7,
+                   help="1 = no truncation (the most diverse pairs), 0 = the mean latent's pair")
+    p.add_argument("--mean-samples", type=data.POSITIVE_INT, default=4096,
+                   help="latents averaged for the truncation centre")
     p.add_argument("--out", default="synth")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=data.POSITIVE_INT, default=32)
+    p.add_argument("--seed", type=data.COUNT, default=0)
     p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         generate(args)
     except TrainingError as e:

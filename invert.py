@@ -462,20 +462,21 @@ def run(args, argv):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Segment images by inverting them into a SemanticGAN generator "
-                                "(and score the masks).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description="Segment images by inverting them into a SemanticGAN generator "
+                            "(and score the masks).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or globs")
     p.add_argument("--model", default=None, help="model.pt of train_encoder.py (default: the newest under runs/)")
     p.add_argument("--out", default="segmentations", help="output folder")
-    p.add_argument("--steps", type=int, default=100, help="optimisation steps (0: the encoder alone)")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--mse-weight", type=float, default=0.1, help="lambda3")
-    p.add_argument("--encoder-weight", type=float, default=1e-3, help="lambda2")
-    p.add_argument("--noise-weight", type=float, default=100.0, help="noise regularisation weight")
+    p.add_argument("--steps", type=data.COUNT, default=100, help="optimisation steps (0: the encoder alone)")
+    p.add_argument("--lr", type=data.POSITIVE, default=0.1)
+    p.add_argument("--mse-weight", type=data.NON_NEGATIVE, default=0.1, help="lambda3")
+    p.add_argument("--encoder-weight", type=data.NON_NEGATIVE, default=1e-3, help="lambda2")
+    p.add_argument("--noise-weight", type=data.NON_NEGATIVE, default=100.0, help="noise regularisation weight")
     p.add_argument("--lpips", choices=losses.Perceptual.NETS, default=None,
                    help="LPIPS network (default: the one the encoder was trained with)")
-    p.add_argument("--batch", type=int, default=0, help="images optimised together (0: 16 on a GPU, 4 on the CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise maps (with each image's name)")
+    p.add_argument("--batch", type=data.POSITIVE_INT, default=None,
+                   help="images optimised together (default: 16 on a GPU, 4 on the CPU)")
+    p.add_argument("--seed", type=data.COUNT, default=0, help="seed of the noise maps (with each image's name)")
     p.add_argument("--split", metavar="FILE", default=None,
                    help="segment only the input images named in FILE (one per line, e.g. data.py split's test.txt)")
     p.add_argument("--eval", metavar="MASKS", default=None,
@@ -491,9 +492,9 @@ def build_parser():
     b = p.add_argument_group("benchmark (instead of segmenting; no model needed)")
     b.add_argument("--benchmark", action="store_true", help="images/s of --steps steps for each of --bench-batches, "
                    "random config-f G and E at --bench-resolution")
-    b.add_argument("--bench-resolution", type=int, default=256)
-    b.add_argument("--bench-batches", default="1,4,16")
-    b.add_argument("--bench-max-channels", type=int, default=512, help="narrow G and E (CPU runs)")
+    b.add_argument("--bench-resolution", type=int, choices=model.RESOLUTIONS, default=256)
+    b.add_argument("--bench-batches", type=data.number_list(int, low=1), default="1,4,16")
+    b.add_argument("--bench-max-channels", type=data.POSITIVE_INT, default=512, help="narrow G and E (CPU runs)")
     return p
 
 
@@ -510,7 +511,7 @@ def benchmark(args):
     autocast, precision = train_gan.make_autocast(args, device)
     print(f"inversion throughput on {device}: {R} px, {args.steps} steps, precision {precision}, max channels {width}")
     print(f"{'batch':>6} {'img/s':>8} {'s/image':>9} {'peak GiB':>9}")
-    for batch in (int(b) for b in args.bench_batches.split(",")):
+    for batch in args.bench_batches:
         images = torch.rand(batch, 3, R, R, device=device) * 2 - 1
         invert(G, E, percept, images, list(range(batch)), argparse.Namespace(**{**vars(args), "steps": 2}), autocast)
         if device.type == "cuda":

@@ -66,8 +66,11 @@ def stylegan_channels(resolution, channel_multiplier=2, max_channels=512):
     return min(width, max_channels)
 
 
+RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
+
+
 def check_resolution(resolution):
-    if resolution not in (32, 64, 128, 256, 512, 1024):
+    if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be a power of two from 32 to 1024, got {resolution}")
     return int(math.log2(resolution))
 
@@ -673,27 +676,32 @@ def _benchmark(args):
         "D_m": lambda: sum(s[-1].mean() for s in D_m(image, mask)).backward(),
     }
     print(f"\nforward+backward, {device}, {R} px, batch {B}: median ms of {args.iters} runs after {args.warmup}")
-    print(f"{'network':<8} " + " ".join(f"{impl:>10}" for impl in args.impls.split(",")))
+    print(f"{'network':<8} " + " ".join(f"{impl:>10}" for impl in args.impls))
     for name, step in steps.items():
         row = []
-        for impl in args.impls.split(","):
+        for impl in args.impls:
             os.environ["SEMANTICGAN_OPS"] = "ref" if impl == "ref" else ""
             row.append(_time_forward_backward(step, device, args.iters, args.warmup) * 1000)
         print(f"{name:<8} " + " ".join(f"{ms:>10.2f}" for ms in row))
 
 
-if __name__ == "__main__":
-    import argparse
+def build_parser():
+    import data  # the command line's checked options (data.py does not import this file)
 
-    parser = argparse.ArgumentParser(description="Parameter counts and forward+backward time of G, D_r and D_m.")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--classes", type=int, default=8)
-    parser.add_argument("--image-channels", type=int, default=3)
-    parser.add_argument("--max-channels", type=int, default=512, help="cap on feature maps (narrow networks)")
+    parser = data.ArgumentParser(description="Parameter counts and forward+backward time of G, D_r and D_m.")
+    parser.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=256)
+    parser.add_argument("--batch", type=data.POSITIVE_INT, default=16)
+    parser.add_argument("--classes", type=data.POSITIVE_INT, default=8)
+    parser.add_argument("--image-channels", type=int, choices=(1, 3), default=3)
+    parser.add_argument("--max-channels", type=data.POSITIVE_INT, default=512, help="cap on feature maps (narrow networks)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impls", default="cuda,ref", help="ops implementations to time ('cuda' = fused kernels "
-                                                            "and gradfix convolutions, 'ref' = plain PyTorch)")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    _benchmark(parser.parse_args())
+    parser.add_argument("--impls", type=data.choice_list(("cuda", "ref")), default="cuda,ref",
+                        help="ops implementations to time ('cuda' = fused kernels and gradfix convolutions, "
+                             "'ref' = plain PyTorch)")
+    parser.add_argument("--iters", type=data.POSITIVE_INT, default=20)
+    parser.add_argument("--warmup", type=data.COUNT, default=5)
+    return parser
+
+
+if __name__ == "__main__":
+    _benchmark(build_parser().parse_args())

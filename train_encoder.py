@@ -88,8 +88,7 @@ def generator_config(ckpt):
 
 
 def encoder_config(args, G):
-    units = tuple(int(u) for u in args.encoder_units.split(","))
-    return dict(resolution=G.resolution, image_channels=G.image_channels, style_dim=G.style_dim, units=units,
+    return dict(resolution=G.resolution, image_channels=G.image_channels, style_dim=G.style_dim, units=args.encoder_units,
                 max_channels=args.max_channels)
 
 
@@ -319,10 +318,13 @@ def _train(args, ckpt, rank, world, device):
         state = train_gan.load_checkpoint(resume)
         if state.get("stage") != "encoder":
             raise TrainingError(f"{resume} is not a checkpoint of train_encoder.py; pass another --resume")
+        saved = dict(state["args"])
+        if isinstance(saved.get("encoder_units"), str):  # checkpoints before the option was parsed: "3,4,14,3"
+            saved["encoder_units"] = tuple(int(u) for u in saved["encoder_units"].split(","))
         for key in ("encoder_units", "max_channels", "batch", "optimizer"):
-            if state["args"].get(key) != getattr(args, key):
+            if saved.get(key) != getattr(args, key):
                 raise TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
-                                    f"{state['args'].get(key)}, not {getattr(args, key)}: pass the same value to resume")
+                                    f"{saved.get(key)}, not {getattr(args, key)}: pass the same value to resume")
         G.load_state_dict(state["G_ema"])
         E.load_state_dict(state["E"])
         for optimizer, saved in zip(optimizers, state["optimizers"]):
@@ -375,7 +377,9 @@ def _train(args, ckpt, rank, world, device):
                                     args, temperatures, autocast))
             step += 1
 
-            stop, log_due = agree(stopper.signum, time.time() - last_log >= args.log_every)
+            stop, log_due = agree(stopper.step_ended(), time.time() - last_log >= args.log_every)
+            if stop:
+                stopper.disarm()  # the step ended: what is left is the checkpoint
             validated = None
             if validation is not None and (step % args.val_every == 0 or step == args.iter):
                 validated = validate(E, G, validation, args.batch, device, autocast)  # every rank: same numbers
@@ -421,50 +425,51 @@ def _train(args, ckpt, rank, world, device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Stage 2 of SemanticGAN: train the encoder against a frozen generator.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description="Stage 2 of SemanticGAN: train the encoder against a frozen generator.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="a stage-1 checkpoint of train_gan.py, or its --out folder (the latest "
                    "checkpoint); its G_ema is used")
-    data.add_data_args(p)
+    data.add_data_args(p, resolutions=model.RESOLUTIONS)
     p.set_defaults(**{k: None for k in INHERITED})  # None: taken from the stage-1 checkpoint
     g = p.add_argument_group("training (defaults: the official configuration)")
     g.add_argument("--out", default="runs/encoder", help="output folder: model.pt, best.pt, checkpoints, grids, log")
-    g.add_argument("--iter", type=int, default=100000, help="iterations (each an unlabeled and a labeled step)")
-    g.add_argument("--batch", type=int, default=16, help="batch per GPU / process, of each kind")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--lr-min", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    g.add_argument("--lr-decay-start", type=float, default=0.3, help="fraction of --iter where the decay starts")
+    g.add_argument("--iter", type=data.POSITIVE_INT, default=100000, help="iterations (each an unlabeled and a labeled step)")
+    g.add_argument("--batch", type=data.POSITIVE_INT, default=16, help="batch per GPU / process, of each kind")
+    g.add_argument("--lr", type=data.POSITIVE, default=1e-3)
+    g.add_argument("--lr-min", type=data.NON_NEGATIVE, default=1e-5, help="learning rate at the end of the cosine decay")
+    g.add_argument("--lr-decay-start", type=data.FRACTION, default=0.3, help="fraction of --iter where the decay starts")
     g.add_argument("--optimizer", choices=["radam", "adam"], default="radam")
     g.add_argument("--lpips", choices=losses.Perceptual.NETS, default="vgg",
                    help="LPIPS network; random = untrained backbone (tests, offline demos)")
-    g.add_argument("--lpips-weight", type=float, default=10.0)
-    g.add_argument("--mse-weight", type=float, default=1.0)
-    g.add_argument("--ce-weight", type=float, default=1.0)
-    g.add_argument("--dice-weight", type=float, default=1.0)
-    g.add_argument("--ce-temperature", type=float, default=None, help="default: 0.1 (0.3 for one class), or 1 "
+    g.add_argument("--lpips-weight", type=data.NON_NEGATIVE, default=10.0)
+    g.add_argument("--mse-weight", type=data.NON_NEGATIVE, default=1.0)
+    g.add_argument("--ce-weight", type=data.NON_NEGATIVE, default=1.0)
+    g.add_argument("--dice-weight", type=data.NON_NEGATIVE, default=1.0)
+    g.add_argument("--ce-temperature", type=data.POSITIVE, default=None, help="default: 0.1 (0.3 for one class), or 1 "
                    "for a generator trained with --dm-mask probabilities")
-    g.add_argument("--dice-temperature", type=float, default=None, help="default: 0.3, or 1 as above")
-    g.add_argument("--clip-unlabeled", type=float, default=2.0, help="gradient-norm clip of the unlabeled step")
-    g.add_argument("--clip-labeled", type=float, default=5.0, help="gradient-norm clip of the labeled step")
+    g.add_argument("--dice-temperature", type=data.POSITIVE, default=None, help="default: 0.3, or 1 as above")
+    g.add_argument("--clip-unlabeled", type=data.POSITIVE, default=2.0, help="gradient-norm clip of the unlabeled step")
+    g.add_argument("--clip-labeled", type=data.POSITIVE, default=5.0, help="gradient-norm clip of the labeled step")
     g.add_argument("--val", default=None, help="a labeled folder or a split file to validate on (default: the "
                    "labeled pairs --labels leaves unused)")
-    g.add_argument("--val-every", type=int, default=100, help="steps between validations")
+    g.add_argument("--val-every", type=data.POSITIVE_INT, default=100, help="steps between validations")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
     g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
     g.add_argument("--new-data", action="store_true", help="with --resume: keep the encoder, optimisers and step, "
                    "and start fresh seeded data streams (the data changed since the checkpoint)")
-    g.add_argument("--snap-every", type=int, default=2000, help="steps between grids, checkpoints and model.pt")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    g.add_argument("--grid", type=int, default=8, help="labeled and unlabeled rows in the grid")
-    g.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    g.add_argument("--snap-every", type=data.POSITIVE_INT, default=2000, help="steps between grids, checkpoints and model.pt")
+    g.add_argument("--keep", type=data.POSITIVE_INT, default=3, help="checkpoints kept")
+    g.add_argument("--grid", type=data.POSITIVE_INT, default=8, help="labeled and unlabeled rows in the grid")
+    g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
     b = p.add_argument_group("benchmark (instead of training; no checkpoint needed)")
     b.add_argument("--benchmark", action="store_true", help="time the training step at --resolution on synthetic "
                    "data with random config-f G and E (--max-channels narrows both) and exit")
-    b.add_argument("--bench-steps", type=int, default=20)
+    b.add_argument("--bench-steps", type=data.POSITIVE_INT, default=20)
     n = p.add_argument_group("encoder (default: pSp's IR-SE-50; narrow it for CPU demos)")
-    n.add_argument("--encoder-units", default="3,4,14,3", help="IR-SE units in the four stages")
-    n.add_argument("--max-channels", type=int, default=512, help="cap on the encoder's feature maps")
+    n.add_argument("--encoder-units", type=data.number_list(int, low=1, count=4), default="3,4,14,3",
+                   help="IR-SE units in the four stages")
+    n.add_argument("--max-channels", type=data.POSITIVE_INT, default=512, help="cap on the encoder's feature maps")
     return p
 
 

@@ -37,6 +37,7 @@ step; an unreadable image in the unlabeled pool is replaced by another and count
 written (disk full, --out gone) stops the run with the previous checkpoint intact.
 """
 
+import _thread
 import argparse
 import copy
 import glob
@@ -356,12 +357,18 @@ ARCHITECTURE_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "
 
 
 class Stopped(Exception):
-    """The run stopped on a signal after writing a checkpoint (main() reports it and exits 128 + signal)."""
+    """The run stopped on a signal (main() reports it and exits 128 + signal): after writing a checkpoint
+    at `step`, or, with step None, without one because the step under way did not end (StopOnSignal)."""
 
-    def __init__(self, signum, step, out):
+    def __init__(self, signum, step=None, out=None, waited=None):
         by = signal.Signals(signum).name if signum else "a signal to another process"
-        super().__init__(f"stopped by {by} at step {step}: checkpoint {checkpoint_path(out, step)} written; "
-                         "continue with --resume auto")
+        if step is None:
+            message = (f"stopped by {by}: the step under way had not ended {waited:.0f} s later, so no checkpoint "
+                       "was written (the last one is intact); continue with --resume auto")
+        else:
+            message = (f"stopped by {by} at step {step}: checkpoint {checkpoint_path(out, step)} written; "
+                       "continue with --resume auto")
+        super().__init__(message)
         self.signum = signum or signal.SIGTERM
 
 
@@ -369,23 +376,56 @@ class StopOnSignal:
     """SIGTERM and SIGINT ask the run to stop after the current step (`signum` is then set); a second
     Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint stays). The data loaders' workers ignore
     both (data.leave_signals_to_the_main_process), so a signal sent to the whole job, as SLURM sends it,
-    leaves them running until the checkpoint is written."""
+    leaves them running until the checkpoint is written.
+
+    A step that cannot end (a data loader that never delivers, a wait that never returns) must not make
+    the process deaf: after the first signal a watchdog thread waits for the loop, and when no step has
+    ended for GRACE seconds (or 3 times the longest step so far, if that is longer) it interrupts the main
+    thread, which stops with Stopped and no checkpoint. The loop calls step_ended() after every step and
+    disarm() once it has agreed to stop (writing the checkpoint may take its time)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    GRACE = 60.0
 
     def __init__(self):
         self.signum, self.previous, self.pid = None, {}, os.getpid()
+        self.signalled_at = self.last_step_end = time.monotonic()
+        self.longest_step, self.disarmed, self.expired = 0.0, False, None
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             self.previous = {s: signal.signal(s, self.handler) for s in self.SIGNALS}
 
     def handler(self, signum, frame):
         if os.getpid() != self.pid:  # a loader worker (it inherited the handler): the main process decides
             return
+        if self.expired is not None:  # the watchdog's interrupt: the step under way will not end
+            raise Stopped(self.signum, waited=self.expired)
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = self.signum or signum  # nothing printed here: the handler may interrupt a print
+        if self.signum is None:  # nothing printed here: the handler may interrupt a print
+            self.signum, self.signalled_at = signum, time.monotonic()
+            threading.Thread(target=self.watch, daemon=True).start()
+
+    def step_ended(self):
+        """Record the end of a step; returns the signal received so far, or None."""
+        now = time.monotonic()
+        self.longest_step = max(self.longest_step, now - self.last_step_end)
+        self.last_step_end = now
+        return self.signum
+
+    def watch(self):
+        while not self.disarmed:
+            waited = time.monotonic() - max(self.signalled_at, self.last_step_end)
+            if waited > max(self.GRACE, 3 * self.longest_step):
+                self.expired = waited
+                _thread.interrupt_main()  # SIGINT's handler (this one) runs in the main thread and raises
+                return
+            time.sleep(0.1)
+
+    def disarm(self):
+        self.disarmed = True
 
     def restore(self):
+        self.disarm()
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
@@ -628,7 +668,9 @@ def _train(args, rank, world, device):
             progress.add(train_step(step, nets, (opt_G, opt_D_r, opt_D_m), batch, args, state, autocast))
             step += 1
 
-            stop, log_due = agree(stopper.signum, time.time() - last_log >= args.log_every)
+            stop, log_due = agree(stopper.step_ended(), time.time() - last_log >= args.log_every)
+            if stop:
+                stopper.disarm()  # the step ended: what is left is the checkpoint
             snapshot = step % snapshot_every == 0 or step == total_steps or stop
             if snapshot or log_due:
                 # raises on NaN before anything is written
@@ -680,8 +722,8 @@ def benchmark(args):
     print(f"stage-1 training throughput: {R} px, batch {B}, {classes} classes, {channels} image channels, "
           f"all regularisers on; {steps} steps timed after {period} warm-up, on {device}")
     print(f"{'precision':<10} {'ops':<5} {'img/s':>8} {'s/kimg':>8} {'peak GiB':>9}")
-    for precision in args.bench_precisions.split(","):
-        for impl in args.bench_impls.split(","):
+    for precision in args.bench_precisions:
+        for impl in args.bench_impls:
             os.environ["SEMANTICGAN_OPS"] = "ref" if impl == "ref" else ""
             torch.manual_seed(0)
             random.seed(0)
@@ -717,22 +759,23 @@ def benchmark(args):
 # Command line
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 1 of SemanticGAN: train G (image + mask), D_r and D_m.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_data_args(p)
+def build_parser():
+    """The options, each checked when parsed (data.number: one error line for a bad value)."""
+    p = data.ArgumentParser(description="Stage 1 of SemanticGAN: train G (image + mask), D_r and D_m.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_data_args(p, resolutions=model.RESOLUTIONS)
     g = p.add_argument_group("training (defaults: the official configuration)")
     g.add_argument("--out", default="runs/semanticgan", help="output folder: checkpoints, sample grids, log.jsonl")
-    g.add_argument("--iter", type=int, default=800000, help="training iterations")
-    g.add_argument("--kimg", type=float, default=None, help="budget in thousands of global images (overrides --iter)")
-    g.add_argument("--batch", type=int, default=16, help="batch per GPU / process (global = batch x processes)")
-    g.add_argument("--lr", type=float, default=0.002)
-    g.add_argument("--r1", type=float, default=10.0, help="R1 gamma, for D_r and D_m")
-    g.add_argument("--r1-every", type=int, default=16)
-    g.add_argument("--pl-weight", type=float, default=2.0, help="path-length weight (0 disables)")
-    g.add_argument("--pl-every", type=int, default=4)
-    g.add_argument("--pl-batch-shrink", type=int, default=2)
-    g.add_argument("--fm-weight", type=float, default=2.0, help="D_m feature-matching weight")
+    g.add_argument("--iter", type=data.POSITIVE_INT, default=800000, help="training iterations")
+    g.add_argument("--kimg", type=data.POSITIVE, default=None, help="budget in thousands of global images (overrides --iter)")
+    g.add_argument("--batch", type=data.POSITIVE_INT, default=16, help="batch per GPU / process (global = batch x processes)")
+    g.add_argument("--lr", type=data.POSITIVE, default=0.002)
+    g.add_argument("--r1", type=data.NON_NEGATIVE, default=10.0, help="R1 gamma, for D_r and D_m")
+    g.add_argument("--r1-every", type=data.POSITIVE_INT, default=16)
+    g.add_argument("--pl-weight", type=data.NON_NEGATIVE, default=2.0, help="path-length weight (0 disables)")
+    g.add_argument("--pl-every", type=data.POSITIVE_INT, default=4)
+    g.add_argument("--pl-batch-shrink", type=data.POSITIVE_INT, default=2)
+    g.add_argument("--fm-weight", type=data.NON_NEGATIVE, default=2.0, help="D_m feature-matching weight")
     g.add_argument("--dm-mask", choices=model.DM_MASK_INPUTS, default="logits",
                    help="what D_m sees of a mask: the official raw logits against one-hot in {-1, +1}, or "
                         "softmax probabilities against one-hot in {0, 1}")
@@ -746,29 +789,33 @@ def parse_args(argv=None):
                    help="one generator forward serves the D_r and the D_m step (the official code runs two)")
     g.add_argument("--pl-mean-sync", action=argparse.BooleanOptionalAction, default=True,
                    help="all processes share one path-length running mean (the official code keeps one each)")
-    g.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability")
-    g.add_argument("--ema-decay", type=float, default=0.5 ** (32 / 10000), help="G_ema decay per step")
+    g.add_argument("--mixing", type=data.FRACTION, default=0.9, help="style-mixing probability")
+    g.add_argument("--ema-decay", type=data.FRACTION, default=0.5 ** (32 / 10000), help="G_ema decay per step")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format on GPU")
     g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
     g.add_argument("--new-data", action="store_true", help="with --resume: keep the networks, optimisers, G_ema "
                    "and step, and start fresh seeded data streams (the data changed since the checkpoint)")
-    g.add_argument("--snap-kimg", type=float, default=50.0, help="sample grid + checkpoint every this many kimg")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    g.add_argument("--grid", type=int, default=16, help="samples in the grid")
-    g.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    g.add_argument("--snap-kimg", type=data.POSITIVE, default=50.0, help="sample grid + checkpoint every this many kimg")
+    g.add_argument("--keep", type=data.POSITIVE_INT, default=3, help="checkpoints kept")
+    g.add_argument("--grid", type=data.POSITIVE_INT, default=16, help="samples in the grid")
+    g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
     b = p.add_argument_group("benchmark (instead of training)")
     b.add_argument("--benchmark", action="store_true", help="time the training step on synthetic data and exit")
-    b.add_argument("--bench-steps", type=int, default=64)
-    b.add_argument("--bench-precisions", default="fp32,bf16")
-    b.add_argument("--bench-impls", default="cuda,ref", help="'cuda' = fused ops + gradfix, 'ref' = plain PyTorch")
+    b.add_argument("--bench-steps", type=data.POSITIVE_INT, default=64)
+    b.add_argument("--bench-precisions", type=data.choice_list(("fp32", "bf16")), default="fp32,bf16")
+    b.add_argument("--bench-impls", type=data.choice_list(("cuda", "ref")), default="cuda,ref", help="'cuda' = fused ops + gradfix, 'ref' = plain PyTorch")
     n = p.add_argument_group("networks (defaults: StyleGAN2 config-f; narrow them for CPU demos)")
-    n.add_argument("--style-dim", type=int, default=512)
-    n.add_argument("--n-mlp", type=int, default=8, help="mapping layers")
-    n.add_argument("--channel-multiplier", type=int, default=2)
-    n.add_argument("--max-channels", type=int, default=512, help="cap on feature maps in G, D_r, D_m")
-    args = p.parse_args(argv)
+    n.add_argument("--style-dim", type=data.POSITIVE_INT, default=512)
+    n.add_argument("--n-mlp", type=data.POSITIVE_INT, default=8, help="mapping layers")
+    n.add_argument("--channel-multiplier", type=data.POSITIVE_INT, default=2)
+    n.add_argument("--max-channels", type=data.POSITIVE_INT, default=512, help="cap on feature maps in G, D_r, D_m")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.kimg is not None:
         args.iter = max(1, round(args.kimg * 1000 / (args.batch * int(os.environ.get("WORLD_SIZE", 1)))))
     return args

@@ -460,7 +460,7 @@ def main(args):
                   fmt(r["fwd_bwd_pct_copy"], ".0f"), fmt(r["speedup_forward"], ".2f"), fmt(r["speedup_fwd_bwd"], ".2f")]
                  for r in rows], left_columns=3)
 
-    conv_resolutions = [int(s) for s in (args.conv_res or ("32,64" if on_gpu else "8,16")).split(",")]
+    conv_resolutions = args.conv_res or ([32, 64] if on_gpu else [8, 16])
     conv_channels = args.conv_channels or (512 if on_gpu else 32)
     conv_dtypes = [torch.float32, torch.float16] if on_gpu else [torch.float32]  # nobody trains in float16 on a CPU
     rows = conv_rows(args.batch, conv_channels, conv_resolutions, conv_dtypes, device, iters, warmup)
@@ -478,28 +478,56 @@ def main(args):
         print(f"\nwrote {args.json}")
 
 
-def parse_args(argv=None):
+def at_least(low):
+    """An argparse type: a whole number of at least `low`, checked when the command line is parsed."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text}: give a whole number of {low} or more")
+        return value
+    parse.low = low
+    return parse
+
+
+def sizes(text):
+    """--conv-res: comma-separated whole numbers of 1 or more."""
+    try:
+        return [at_least(1)(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text}: give comma-separated whole numbers of 1 or more") from None
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m ops.benchmark",
         description="Time and check the fused CUDA ops (bias_act, upsample2d, downsample2d) against their "
                     "references on StyleGAN2 generator shapes, and conv2d_gradfix's double backward.")
-    parser.add_argument("--res", type=int, default=256,
+    parser.add_argument("--res", type=at_least(8), default=256,
                         help="generator resolution, a power of 2 from 8 to 1024 (default 256)")
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    parser.add_argument("--channel-multiplier", type=int, default=2, help="StyleGAN2 channel multiplier (default 2)")
+    parser.add_argument("--batch", type=at_least(1), default=16, help="batch size (default 16)")
+    parser.add_argument("--channel-multiplier", type=at_least(1), default=2, help="StyleGAN2 channel multiplier (default 2)")
     parser.add_argument("--quick", action="store_true", help="only the smallest and the largest resolution")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="dtype of the timed ops (default float32; accuracy is always checked in float32)")
-    parser.add_argument("--iters", type=int, help="timed runs per measurement (default 50 on GPU, 5 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed runs before them (default 10 on GPU, 1 on CPU)")
+    parser.add_argument("--iters", type=at_least(1), help="timed runs per measurement (default 50 on GPU, 5 on CPU)")
+    parser.add_argument("--warmup", type=at_least(0), help="untimed runs before them (default 10 on GPU, 1 on CPU)")
     parser.add_argument("--impls", help="comma-separated subset of cuda,ref (default 'cuda,ref' on GPU, 'ref' on CPU)")
-    parser.add_argument("--conv-res", help="comma-separated resolutions of the conv2d_gradfix table "
+    parser.add_argument("--conv-res", type=sizes, help="comma-separated resolutions of the conv2d_gradfix table "
                                            "(default 32,64 on GPU, 8,16 on CPU)")
-    parser.add_argument("--conv-channels", type=int,
+    parser.add_argument("--conv-channels", type=at_least(1),
                         help="channels of the conv2d_gradfix table (default 512 on GPU, 32 on CPU)")
     parser.add_argument("--json", metavar="PATH", help="also write every row to this JSON file")
+    parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line, not the whole usage
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.res < 8 or args.res > 1024 or args.res & (args.res - 1):
         parser.error("--res must be a power of 2 from 8 to 1024")

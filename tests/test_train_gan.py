@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -260,6 +261,32 @@ def test_a_signal_ends_the_step_with_a_checkpoint_and_the_resume_is_exact(twenty
         for name, value in straight[net].items():
             torch.testing.assert_close(resumed[net][name], value, rtol=1e-5, atol=1e-6, msg=f"{net}.{name}")
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 21))
+
+
+def test_a_step_that_never_ends_still_stops_on_sigterm(tmp_path, monkeypatch, capsys):
+    """A step that cannot start or finish (a data stream that never delivers, as --batch -2 once made) must
+    not leave the process deaf to SIGTERM: the watchdog stops it without a checkpoint, the last one intact."""
+    monkeypatch.setattr(train_gan.StopOnSignal, "GRACE", 0.5)
+    real_step = train_gan.train_step
+
+    def signal_then_hang(step, *args, **kwargs):
+        if step == 4:  # after the step-4 checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise AssertionError("the watchdog did not stop a step that never ends")
+        return real_step(step, *args, **kwargs)
+
+    monkeypatch.setattr(train_gan, "train_step", signal_then_hang)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "--iter", "20", "--snap-kimg", "0.008")
+    assert stop.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stopped by SIGTERM: the step under way had not ended"), err
+    assert "no checkpoint was written" in err[0]
+    assert train_gan.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000004.pt")]
+    assert load(tmp_path / "checkpoint-00000004.pt")["step"] == 4
 
 
 def test_agreement_is_immediate_for_one_process():
