@@ -8,7 +8,7 @@ The on-disk format
 ------------------
 A labeled folder:                          An unlabeled folder:
 
-    LABELED/images/NAME.png (or .jpg ...)      ANY/.../*.png|jpg|jpeg|bmp|tif|tiff   (searched recursively)
+    LABELED/images/NAME.png (or .jpg ...)      ANY/.../*.png|jpg|jpeg|bmp|tif|tiff|webp   (searched recursively)
     LABELED/masks/NAME.png
     LABELED/classes.txt        (optional: one class name per line, line 1 = class 0)
 
@@ -93,7 +93,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
 MAX_CLASSES = 256  # masks are resized and augmented as 8-bit images
 FITS = ("pad", "crop", "stretch")
@@ -403,15 +403,19 @@ def is_labeled_folder(folder):
     return (Path(folder) / "images").is_dir() and (Path(folder) / "masks").is_dir()
 
 
-def list_images(folder, exclude=()):
-    """Image files under `folder` (recursive, sorted, hidden entries skipped), minus the `exclude` folders."""
+def list_images(folder, exclude=(), others=None):
+    """Image files under `folder` (recursive, sorted, hidden entries skipped), minus the `exclude` folders.
+    `others`, a list, receives the files that were left out for their extension."""
     folder = Path(folder)
     excluded = {Path(e).resolve() for e in exclude}
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in excluded)
-        found += [Path(root) / f for f in sorted(files)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                found.append(Path(root) / f)
+            elif others is not None and not f.startswith("."):
+                others.append(Path(root) / f)
     return found
 
 
@@ -1042,9 +1046,11 @@ def infer_num_classes(pairs, folder, class_map, class_names, samples=64):
 
 
 def patient_id(name):
-    """The patient a slice belongs to: the part of its name before the first '_' (the converters of the
-    volume data sets name slices PATIENT_zSLICE), so that DICE can be averaged per patient."""
-    return Path(name).name.split("_", 1)[0]
+    """The patient a slice belongs to, for names of the form PATIENT_zSLICE (as the converters of the volume
+    data sets name them: lits003_z0042, chaos1-in_z007), so that DICE can be averaged per patient; None
+    for any other name (ISIC_0000000 or MCUCXR_0001_0 are images, not slices)."""
+    match = re.fullmatch(r"(.+)_z\d+(\.[A-Za-z]+)?", Path(name).name)  # with or without its file's extension
+    return match.group(1) if match else None
 
 
 # ----------------------------------------------------------------------------------------------------

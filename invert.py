@@ -32,6 +32,7 @@ batch-mates, the batch size or the order of the files.
 
 Outputs, in --out and keeping the inputs' sub-folders: NAME.png, the class-index mask (pixel = class, the
 folder format's mask), NAME_color.png, NAME_overlay.png, and with --save-reconstruction NAME_recon.png, G_x(w+*).
+Files whose names differ only in their extension (scan.png, scan.jpg) keep it: scan.png.png, scan.jpg.png.
 With --eval MASKS: per-image DICE and Jaccard of each foreground class (an empty prediction of an absent
 class scores 1), the data set's mIoU (intersections and unions summed over the images, background
 included, as the official validation), and DICE per patient (volumetric, for slices named PATIENT_zSLICE),
@@ -67,23 +68,27 @@ from train_gan import TrainingError
 
 
 class Input:
-    """One image to segment: its file, its name (the output path inside --out, without extension), the
-    tensor the model sees and the geometry to map the mask back to."""
+    """One image to segment: its file, its name (the output path inside --out, without extension), its key
+    (the name without the extension, by which --split and --eval find it; the same as the name unless two
+    files differ only in their extension), the tensor the model sees and the geometry to map the mask back
+    to."""
 
-    __slots__ = ("path", "name", "image", "size")
+    __slots__ = ("path", "name", "key", "image", "size")
 
     def __init__(self, path, name):
-        self.path, self.name, self.image, self.size = path, name, None, None
+        self.path, self.name, self.key, self.image, self.size = path, name, name, None, None
 
 
 def collect_inputs(specs):
     """Files, folders (searched recursively; names keep the sub-folders) and globs, in that order, each file
-    once. A path that does not exist or a folder without images is a DataError."""
-    found, names = [], {}
+    once. Files that differ only in their extension (scan.png, scan.jpg) keep it in their names (outputs
+    scan.png.png, scan.jpg.png), and the run says so. A path that does not exist, a folder without images,
+    or two files of the same name in different places is a DataError."""
+    found, others = [], []
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            files = data.list_images(path)
+            files = data.list_images(path, others=others)
             if not files:
                 raise data.DataError(f"{path}: no images in this folder (looked for {', '.join(data.IMAGE_EXTENSIONS)}, "
                                      "recursively)")
@@ -97,16 +102,31 @@ def collect_inputs(specs):
             found += [(f, f.stem) for f in files]
         else:
             raise data.DataError(f"{spec}: no such file or folder; pass image files, folders or globs")
-    inputs, seen = [], set()
+    if others:
+        print(f"note: {len(others)} file(s) in the input folders are not images of a known kind "
+              f"({', '.join(data.IMAGE_EXTENSIONS)}) and are left out, the first {others[0]}", flush=True)
+    inputs, seen, by_name = [], set(), {}
     for path, name in found:
-        if path.resolve() in seen:
-            continue
-        seen.add(path.resolve())
-        if name in names:
-            raise data.DataError(f"{path}: its output name {name} is also that of {names[name]}; segment them in "
-                                 "separate runs (or pass their folder, whose sub-folders keep the names apart)")
-        names[name] = path
-        inputs.append(Input(path, name))
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            inputs.append(Input(path, name))
+            by_name.setdefault(name, []).append(inputs[-1])
+    renamed = [items for items in by_name.values() if len(items) > 1]
+    for items in renamed:
+        for item in items:
+            item.name = item.name + item.path.suffix
+    names = {}
+    for item in inputs:
+        if item.name in names:
+            raise data.DataError(f"{item.path}: its output name {item.name} is also that of {names[item.name]}; "
+                                 "segment them in separate runs (or pass their folder, whose sub-folders keep the "
+                                 "names apart)")
+        names[item.name] = item.path
+    if renamed:
+        example = ", ".join(item.path.name for item in renamed[0])
+        print(f"note: {sum(len(items) for items in renamed)} files differ from another only in their extension "
+              f"({example}{' ...' if len(renamed) > 1 else ''}): their outputs keep it, as in "
+              f"{renamed[0][0].name}.png", flush=True)
     return inputs
 
 
@@ -270,7 +290,7 @@ def find_masks(inputs, source, lut, num_labels):
     by_name = data.files_by_name(folder)
     masks = {}
     for item in inputs:
-        path = by_name.get(item.name) or by_name.get(Path(item.name).name)
+        path = by_name.get(item.key) or by_name.get(Path(item.key).name)
         if path is None:
             raise data.DataError(f"{folder}/{item.name}.png: no ground-truth mask for {item.path}; add it, or "
                                  "leave the image out of the evaluation")
@@ -278,7 +298,7 @@ def find_masks(inputs, source, lut, num_labels):
         if values.size and int(values.max()) >= num_labels:
             raise data.DataError(f"{path}: mask value {int(values.max())} is not one of the model's {num_labels} "
                                  "classes; pass the training --class-map")
-        masks[item.name] = (path, values)
+        masks[item.key] = (path, values)
     return masks
 
 
@@ -299,9 +319,11 @@ class Scores:
         for c in range(1, self.num_labels):
             dice, jaccard = losses.dice_jaccard(prediction[None], truth[None], c)
             row[c] = (dice.item(), jaccard.item())
-            p, t = prediction == c, truth == c
-            sums = self.patients.setdefault(data.patient_id(name), np.zeros((self.num_labels, 2)))
-            sums[c] += (int((p & t).sum()), int(p.sum()) + int(t.sum()))
+            patient = data.patient_id(name)
+            if patient is not None:  # a slice of a volume: its counts join its patient's
+                p, t = prediction == c, truth == c
+                sums = self.patients.setdefault(patient, np.zeros((self.num_labels, 2)))
+                sums[c] += (int((p & t).sum()), int(p.sum()) + int(t.sum()))
         self.rows[name] = row
         i, u = losses.intersection_union(prediction, truth, self.num_labels)
         self.intersection += i
@@ -314,7 +336,7 @@ class Scores:
         out = {"dice": dice, "jaccard": jaccard, "mean_dice": float(np.mean(list(dice.values()))),
                "mean_jaccard": float(np.mean(list(jaccard.values()))),
                "miou": losses.mean_iou(self.intersection, self.union)}
-        if len(self.patients) < len(self.rows):  # some patient has several slices: volumetric DICE per patient
+        if self.patients:  # slices named PATIENT_zSLICE: volumetric DICE per patient
             per_patient = [np.mean([2 * s[c, 0] / s[c, 1] if s[c, 1] else 1.0 for c in classes])
                            for s in self.patients.values()]
             out["dice_per_patient"] = float(np.mean(per_patient))
@@ -350,7 +372,7 @@ def write_metrics(out, scores, results, class_names, argv, model_path, steps, im
                                         for c in range(1, len(class_names)) for metric in ("dice", "jaccard")]
         writer.writerow(header)
         for name in scores["optimised"].rows:
-            row = [name, data.patient_id(name)]
+            row = [name, data.patient_id(name) or ""]
             for kind, _ in kinds:
                 for c in range(1, len(class_names)):
                     row += [f"{v:.6f}" for v in scores[kind].rows[name][c]]
@@ -390,12 +412,14 @@ def run(args, argv):
     inputs = collect_inputs(args.inputs)
     if args.split:  # the images a split file names (data.py split's test.txt), matched by name
         wanted = data.read_split_file(args.split)
-        by_name = {item.name: item for item in inputs}
-        missing = [n for n in wanted if n not in by_name]
+        by_key = {}
+        for item in inputs:
+            by_key.setdefault(item.key, []).append(item)
+        missing = [n for n in wanted if n not in by_key]
         if missing:
             raise data.DataError(f"{args.split}: names {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
                                  "which is not among the input images; pass the folder that holds them")
-        inputs = [by_name[n] for n in wanted]
+        inputs = [item for n in wanted for item in by_key[n]]
     lut = data.lookup_table(data.parse_class_map(args.class_map)[0]) if args.class_map else None
     truth = find_masks(inputs, args.eval, lut, num_labels) if args.eval else None
     existing = [p for item in inputs for p in output_paths(args.out, item.name, args.save_reconstruction).values()
@@ -434,7 +458,7 @@ def run(args, argv):
             save_outputs(item, classes, reconstructions[k],
                          output_paths(args.out, item.name, args.save_reconstruction))
             if truth is not None:
-                path, values = truth[item.name]
+                path, values = truth[item.key]
                 if values.shape != classes.shape:
                     raise data.DataError(f"{path}: mask is {values.shape[1]}x{values.shape[0]}, its image {item.path} "
                                          f"{classes.shape[1]}x{classes.shape[0]}; save the mask at the image's size")
@@ -530,8 +554,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        if args.steps < 0:
-            raise TrainingError(f"--steps {args.steps}: give 0 (the encoder alone) or more")
         if args.benchmark:
             return benchmark(args)
         if not args.inputs:
