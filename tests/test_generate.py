@@ -14,9 +14,13 @@ import model
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    """A stage-1 checkpoint as train_gan.py writes it (untrained tiny G_ema, one grey channel, 2 classes)."""
+    """A stage-1 checkpoint as train_gan.py wrote it before --binary (untrained tiny G_ema, one grey channel, 2
+    classes in 2 mask channels: no "mask_channels" key)."""
     torch.manual_seed(0)
     G = model.Generator(32, 2, 1, style_dim=32, n_mlp=2, max_channels=16)
+    with torch.no_grad():  # noise that reaches the pairs, so that each pair's own noise seed is tested too
+        for k, layer in enumerate(m for m in G.modules() if isinstance(m, model.NoiseInjection)):
+            layer.strength.fill_(0.3 + 0.1 * k)
     path = tmp_path_factory.mktemp("stage1") / "checkpoint-00000001.pt"
     torch.save({"G_ema": G.state_dict(), "num_classes": 2, "image_channels": 1,
                 "args": {"resolution": 32, "style_dim": 32, "n_mlp": 2, "channel_multiplier": 2, "max_channels": 16}},

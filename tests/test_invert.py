@@ -3,6 +3,7 @@ good model): the loss falls, --steps 0 is the encoder alone, batches equal one i
 back to the input's geometry, the scores equal hand-computed ones, and bad input ends in one line."""
 import csv
 import json
+import math
 import os
 
 import numpy as np
@@ -23,6 +24,9 @@ R = 32
 def tiny_bundle(path, fit="pad", num_classes=3, channels=3):
     torch.manual_seed(0)
     G = model.Generator(R, num_classes, channels, style_dim=32, n_mlp=2, max_channels=16)
+    with torch.no_grad():  # noise that reaches the outputs (a new generator's strengths are 0), so that a
+        for k, layer in enumerate(m for m in G.modules() if isinstance(m, model.NoiseInjection)):  # noise bug shows
+            layer.strength.fill_(0.3 + 0.1 * k)
     E = model.Encoder(R, channels, 32, units=(1, 1, 1, 1), max_channels=16)
     E.latent_avg.copy_(G.mean_latent(256)[0])
     names = ["background"] + [f"part{c}" for c in range(1, losses.label_count(num_classes))]
@@ -255,3 +259,288 @@ def test_without_model_the_newest_under_runs_is_used(bundle, tmp_path, capsys, m
         os.utime(target, (os.path.getmtime(bundle) - age,) * 2)
     run("in", "--steps", 0, "--out", "out")
     assert "using runs/new/model.pt" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The objective and the optimisation, computed by hand
+
+
+def parse(*argv):
+    return invert.build_parser().parse_args(["x"] + [str(a) for a in argv])
+
+
+def slow_noise_regularization(maps):
+    """Per image: for each noise map and each level of its pyramid of 2x2 block means (down to 8 px), the
+    squared mean of n(y, x) n(y, x - 1) plus that of n(y, x) n(y - 1, x), wrapping around, summed. Loops
+    over pixels, in float64."""
+    totals = []
+    for b in range(maps[0].shape[0]):
+        total = 0.0
+        for n in maps:
+            level = n[b, 0].detach().double().numpy()
+            while True:
+                size = level.shape[0]
+                across = sum(level[y, x] * level[y, x - 1] for y in range(size) for x in range(size)) / size ** 2
+                down = sum(level[y, x] * level[y - 1, x] for y in range(size) for x in range(size)) / size ** 2
+                total += across ** 2 + down ** 2
+                if size <= 8:
+                    break
+                level = level.reshape(size // 2, 2, size // 2, 2).mean((1, 3))
+        totals.append(total)
+    return torch.tensor(totals)
+
+
+def test_noise_regularization_by_hand():
+    torch.manual_seed(1)
+    maps = [torch.randn(2, 1, r, r) for r in (4, 8, 16, 32)]
+    maps[2][1] += torch.linspace(0, 3, 16)  # structure in one image's map: a large penalty, for that image only
+    torch.testing.assert_close(invert.noise_regularization(maps).double(), slow_noise_regularization(maps),
+                               rtol=1e-5, atol=1e-9)
+
+
+def test_noise_maps_are_renormalised_per_image_and_map():
+    torch.manual_seed(2)
+    maps = [torch.randn(3, 1, 8, 8) * torch.tensor([0.5, 2.0, 4.0])[:, None, None, None] + 3 for _ in range(2)]
+    invert.normalize_noise_(maps)
+    for n in maps:
+        for image in n.numpy():
+            assert abs(image.mean()) < 1e-6 and image.std(ddof=1) == pytest.approx(1, abs=1e-5)
+
+
+def test_learning_rate_ramps_up_and_down_as_the_official_schedule():
+    lr = 0.1  # linear ramp-up over the first 5%, cosine ramp-down over the last 25%, 0 at the start
+    expected = {0.0: 0.0, 0.025: 0.05, 0.05: 0.1, 0.5: 0.1, 0.75: 0.1, 0.875: 0.05, 1.0: 0.0,
+                0.8125: 0.1 * (0.5 - 0.5 * math.cos(0.75 * math.pi))}
+    for t, want in expected.items():
+        assert invert.learning_rate(t, lr) == pytest.approx(want, abs=1e-12), t
+
+
+def test_the_defaults_are_the_official_inference():
+    args = parse()
+    assert (args.steps, args.lr, args.mse_weight, args.encoder_weight, args.noise_weight) == (100, 0.1, 0.1, 1e-3, 100)
+
+
+def hand_objective(G, E, percept, images, noise, w_plus, mse_weight, encoder_weight, noise_weight):
+    """LPIPS + mse_weight MSE + encoder_weight mean((w+ - E(G_x))^2) + noise_weight NoiseReg, per image."""
+    with torch.no_grad():
+        reconstruction, _ = G(w_plus, input_is_w=True, noise=noise)
+        lpips_value = percept(reconstruction, images)  # the lpips package's own forward
+        mse = ((reconstruction - images) ** 2).mean((1, 2, 3))
+        encoder_term = ((w_plus - E(reconstruction)) ** 2).mean((1, 2))
+    terms = lpips_value, mse, encoder_term, slow_noise_regularization(noise).float()
+    return lpips_value + mse_weight * mse + encoder_weight * encoder_term + noise_weight * terms[3], terms
+
+
+def test_the_objective_by_hand_term_by_term_and_with_the_official_weights(bundle):
+    G, E, _ = train_encoder.load_bundle(bundle)
+    percept = losses.Perceptual("random")
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, R, R) * 2 - 1  # far from anything G draws: every term is large
+    seeds = [11, 12]
+    autocast, _ = train_gan.make_autocast(parse(), torch.device("cpu"))
+
+    def first_step(mse_weight, encoder_weight, noise_weight):
+        trace = []
+        args = parse("--steps", 1, "--mse-weight", mse_weight, "--encoder-weight", encoder_weight,
+                     "--noise-weight", noise_weight)
+        invert.invert(G, E, percept, images, seeds, args, autocast, trace)
+        return trace[0]
+
+    with torch.no_grad():
+        w_plus = E(images)
+    noise = invert.make_noise(G, seeds, "cpu")
+    total, (lpips_value, mse, encoder_term, noise_term) = hand_objective(G, E, percept, images, noise, w_plus,
+                                                                         0.1, 1e-3, 100)
+    assert (mse > 0.1).all() and (encoder_term > 1e-3).all() and (noise_term > 1e-5).all()  # none negligible
+    torch.testing.assert_close(first_step(0, 0, 0), lpips_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first_step(1, 0, 0) - lpips_value, mse, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(first_step(0, 1, 0) - lpips_value, encoder_term, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(first_step(0, 0, 1) - lpips_value, noise_term, rtol=1e-3, atol=1e-7)
+    defaults = parse()
+    torch.testing.assert_close(first_step(defaults.mse_weight, defaults.encoder_weight, defaults.noise_weight), total,
+                               rtol=1e-5, atol=1e-6)
+
+
+def reference_inversion(G, E, percept, image, seed, steps):
+    """The official inference loop for one image, written out: Adam (0.9, 0.999) on w+ and the noise maps,
+    the learning rate set from the ramps before each step, the noise renormalised after it."""
+    w_plus = E(image).detach().clone().requires_grad_(True)
+    noise = [n.clone().requires_grad_(True) for n in invert.make_noise(G, [seed], "cpu")]
+    optimizer = torch.optim.Adam([w_plus] + noise, lr=0.1, betas=(0.9, 0.999))
+    for i in range(steps):
+        t = i / steps
+        down = 0.5 - 0.5 * math.cos(min(1.0, (1 - t) / 0.25) * math.pi)
+        optimizer.param_groups[0]["lr"] = 0.1 * down * min(1.0, t / 0.05)
+        reconstruction, _ = G(w_plus, input_is_w=True, noise=noise)
+        loss = (percept(reconstruction, image).sum() + 0.1 * ((reconstruction - image) ** 2).mean()
+                + 1e-3 * ((w_plus - E(reconstruction).detach()) ** 2).mean())
+        for n in noise:  # NoiseReg, written with torch so that it has a gradient
+            while True:
+                loss = loss + (n * n.roll(1, 3)).mean() ** 2 * 100 + (n * n.roll(1, 2)).mean() ** 2 * 100
+                if n.shape[2] <= 8:
+                    break
+                n = n.reshape(1, 1, n.shape[2] // 2, 2, n.shape[3] // 2, 2).mean((3, 5))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for n in noise:
+                n.sub_(n.mean()).div_(n.std())
+    with torch.no_grad():
+        return G(w_plus, input_is_w=True, noise=noise)[1]
+
+
+def test_a_batch_inversion_follows_the_official_loop_for_each_image(bundle):
+    G, E, _ = train_encoder.load_bundle(bundle)
+    percept = losses.Perceptual("random")
+    torch.manual_seed(4)
+    with torch.no_grad():  # targets G can nearly reach, so that the optimisation has somewhere to go
+        images, _ = G(G.mean_latent(64) + 0.8 * torch.randn(2, G.n_latent, 32), input_is_w=True)
+    args = parse("--steps", 8)
+    autocast, _ = train_gan.make_autocast(args, torch.device("cpu"))
+    logits, _, encoder_logits, _ = invert.invert(G, E, percept, images, [21, 22], args, autocast)
+    for k in range(2):
+        want = reference_inversion(G, E, percept, images[k:k + 1], 21 + k, 8)[0]
+        moved = (want - encoder_logits[k]).abs().max().item()
+        # Adam normalises each coordinate's step, so float rounding in near-zero gradients grows over the steps
+        # (the same image alone and in a batch differ by as much): a bound relative to how far the logits moved
+        assert moved > 0.5 and (logits[k] - want).abs().max().item() < 0.02 * moved, k
+
+
+def test_a_mask_does_not_depend_on_its_batch_mates_nor_on_the_order_of_the_files(bundle, tmp_path):
+    write_images(tmp_path / "in", count=3)
+    files = [tmp_path / "in" / f"scene{i}.png" for i in range(3)]
+    run(*files, "--model", bundle, "--out", tmp_path / "abc", "--steps", 4, "--batch", 3, "--save-reconstruction")
+    run(files[2], files[1], files[0], "--model", bundle, "--out", tmp_path / "cba", "--steps", 4, "--batch", 2,
+        "--save-reconstruction")  # batches [2, 1] and [0]: other batch-mates, another order
+    for i in range(3):
+        np.testing.assert_array_equal(read_mask(tmp_path / "abc" / f"scene{i}.png"),
+                                      read_mask(tmp_path / "cba" / f"scene{i}.png"))
+        a = read_mask(tmp_path / "abc" / f"scene{i}_recon.png").astype(int)
+        b = read_mask(tmp_path / "cba" / f"scene{i}_recon.png").astype(int)
+        assert np.abs(a - b).max() <= 1
+    # and the noise does reach the outputs: another seed draws other noise, another reconstruction
+    run(files[0], "--model", bundle, "--out", tmp_path / "seed1", "--steps", 4, "--seed", 1, "--save-reconstruction")
+    a = read_mask(tmp_path / "abc" / "scene0_recon.png").astype(int)
+    assert np.abs(a - read_mask(tmp_path / "seed1" / "scene0_recon.png").astype(int)).max() > 2
+
+
+def test_the_encoder_only_scores_are_those_of_a_steps_0_run(bundle, tmp_path):
+    write_images(tmp_path / "in", count=3, masks=tmp_path / "truth" / "masks")
+    run(tmp_path / "in", "--model", bundle, "--out", tmp_path / "two", "--steps", 2, "--eval", tmp_path / "truth")
+    run(tmp_path / "in", "--model", bundle, "--out", tmp_path / "zero", "--steps", 0, "--eval", tmp_path / "truth")
+    both = json.load(open(tmp_path / "two" / "metrics.json"))
+    alone = json.load(open(tmp_path / "zero" / "metrics.json"))
+    assert "encoder_only" not in alone
+    assert both["encoder_only"] == alone["optimised"]
+    rows_two = list(csv.DictReader(open(tmp_path / "two" / "metrics.csv")))
+    rows_zero = list(csv.DictReader(open(tmp_path / "zero" / "metrics.csv")))
+    for a, b in zip(rows_two, rows_zero):
+        assert a["encoder_dice_part1"] == b["dice_part1"] and a["encoder_jaccard_part2"] == b["jaccard_part2"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The geometry of the mask, pixel by pixel
+
+
+def slow_to_input_geometry(logits, size, fit):
+    """What to_input_geometry must compute, pixel by pixel in float64: where the pixel's centre falls in the
+    fitted R x R square (data.fit_square pads and crops centred, (side - W) // 2 on the left), the logits
+    there by bilinear interpolation between the four nearest sample centres (edges clamped), then the
+    class: argmax, or logit > 0 for one channel. Outside a centre crop: background."""
+    logits = logits.double().numpy()
+    K, side_r = logits.shape[0], logits.shape[1]
+    width, height = size
+    out = np.zeros((height, width), np.uint8)
+
+    def at(coordinate, extent):  # continuous sample coordinate of a pixel centre, clamped as bilinear does
+        return max(0.0, (coordinate + 0.5) * side_r / extent - 0.5)
+
+    for i in range(height):
+        for j in range(width):
+            if fit == "stretch" or width == height:
+                x, y = at(j, width), at(i, height)
+            elif fit == "pad":
+                side = max(width, height)
+                x, y = at(j + (side - width) // 2, side), at(i + (side - height) // 2, side)
+            else:
+                side = min(width, height)
+                u, v = j - (width - side) // 2, i - (height - side) // 2
+                if not (0 <= u < side and 0 <= v < side):
+                    continue
+                x, y = at(u, side), at(v, side)
+            x0, y0 = min(int(x), side_r - 1), min(int(y), side_r - 1)
+            x1, y1 = min(x0 + 1, side_r - 1), min(y0 + 1, side_r - 1)
+            fx, fy = x - x0, y - y0
+            value = ((1 - fy) * ((1 - fx) * logits[:, y0, x0] + fx * logits[:, y0, x1])
+                     + fy * ((1 - fx) * logits[:, y1, x0] + fx * logits[:, y1, x1]))
+            out[i, j] = (value[0] > 0) if K == 1 else value.argmax()
+    return out
+
+
+@pytest.mark.parametrize("fit", ["pad", "crop", "stretch"])
+@pytest.mark.parametrize("size", [(30, 47), (47, 31), (33, 33), (7, 20)])
+@pytest.mark.parametrize("classes", [3, 1])
+def test_masks_map_back_pixel_by_pixel(fit, size, classes):
+    """Portrait, landscape, odd and square sizes: the mapped-back mask equals the slow computation."""
+    torch.manual_seed(sum(size) + classes)
+    logits = torch.randn(classes, 16, 16) * 3
+    fast = invert.to_input_geometry(logits, size, fit)
+    slow = slow_to_input_geometry(logits, size, fit)
+    assert fast.shape == slow.shape == (size[1], size[0])
+    mismatched = fast != slow
+    assert mismatched.mean() < 0.002, mismatched.mean()  # a float32 near-tie may flip a pixel, no more
+    assert (fast == 0).any() and (fast > 0).any()
+
+
+def test_masks_map_back_to_the_input_geometry_of_odd_and_portrait_images():
+    """The round trip through data.fit_square for a portrait odd size: the blocks come back where they were."""
+    for fit in ("pad", "crop", "stretch"):
+        width, height = 31, 49
+        truth = np.zeros((height, width), np.uint8)
+        truth[5:25, 3:15] = 1
+        truth[28:46, 16:29] = 2
+        square = data.fit_square(Image.fromarray(truth), R, fit, Image.Resampling.NEAREST)
+        logits = torch.nn.functional.one_hot(torch.from_numpy(np.array(square)).long(), 3).permute(2, 0, 1) * 2.0 - 1
+        back = invert.to_input_geometry(logits.float(), (width, height), fit)
+        if fit == "crop":  # the centred 31 x 31 square
+            top = (height - width) // 2
+            inside = np.zeros_like(truth, bool)
+            inside[top:top + width] = True
+            assert (back[~inside] == 0).all()
+            assert (back == truth)[inside].mean() > 0.9
+        else:
+            assert (back == truth).mean() > 0.9
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names: patients, files that differ only in their extension, other kinds of files
+
+
+def test_patients_are_the_slices_named_patient_z_slice_only():
+    assert data.patient_id("lits003_z0042") == "lits003" and data.patient_id("sub/chaos1-in_z007") == "chaos1-in"
+    for name in ("ISIC_0000000", "MCUCXR_0001_0", "CHNCXR_0001_0", "scan", "a_zb"):
+        assert data.patient_id(name) is None, name
+    scores = invert.Scores(2)
+    for name in ("ISIC_0000000", "ISIC_0000001", "MCUCXR_0001_0"):
+        scores.add(name, np.array([[1, 0]]), np.array([[1, 1]]))
+    summary = scores.summary(["bg", "lesion"])
+    assert "dice_per_patient" not in summary and "patients" not in summary
+
+
+def test_files_that_differ_only_in_their_extension_keep_it_and_webp_is_read(bundle, tmp_path, capsys):
+    write_images(tmp_path / "in", count=2, masks=tmp_path / "truth" / "masks")
+    Image.open(tmp_path / "in" / "scene0.png").save(tmp_path / "in" / "scene0.jpg", quality=95)
+    Image.open(tmp_path / "in" / "scene1.png").save(tmp_path / "in" / "scene1.webp", lossless=True)
+    os.remove(tmp_path / "in" / "scene1.png")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    run(tmp_path / "in", "--model", bundle, "--out", tmp_path / "out", "--steps", 0, "--eval", tmp_path / "truth")
+    out = capsys.readouterr().out
+    assert "scene0.jpg, scene0.png" in out and "notes.txt" in out
+    written = sorted(p for p in os.listdir(tmp_path / "out") if p.endswith(".png") and "_" not in p)
+    assert written == ["scene0.jpg.png", "scene0.png.png", "scene1.png"]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    assert sorted(r["name"] for r in rows) == ["scene0.jpg", "scene0.png", "scene1"]  # both scored on scene0's mask
+    (tmp_path / "split.txt").write_text("scene0\n")
+    run(tmp_path / "in", "--split", tmp_path / "split.txt", "--model", bundle, "--out", tmp_path / "o2", "--steps", 0)
+    assert sorted(p for p in os.listdir(tmp_path / "o2") if "_" not in p) == ["scene0.jpg.png", "scene0.png.png"]

@@ -78,7 +78,7 @@ def test_stage1_data_options_are_inherited_and_can_be_overridden(stage1):
     assert args.labels == 5
 
 
-def test_resume_continues_exactly(stage1, eight_steps, tmp_path, monkeypatch):
+def test_resume_continues_exactly(stage1, eight_steps, tmp_path, monkeypatch, capsys):
     # the run is stopped right after its step-4 checkpoint (the schedule depends on --iter, so the same
     # --iter 8 run is interrupted rather than a shorter one run)
     save = train_gan.save_checkpoint
@@ -93,7 +93,11 @@ def test_resume_continues_exactly(stage1, eight_steps, tmp_path, monkeypatch):
         run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4")
     assert stopped.value.code == 130 and not (tmp_path / "checkpoint-00000008.pt").exists()
     monkeypatch.setattr(train_gan, "save_checkpoint", save)
+    capsys.readouterr()
     run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4", "--resume", "auto")
+    # a resume, not a restart that would reach the same weights: it starts at the saved step and runs 5-8 only
+    assert f"resumed from {tmp_path / 'checkpoint-00000004.pt'} at step 4" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 9))
     resumed, straight = load(tmp_path / "checkpoint-00000008.pt"), load(eight_steps / "checkpoint-00000008.pt")
     for key in straight["E"]:
         assert torch.equal(resumed["E"][key], straight["E"][key]), key
@@ -102,6 +106,10 @@ def test_resume_continues_exactly(stage1, eight_steps, tmp_path, monkeypatch):
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(a["state"][index][name]), torch.as_tensor(value)), (index, name)
     assert resumed["best"] == straight["best"]
+    # and equality means something: a run over another data order (--seed 1) ends elsewhere
+    run(stage1, tmp_path / "other", "--iter", "8", "--snap-every", "8", "--val-every", "8", "--seed", "1")
+    other = load(tmp_path / "other" / "checkpoint-00000008.pt")
+    assert not all(torch.equal(other["E"][k], straight["E"][k]) for k in straight["E"])
 
 
 def test_sigterm_ends_the_step_with_a_checkpoint_and_model_pt_and_the_resume_is_exact(stage1, eight_steps, tmp_path,
@@ -293,3 +301,120 @@ def test_bf16_autocast_path_trains(stage1, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert records[-1]["step"] == 2
     assert all(math.isfinite(v) for r in records for k, v in r.items() if isinstance(v, float))
+
+
+# ----------------------------------------------------------------------------------------------------
+# One iteration computed by hand: the two losses, their weights and temperatures, the clips, two optimisers
+
+
+class Recorder:
+    """An optimiser that records the gradients it is given and changes nothing, so that both steps of an
+    iteration can be computed by hand at the same encoder."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.param_groups = [{"lr": 0.0, "params": self.params}]
+        self.seen = []
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.seen.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params])
+
+
+def hand_cross_entropy(logits, mask, temperature):
+    """-log softmax(logits / T)[true class], averaged over the pixels; for one channel the binary form on
+    (mask > 0)."""
+    z = logits.double() / temperature
+    if z.shape[1] == 1:
+        t = (mask > 0).double()
+        return -(t * torch.log(torch.sigmoid(z[:, 0])) + (1 - t) * torch.log(1 - torch.sigmoid(z[:, 0]))).mean()
+    log_p = z - torch.logsumexp(z, dim=1, keepdim=True)
+    return -log_p.gather(1, mask[:, None].long()).mean()
+
+
+def hand_dice(logits, mask, temperature):
+    """1 - the mean over the foreground channels (the one channel for a binary generator) of
+    2 sum(p t) / (sum(p^2) + sum(t^2)), p = sigmoid(logits / T), t one-hot, pooled over batch and pixels."""
+    p = torch.sigmoid(logits.double() / temperature)
+    K = p.shape[1]
+    channels = [0] if K == 1 else range(1, K)
+    scores = []
+    for k in channels:
+        t = (mask > 0).double() if K == 1 else (mask == k).double()
+        scores.append(2 * (p[:, k] * t).sum() / ((p[:, k] ** 2).sum() + (t ** 2).sum()))
+    return 1 - sum(scores) / len(scores)
+
+
+@pytest.mark.parametrize("classes", [3, 1])
+def test_one_iteration_by_hand(classes):
+    torch.manual_seed(0)
+    G = model.Generator(32, classes, 3, style_dim=32, n_mlp=2, max_channels=16).eval().requires_grad_(False)
+    with torch.no_grad():
+        for k, layer in enumerate(m for m in G.modules() if isinstance(m, model.NoiseInjection)):
+            layer.strength.fill_(0.2 + 0.05 * k)  # random noise reaches the outputs: it must be drawn alike
+    E = model.Encoder(32, 3, 32, units=(1, 1, 1, 1), max_channels=16)
+    E.latent_avg.copy_(G.mean_latent(64)[0])
+    percept = losses.Perceptual("random")
+    args = train_encoder.build_parser().parse_args(["--ckpt", "x"])
+    assert (args.lpips_weight, args.mse_weight, args.ce_weight, args.dice_weight) == (10, 1, 1, 1)
+    assert (args.clip_unlabeled, args.clip_labeled) == (2.0, 5.0)
+    unlabeled = torch.rand(2, 3, 32, 32) * 2 - 1
+    labeled = torch.rand(2, 3, 32, 32) * 2 - 1
+    masks = torch.randint(0, 3, (2, 32, 32)) if classes == 3 else torch.randint(0, 2, (2, 32, 32))
+    temperatures = (0.1, 0.3) if classes == 3 else (0.3, 0.3)
+    autocast, _ = train_gan.make_autocast(args, torch.device("cpu"))
+
+    # first with clips that cannot bind, to compare the losses and gradients; then with clips that do
+    for clips in ((1e9, 1e9), (1e-3, 2e-3)):
+        args.clip_unlabeled, args.clip_labeled = clips
+        optimizers = (Recorder(E.parameters()), Recorder(E.parameters()))
+        torch.manual_seed(1)
+        out = train_encoder.train_step(E, G, percept, optimizers, (unlabeled, labeled, masks), args, temperatures,
+                                       autocast)
+        torch.manual_seed(1)  # the same noise maps, drawn in the same order: unlabeled forward, then labeled
+        params = list(E.parameters())
+        x_u, _ = G(E(unlabeled), input_is_w=True)
+        want_u = 10 * percept(x_u, unlabeled).mean() + ((x_u - unlabeled) ** 2).mean()
+        grads_u = torch.autograd.grad(want_u, params)
+        x_l, y_l = G(E(labeled), input_is_w=True)
+        want_s = (10 * percept(x_l, labeled).mean() + ((x_l - labeled) ** 2).mean()
+                  + hand_cross_entropy(y_l, masks, temperatures[0]) + hand_dice(y_l, masks, temperatures[1]))
+        grads_s = torch.autograd.grad(want_s, params)
+        assert out["L_u"].item() == pytest.approx(want_u.item(), rel=1e-5)
+        assert out["L_s"].item() == pytest.approx(want_s.item(), rel=1e-5)
+        for recorder, grads, clip in ((optimizers[0], grads_u, clips[0]), (optimizers[1], grads_s, clips[1])):
+            assert len(recorder.seen) == 1  # each optimiser steps once, on its own batch's gradient
+            norm = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
+            scale = min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s rule
+            for seen, g in zip(recorder.seen[0], grads):  # float32 against the float64 mask losses
+                want = (g * scale).float()
+                torch.testing.assert_close(seen, want, rtol=1e-3, atol=1e-4 * want.abs().max().item() + 1e-12)
+        if clips[0] < 1:
+            assert norm > clips[1]  # the small clips did bind
+
+
+def test_each_step_has_its_own_optimiser_state():
+    """Two optimisers, each with its own moment estimates: after one iteration each has taken one step, and
+    the unlabeled one's first moment is (1 - beta1) times the unlabeled gradient alone (RAdam's betas 0.95)."""
+    torch.manual_seed(0)
+    G = model.Generator(32, 3, 3, style_dim=32, n_mlp=2, max_channels=16).eval().requires_grad_(False)
+    E = model.Encoder(32, 3, 32, units=(1, 1, 1, 1), max_channels=16)
+    percept = losses.Perceptual("random")
+    args = train_encoder.build_parser().parse_args(["--ckpt", "x", "--clip-unlabeled", "1e9", "--clip-labeled", "1e9"])
+    optimizers = (train_encoder.build_optimizer(args, E), train_encoder.build_optimizer(args, E))
+    unlabeled, labeled = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    masks = torch.randint(0, 3, (2, 32, 32))
+    params = list(E.parameters())
+    torch.manual_seed(1)
+    x_u, _ = G(E(unlabeled), input_is_w=True)
+    grads_u = torch.autograd.grad(10 * percept(x_u, unlabeled).mean() + ((x_u - unlabeled) ** 2).mean(), params)
+    autocast, _ = train_gan.make_autocast(args, torch.device("cpu"))
+    torch.manual_seed(1)
+    train_encoder.train_step(E, G, percept, optimizers, (unlabeled, labeled, masks), args, (0.1, 0.3), autocast)
+    for optimizer in optimizers:
+        assert all(float(optimizer.state[p]["step"]) == 1 for p in params)
+    for p, g in zip(params, grads_u):
+        torch.testing.assert_close(optimizers[0].state[p]["exp_avg"], 0.05 * g, rtol=1e-4, atol=1e-10)

@@ -182,20 +182,20 @@ def test_kimg_budget_counts_global_images():
 # One step, looked into: what D_m is fed, how many generator forwards, which R1
 
 
-def one_step(step, *extra):
+def one_step(step, *extra, classes=3):
     """train_step on tiny networks from a fixed seed; returns (losses, G's mask outputs, D_m's mask inputs)."""
     args = train_gan.parse_args(TINY + list(extra))
     torch.manual_seed(0)
     random.seed(0)  # style mixing's coin
     device = torch.device("cpu")
-    G, G_ema, D_r, D_m = train_gan.build_networks(args, 3, 3, device)
+    G, G_ema, D_r, D_m = train_gan.build_networks(args, 3, classes, device)
     optimizers = train_gan.build_optimizers(args, G, D_r, D_m)
     autocast, _ = train_gan.make_autocast(args, device)
     state = {"G_ema": G_ema, "mean_path_length": torch.zeros(())}
     generated, seen = [], []
     G.register_forward_hook(lambda module, inputs, output: generated.append(output[1].detach()))
     D_m.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].detach()))
-    batch = (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)))
+    batch = (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randint(0, classes, (2, 32, 32)))
     out = train_gan.train_step(step, (G, D_r, D_m), optimizers, batch, args, state, autocast)
     return out, generated, seen, batch[2]
 
@@ -215,6 +215,34 @@ def test_d_m_is_fed_as_asked_from_one_or_two_generator_forwards(dm_mask, shared)
     assert torch.equal(real.argmax(1), masks)
     if dm_mask == "logits":
         assert fake_d.min() < 0  # raw logits, not probabilities
+
+
+@pytest.mark.parametrize("binary", ["sigmoid", "softmax"])
+def test_a_binary_task_has_one_mask_channel_as_the_official_code_or_two(binary):
+    """Two classes (background and one foreground): by default the official one channel, its raw logit for
+    D_m against the real mask in {-1, +1}; --binary softmax keeps two channels, one-hot."""
+    _, generated, seen, masks = one_step(1, "--binary", binary, classes=2)
+    channels = 1 if binary == "sigmoid" else 2
+    assert all(g.shape[1] == channels for g in generated) and all(s.shape[1] == channels for s in seen)
+    real, fake_d = seen[0], seen[1]
+    if binary == "sigmoid":
+        assert torch.equal(real[:, 0], (masks > 0).float() * 2 - 1)
+        torch.testing.assert_close(fake_d, generated[0])
+    else:
+        assert torch.equal(real.argmax(1), masks) and set(real.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_a_binary_run_keeps_its_form_on_resume(tmp_path, capsys):
+    binary = ["--num-classes", "2"]  # the last --num-classes counts
+    train_gan.main(TINY + binary + ["--out", str(tmp_path), "--iter", "2", "--snap-kimg", "0.004"])
+    ckpt = load(tmp_path / "checkpoint-00000002.pt")
+    assert (ckpt["num_classes"], ckpt["mask_channels"]) == (2, 1) and ckpt["args"]["binary"] == "sigmoid"
+    assert ckpt["G_ema"]["t_seg.0.bias"].shape == (1,)
+    assert "2 classes (one sigmoid mask channel)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        train_gan.main(TINY + binary + ["--out", str(tmp_path), "--iter", "4", "--resume", "auto", "--binary", "softmax"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2 and len(err) == 1 and "pass --binary sigmoid to resume" in err[0], err
 
 
 def test_dm_r1_per_sample_is_batch_squared_times_the_official():
