@@ -48,7 +48,8 @@ What `build_datasets` makes of them
   ADA). `--no-augment --flip` is the official pipeline for RGB data.
 * Classes: `--num-classes K`, else the largest destination of `--class-map` + 1, else classes.txt, else
   the largest value in (up to 64) masks + 1. `--class-map` is a table name (`celebamask19to8`), a file of
-  `SRC:DST` lines or inline `255:1,128:2`; values it does not list keep their value.
+  `SRC:DST` lines or inline `255:1,128:2`; values it does not list keep their value. K counts the
+  background: a binary task has K = 2 (its generator then has one mask channel: model.mask_channels).
 * `--labels N` keeps N labeled pairs, chosen by a fixed seed (`--labels-seed`, default 0, independent of
   the training `--seed`): the N pairs are the first N of one seeded permutation, so 9 of them are inside
   the 35, which are inside the 175; the masks of the other pairs are hidden, their images stay unlabeled.

@@ -11,6 +11,7 @@ weights and schedule) on
     L(w+, n) = LPIPS(x, G_x(w+, n)) + lambda3 MSE(x, G_x(w+, n)) + lambda2 MSE(w+, E(G_x(w+, n)))
                + lambda_n NoiseReg(n)
 
+per image, each MSE the mean over its entries (the image's pixels; the n_latent x style_dim entries of W+):
  * lambda3 = 0.1 (--mse-weight), lambda2 = 1e-3 (--encoder-weight; E's output is a constant target, no
    gradient flows through E), lambda_n = 100 (--noise-weight; rosinality's projector uses 1e5): NoiseReg
    is the squared mean of each noise map times itself shifted by one pixel, in x and in y, summed over a

@@ -18,6 +18,10 @@ Every iteration (the official schedule, rosinality/stylegan2-pytorch as extended
  5. Path length every 4 steps on half a batch (weight 2, scaled by 4).
  6. G_ema <- G_ema + (1 - 0.5 ** (32 / 10000)) (G - G_ema).
 
+Masks: K classes (background included) give K mask channels, except a task with one foreground class, which
+gets one channel as in the official code (--binary sigmoid: D_m sees that logit against the real mask in
+{-1, +1}, logit > 0 is the foreground); --binary softmax gives it two.
+
 Batch: --batch is per GPU (as in the official code); the global batch is batch x GPUs and kimg counts
 global images. The labeled and the unlabeled stream each deliver --batch samples per GPU and step.
 
