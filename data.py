@@ -718,8 +718,7 @@ def number(kind, low=None, high=None, above=None):
     """An argparse type for numeric options, checked when the command line is parsed: a `kind` (int or
     float) of at least `low` (or more than `above`) and at most `high`. Anything else (a negative batch, a
     zero learning rate, nan) is one error line naming the option and the values it takes."""
-    whole = kind is int
-    noun = "a whole number" if whole else "a number"
+    noun = "a whole number" if kind is int else "a number"
     if low is not None and high is not None:
         takes = f"{noun} from {low:g} to {high:g}"
     elif low is not None:
@@ -767,8 +766,8 @@ def number_list(kind, low=None, count=None):
 def choice_list(choices):
     """An argparse type for a comma-separated subset of `choices` (--bench-precisions fp32,bf16)."""
     def parse(text):
-        values = [v for v in text.split(",")]
-        if not values or any(v not in choices for v in values):
+        values = text.split(",")
+        if any(v not in choices for v in values):
             raise argparse.ArgumentTypeError(f"{text}: give one or more of {', '.join(choices)}, comma-separated")
         return values
 
@@ -807,8 +806,8 @@ def add_data_args(parser, resolutions=None):
     group.add_argument("--resolution", default=256, help="square size R (default 256)", **size)
     group.add_argument("--channels", type=int, choices=(1, 3), default=None,
                        help="1 (grey: X-ray, CT, MRI) or 3 (RGB); default: 1 if the sampled images are grey")
-    group.add_argument("--num-classes", type=number(int, low=2, high=MAX_CLASSES), default=None, help="classes including background; "
-                       "default: from --class-map, classes.txt or the masks")
+    group.add_argument("--num-classes", type=number(int, low=2, high=MAX_CLASSES), default=None,
+                       help="classes including background; default: from --class-map, classes.txt or the masks")
     group.add_argument("--class-map", default=None, metavar="MAP", help="merge classes: "
                        f"{', '.join(CLASS_MAPS)}, a file of SRC:DST lines, or SRC:DST,SRC:DST")
     group.add_argument("--labels", type=COUNT, default=None, metavar="N",

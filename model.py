@@ -693,7 +693,8 @@ def build_parser():
     parser.add_argument("--batch", type=data.POSITIVE_INT, default=16)
     parser.add_argument("--classes", type=data.POSITIVE_INT, default=8)
     parser.add_argument("--image-channels", type=int, choices=(1, 3), default=3)
-    parser.add_argument("--max-channels", type=data.POSITIVE_INT, default=512, help="cap on feature maps (narrow networks)")
+    parser.add_argument("--max-channels", type=data.POSITIVE_INT, default=512,
+                        help="cap on feature maps (narrow networks)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--impls", type=data.choice_list(("cuda", "ref")), default="cuda,ref",
                         help="ops implementations to time ('cuda' = fused kernels and gradfix convolutions, "

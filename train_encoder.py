@@ -88,8 +88,8 @@ def generator_config(ckpt):
 
 
 def encoder_config(args, G):
-    return dict(resolution=G.resolution, image_channels=G.image_channels, style_dim=G.style_dim, units=args.encoder_units,
-                max_channels=args.max_channels)
+    return dict(resolution=G.resolution, image_channels=G.image_channels, style_dim=G.style_dim,
+                units=args.encoder_units, max_channels=args.max_channels)
 
 
 def mask_temperatures(args, ckpt_args, num_classes):
@@ -349,10 +349,10 @@ def _train(args, ckpt, rank, world, device):
     images_per_step = 2 * args.batch * world  # an unlabeled and a labeled batch
     if rank == 0:
         print(f"semanticgan stage 2: encoder for {args.ckpt} ({G.resolution} px, {G.image_channels} image channels, "
-              f"{classes} classes, {G.num_classes} mask channel(s)); {world} process(es) on {device.type}, batch {args.batch} unlabeled + "
-              f"{args.batch} labeled per process; precision {precision}; {args.iter} steps; data: "
-              f"{info['labeled_count']} labeled pairs and {info['unlabeled_count']} images from {info['source']}; "
-              f"validation: {validation_source}", flush=True)
+              f"{classes} classes, {G.num_classes} mask channel(s)); {world} process(es) on {device.type}, "
+              f"batch {args.batch} unlabeled + {args.batch} labeled per process; precision {precision}; "
+              f"{args.iter} steps; data: {info['labeled_count']} labeled pairs and {info['unlabeled_count']} images "
+              f"from {info['source']}; validation: {validation_source}", flush=True)
         lpips_note = " (an UNTRAINED backbone: for tests and offline demos)" if args.lpips == "random" else ""
         print(f"E {sum(p.numel() for p in E.parameters()):,} parameters, {args.optimizer}; LPIPS {args.lpips}{lpips_note}; "
               f"mask temperatures CE {temperatures[0]}, Dice {temperatures[1]}", flush=True)
@@ -433,11 +433,14 @@ def build_parser():
     p.set_defaults(**{k: None for k in INHERITED})  # None: taken from the stage-1 checkpoint
     g = p.add_argument_group("training (defaults: the official configuration)")
     g.add_argument("--out", default="runs/encoder", help="output folder: model.pt, best.pt, checkpoints, grids, log")
-    g.add_argument("--iter", type=data.POSITIVE_INT, default=100000, help="iterations (each an unlabeled and a labeled step)")
+    g.add_argument("--iter", type=data.POSITIVE_INT, default=100000,
+                   help="iterations (each an unlabeled and a labeled step)")
     g.add_argument("--batch", type=data.POSITIVE_INT, default=16, help="batch per GPU / process, of each kind")
     g.add_argument("--lr", type=data.POSITIVE, default=1e-3)
-    g.add_argument("--lr-min", type=data.NON_NEGATIVE, default=1e-5, help="learning rate at the end of the cosine decay")
-    g.add_argument("--lr-decay-start", type=data.FRACTION, default=0.3, help="fraction of --iter where the decay starts")
+    g.add_argument("--lr-min", type=data.NON_NEGATIVE, default=1e-5,
+                   help="learning rate at the end of the cosine decay")
+    g.add_argument("--lr-decay-start", type=data.FRACTION, default=0.3,
+                   help="fraction of --iter where the decay starts")
     g.add_argument("--optimizer", choices=["radam", "adam"], default="radam")
     g.add_argument("--lpips", choices=losses.Perceptual.NETS, default="vgg",
                    help="LPIPS network; random = untrained backbone (tests, offline demos)")
@@ -458,7 +461,8 @@ def build_parser():
     g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
     g.add_argument("--new-data", action="store_true", help="with --resume: keep the encoder, optimisers and step, "
                    "and start fresh seeded data streams (the data changed since the checkpoint)")
-    g.add_argument("--snap-every", type=data.POSITIVE_INT, default=2000, help="steps between grids, checkpoints and model.pt")
+    g.add_argument("--snap-every", type=data.POSITIVE_INT, default=2000,
+                   help="steps between grids, checkpoints and model.pt")
     g.add_argument("--keep", type=data.POSITIVE_INT, default=3, help="checkpoints kept")
     g.add_argument("--grid", type=data.POSITIVE_INT, default=8, help="labeled and unlabeled rows in the grid")
     g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")

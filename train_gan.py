@@ -771,8 +771,10 @@ def build_parser():
     g = p.add_argument_group("training (defaults: the official configuration)")
     g.add_argument("--out", default="runs/semanticgan", help="output folder: checkpoints, sample grids, log.jsonl")
     g.add_argument("--iter", type=data.POSITIVE_INT, default=800000, help="training iterations")
-    g.add_argument("--kimg", type=data.POSITIVE, default=None, help="budget in thousands of global images (overrides --iter)")
-    g.add_argument("--batch", type=data.POSITIVE_INT, default=16, help="batch per GPU / process (global = batch x processes)")
+    g.add_argument("--kimg", type=data.POSITIVE, default=None,
+                   help="budget in thousands of global images (overrides --iter)")
+    g.add_argument("--batch", type=data.POSITIVE_INT, default=16,
+                   help="batch per GPU / process (global = batch x processes)")
     g.add_argument("--lr", type=data.POSITIVE, default=0.002)
     g.add_argument("--r1", type=data.NON_NEGATIVE, default=10.0, help="R1 gamma, for D_r and D_m")
     g.add_argument("--r1-every", type=data.POSITIVE_INT, default=16)
@@ -801,7 +803,8 @@ def build_parser():
     g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
     g.add_argument("--new-data", action="store_true", help="with --resume: keep the networks, optimisers, G_ema "
                    "and step, and start fresh seeded data streams (the data changed since the checkpoint)")
-    g.add_argument("--snap-kimg", type=data.POSITIVE, default=50.0, help="sample grid + checkpoint every this many kimg")
+    g.add_argument("--snap-kimg", type=data.POSITIVE, default=50.0,
+                   help="sample grid + checkpoint every this many kimg")
     g.add_argument("--keep", type=data.POSITIVE_INT, default=3, help="checkpoints kept")
     g.add_argument("--grid", type=data.POSITIVE_INT, default=16, help="samples in the grid")
     g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
@@ -809,7 +812,8 @@ def build_parser():
     b.add_argument("--benchmark", action="store_true", help="time the training step on synthetic data and exit")
     b.add_argument("--bench-steps", type=data.POSITIVE_INT, default=64)
     b.add_argument("--bench-precisions", type=data.choice_list(("fp32", "bf16")), default="fp32,bf16")
-    b.add_argument("--bench-impls", type=data.choice_list(("cuda", "ref")), default="cuda,ref", help="'cuda' = fused ops + gradfix, 'ref' = plain PyTorch")
+    b.add_argument("--bench-impls", type=data.choice_list(("cuda", "ref")), default="cuda,ref",
+                   help="'cuda' = fused ops + gradfix, 'ref' = plain PyTorch")
     n = p.add_argument_group("networks (defaults: StyleGAN2 config-f; narrow them for CPU demos)")
     n.add_argument("--style-dim", type=data.POSITIVE_INT, default=512)
     n.add_argument("--n-mlp", type=data.POSITIVE_INT, default=8, help="mapping layers")

@@ -508,7 +508,8 @@ def build_parser():
     parser.add_argument("--res", type=at_least(8), default=256,
                         help="generator resolution, a power of 2 from 8 to 1024 (default 256)")
     parser.add_argument("--batch", type=at_least(1), default=16, help="batch size (default 16)")
-    parser.add_argument("--channel-multiplier", type=at_least(1), default=2, help="StyleGAN2 channel multiplier (default 2)")
+    parser.add_argument("--channel-multiplier", type=at_least(1), default=2,
+                        help="StyleGAN2 channel multiplier (default 2)")
     parser.add_argument("--quick", action="store_true", help="only the smallest and the largest resolution")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda if available, else cpu)")

@@ -240,7 +240,8 @@ def test_a_binary_run_keeps_its_form_on_resume(tmp_path, capsys):
     assert ckpt["G_ema"]["t_seg.0.bias"].shape == (1,)
     assert "2 classes (one sigmoid mask channel)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
-        train_gan.main(TINY + binary + ["--out", str(tmp_path), "--iter", "4", "--resume", "auto", "--binary", "softmax"])
+        train_gan.main(TINY + binary + ["--out", str(tmp_path), "--iter", "4", "--resume", "auto",
+                                        "--binary", "softmax"])
     err = capsys.readouterr().err.strip().splitlines()
     assert refused.value.code == 2 and len(err) == 1 and "pass --binary sigmoid to resume" in err[0], err
 
