@@ -293,7 +293,7 @@ def find_masks(inputs, source, lut, num_labels):
     for item in inputs:
         path = by_name.get(item.key) or by_name.get(Path(item.key).name)
         if path is None:
-            raise data.DataError(f"{folder}/{item.name}.png: no ground-truth mask for {item.path}; add it, or "
+            raise data.DataError(f"{folder}/{item.key}.png: no ground-truth mask for {item.path}; add it, or "
                                  "leave the image out of the evaluation")
         values = data.remap(data.load_mask(path), lut, path)
         if values.size and int(values.max()) >= num_labels:
@@ -316,11 +316,10 @@ class Scores:
 
     def add(self, name, prediction, truth):
         prediction, truth = torch.from_numpy(prediction.astype(np.int64)), torch.from_numpy(truth.astype(np.int64))
-        row = {}
+        row, patient = {}, data.patient_id(name)
         for c in range(1, self.num_labels):
             dice, jaccard = losses.dice_jaccard(prediction[None], truth[None], c)
             row[c] = (dice.item(), jaccard.item())
-            patient = data.patient_id(name)
             if patient is not None:  # a slice of a volume: its counts join its patient's
                 p, t = prediction == c, truth == c
                 sums = self.patients.setdefault(patient, np.zeros((self.num_labels, 2)))
