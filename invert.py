@@ -212,6 +212,20 @@ def per_image_mse(a, b):
     return (a.float() - b.float()).square().flatten(1).mean(1)
 
 
+def objective(G, E, percept, w_plus, noise, target, target_features, args):
+    """The objective per image [B] at (w+, noise): LPIPS + lambda3 MSE between the target and G_x(w+), and
+    lambda2 times the mean square distance of w+ to E(G_x(w+)) (no gradient through E), plus the noise
+    regulariser."""
+    reconstruction, _ = G(w_plus, input_is_w=True, noise=noise)
+    compared = F.adaptive_avg_pool2d(reconstruction, 256) if reconstruction.shape[-1] > 256 else reconstruction
+    with torch.no_grad():
+        w_target = E(reconstruction).float()
+    return (percept.distance_to(compared, target_features).float()
+            + args.mse_weight * per_image_mse(compared, target)
+            + args.encoder_weight * (w_plus - w_target).square().flatten(1).mean(1)
+            + args.noise_weight * noise_regularization(noise))
+
+
 def invert(G, E, percept, images, seeds, args, autocast, trace=None):
     """Optimise w+ and the noise of a batch of images. Returns (mask logits at w+*, reconstruction,
     mask logits of the encoder alone, losses per image [B]), all detached; `trace`, a list, receives each
@@ -233,14 +247,7 @@ def invert(G, E, percept, images, seeds, args, autocast, trace=None):
     for step in range(args.steps):
         optimizer.param_groups[0]["lr"] = learning_rate(step / args.steps, args.lr)
         with autocast():
-            reconstruction, _ = G(w_plus, input_is_w=True, noise=noise)
-            compared = F.adaptive_avg_pool2d(reconstruction, 256) if reconstruction.shape[-1] > 256 else reconstruction
-            with torch.no_grad():
-                w_target = E(reconstruction).float()
-            per_image = (percept.distance_to(compared, target_features).float()
-                         + args.mse_weight * per_image_mse(compared, target)
-                         + args.encoder_weight * (w_plus - w_target).square().flatten(1).mean(1)
-                         + args.noise_weight * noise_regularization(noise))
+            per_image = objective(G, E, percept, w_plus, noise, target, target_features, args)
         if trace is not None:
             trace.append(per_image.detach().cpu())
         optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ import losses
 import model
 import train_encoder
 import train_gan
+from precision_check import Recorder  # records the gradients an optimiser is given, changes nothing
 
 STAGE1 = ["--data", "demo", "--demo-length", "24", "--labels", "8", "--num-classes", "3", "--resolution", "32",
           "--max-channels", "16", "--style-dim", "32", "--n-mlp", "2", "--batch", "2", "--workers", "0",
@@ -305,23 +306,6 @@ def test_bf16_autocast_path_trains(stage1, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # One iteration computed by hand: the two losses, their weights and temperatures, the clips, two optimisers
-
-
-class Recorder:
-    """An optimiser that records the gradients it is given and changes nothing, so that both steps of an
-    iteration can be computed by hand at the same encoder."""
-
-    def __init__(self, params):
-        self.params = list(params)
-        self.param_groups = [{"lr": 0.0, "params": self.params}]
-        self.seen = []
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
-
-    def step(self):
-        self.seen.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params])
 
 
 def hand_cross_entropy(logits, mask, temperature):
