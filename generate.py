@@ -8,6 +8,9 @@ included. Pair i comes from its own seed (--seed and i): its latent z and its no
 depend on the batch it was drawn in, and a stopped run continues where it stopped (pairs whose two files
 exist are skipped). --truncation 0.7 pulls every w towards the mean latent (typical, cleaner pairs);
 --truncation 1 keeps G's full diversity. The mask is the argmax of the mask logits (one class: logit > 0).
+
+Needs: model.py (the networks, reading a checkpoint or model.pt) and data.py (writing PNGs); never the
+training scripts.
 """
 
 import argparse
@@ -20,21 +23,18 @@ import torch
 
 import data
 import model
-import train_encoder
-import train_gan
-from train_gan import TrainingError
 
 
 def load_any_generator(path, device):
     """G_ema of a stage-1 checkpoint or of a model.pt."""
     if not os.path.isfile(path):
-        raise TrainingError(f"{path}: no such file; pass --ckpt a train_gan.py checkpoint or a model.pt")
-    ckpt = train_gan.load_checkpoint(path, "pass --ckpt a complete train_gan.py checkpoint or a model.pt")
-    if isinstance(ckpt, dict) and ckpt.get("format") == train_encoder.BUNDLE_FORMAT:
+        raise model.CheckpointError(f"{path}: no such file; pass --ckpt a train_gan.py checkpoint or a model.pt")
+    ckpt = model.load_checkpoint(path, "pass --ckpt a complete train_gan.py checkpoint or a model.pt")
+    if isinstance(ckpt, dict) and ckpt.get("format") == model.BUNDLE_FORMAT:
         G = model.Generator(**ckpt["generator"])
         G.load_state_dict(ckpt["G_ema"])
         return G.to(device).eval().requires_grad_(False)
-    return train_encoder.load_generator(ckpt, path, device)
+    return model.load_generator(ckpt, path, device)
 
 
 def pair_seed(seed, index):
@@ -50,7 +50,7 @@ def draw(G, indices, seed, truncation, mean_latent):
     noise = [torch.stack([torch.randn(1, r, r, generator=g) for g in generators]).to(device)
              for r in G.noise_resolutions]
     images, mask_logits = G(z, truncation=truncation, truncation_latent=mean_latent, noise=noise)
-    return images, train_gan.mask_classes(mask_logits.float())
+    return images, model.mask_classes(mask_logits.float())
 
 
 def image_pixels(image):
@@ -105,7 +105,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         generate(args)
-    except TrainingError as e:
+    except model.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OSError as e:  # disk full, --out not writable

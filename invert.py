@@ -39,6 +39,9 @@ class scores 1), the data set's mIoU (intersections and unions summed over the i
 included, as the official validation), and DICE per patient (volumetric, for slices named PATIENT_zSLICE),
 for the optimised masks and, from the same run, for the encoder alone; a table, OUT/metrics.csv (per image)
 and OUT/metrics.json (the means, the command, the model, the steps).
+
+Needs: model.py (the networks, model.pt), losses.py (LPIPS, the metrics), data.py (reading and fitting
+images, writing PNGs); never the training scripts, so that this file can be copied with those three and ops/.
 """
 
 import argparse
@@ -60,9 +63,6 @@ from PIL import Image
 import data
 import losses
 import model
-import train_encoder
-import train_gan
-from train_gan import TrainingError
 
 # ----------------------------------------------------------------------------------------------------
 # Inputs: files, folders, globs
@@ -151,7 +151,7 @@ def to_input_geometry(mask_logits, size, fit):
 
     def classes_at(side_h, side_w):
         up = F.interpolate(mask_logits[None].float(), size=(side_h, side_w), mode="bilinear", align_corners=False)
-        return train_gan.mask_classes(up)[0].to(torch.uint8).cpu().numpy()
+        return model.mask_classes(up)[0].to(torch.uint8).cpu().numpy()
 
     if fit == "stretch" or width == height:
         return classes_at(height, width)
@@ -281,7 +281,7 @@ def save_outputs(item, classes, reconstruction, paths):
     blend = np.where(classes[..., None] > 0, (0.5 * original + 0.5 * coloured).astype(np.uint8), original)
     data.save_png(blend, paths["overlay"])
     if "recon" in paths:
-        data.save_png(train_gan.image_to_uint8(reconstruction), paths["recon"])
+        data.save_png(data.image_to_uint8(reconstruction), paths["recon"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,8 +397,8 @@ def write_metrics(out, scores, results, class_names, argv, model_path, steps, im
 def newest_model(root="runs"):
     found = [p for p in glob.glob(os.path.join(root, "**", "model.pt"), recursive=True) if os.path.isfile(p)]
     if not found:
-        raise TrainingError(f"no model.pt under {root}/: pass --model OUT/model.pt of a train_encoder.py run "
-                            "(the README's demo command leaves one in runs/)")
+        raise model.CheckpointError(f"no model.pt under {root}/: pass --model OUT/model.pt of a train_encoder.py "
+                                    "run (the README's demo command leaves one in runs/)")
     return max(found, key=os.path.getmtime)
 
 
@@ -407,14 +407,14 @@ def run(args, argv):
     model_path = args.model or newest_model()
     if not args.model:
         print(f"using {model_path} (the newest model.pt under runs/; pass --model to choose)", flush=True)
-    G, E, bundle = train_encoder.load_bundle(model_path, device)
+    G, E, bundle = model.load_bundle(model_path, device)
     num_labels = losses.label_count(bundle["num_classes"])
     class_names = bundle.get("class_names") or ["background"] + [f"class{c}" for c in range(1, num_labels)]
     if len(class_names) != num_labels:
         class_names = ["background"] + [f"class{c}" for c in range(1, num_labels)]
     lpips_net = args.lpips or bundle["lpips"]
     percept = losses.Perceptual(lpips_net).to(device) if args.steps > 0 else None
-    autocast, precision = train_gan.make_autocast(args, device)
+    autocast, precision = model.make_autocast(args, device)
 
     inputs = collect_inputs(args.inputs)
     if args.split:  # the images a split file names (data.py split's test.txt), matched by name
@@ -539,7 +539,7 @@ def benchmark(args):
     G = model.Generator(R, 8, 3, max_channels=width).to(device).eval().requires_grad_(False)
     E = model.Encoder(R, 3, G.style_dim, max_channels=width).to(device).eval().requires_grad_(False)
     percept = losses.Perceptual("random").to(device)
-    autocast, precision = train_gan.make_autocast(args, device)
+    autocast, precision = model.make_autocast(args, device)
     print(f"inversion throughput on {device}: {R} px, {args.steps} steps, precision {precision}, max channels {width}")
     print(f"{'batch':>6} {'img/s':>8} {'s/image':>9} {'peak GiB':>9}")
     for batch in args.bench_batches:
@@ -566,7 +566,7 @@ def main(argv=None):
         if not args.inputs:
             raise data.DataError("no images: pass image files, folders or globs (python invert.py img.png)")
         return run(args, ["invert.py"] + list(argv))
-    except (data.DataError, TrainingError, losses.LPIPSUnavailable) as e:
+    except (data.DataError, model.CheckpointError, losses.LPIPSUnavailable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -30,6 +30,8 @@ logits / 0.1 (binary on logits / 0.3 for K = 1) and V-Net's squared Dice on sigm
 with the reconstruction terms LPIPS (the lpips package, `Perceptual`) and MSE. Then the segmentation metrics
 that train_encoder.py validates with and invert.py scores with: per-image DICE and Jaccard, and the mIoU
 of counts accumulated over a data set.
+
+Needs: model.py (one_hot_mask) and ops/; the lpips package, imported when LPIPS is first built.
 """
 
 import functools

@@ -41,9 +41,15 @@ offsets from the generator's mean latent.
 
 Equalized learning rate (Karras et al. 2018): weights are stored N(0, 1) and scaled by 1/sqrt(fan_in) (times
 a learning-rate multiplier) at run time; `ops.bias_act` applies bias + leaky ReLU with gain sqrt(2).
+
+Files. What training and inference share is here, below both: reading a stage-1 checkpoint
+(`load_checkpoint`, `load_generator`) and model.pt, the inference bundle (`load_bundle`, `BUNDLE_FORMAT`),
+the decision on mask logits (`mask_classes`) and bf16 autocast (`make_autocast`). invert.py and generate.py
+need this file, losses.py, data.py and ops/, never the training scripts. Needs: torch and ops/.
 """
 
 import math
+import os
 import random
 
 import torch
@@ -319,6 +325,14 @@ class Generator(nn.Module):
 def mask_probabilities(mask_logits):
     """Class probabilities of mask logits: softmax over K channels, or a sigmoid when K = 1."""
     return torch.sigmoid(mask_logits) if mask_logits.shape[1] == 1 else torch.softmax(mask_logits, dim=1)
+
+
+def mask_classes(mask_logits):
+    """Predicted class map [B, H, W] of mask logits [B, K, H, W]: argmax, or sigmoid > 0.5 (logit > 0) for one
+    channel. The one decision used everywhere: stage 1's samples, stage 2's validation, invert.py, generate.py."""
+    if mask_logits.shape[1] == 1:
+        return (mask_logits[:, 0] > 0).long()
+    return mask_logits.argmax(1)
 
 
 # Binary tasks (one foreground class: lungs, lesions, the liver). The official code gives them one mask
@@ -628,6 +642,86 @@ def _upsample_add(x, lateral):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The files that hold the networks (a stage-1 checkpoint of train_gan.py, model.pt of train_encoder.py),
+# read here so that inference needs no training script; and the precision the networks run in
+
+
+class CheckpointError(Exception):
+    """A checkpoint or model.pt that is missing, unreadable or of another kind. The message is one line naming
+    the file and what to pass instead; every script prints it as `error: ...` and exits with status 2."""
+
+
+def short_error(error):
+    """'OSError: [Errno 28] No space left on device' (the first line, the type named)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def load_checkpoint(path, advice="delete it to resume from the one before, or pass another --resume"):
+    """What torch.save wrote at `path`, read with weights_only=True: the files of this project hold
+    state_dicts and plain data only, so reading one cannot run code. A missing or unreadable file is a
+    CheckpointError ending in `advice`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist: pass an existing file or --resume auto")
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise CheckpointError(f"checkpoint {path} cannot be read ({short_error(e)}); "
+                              f"{advice}")
+
+
+def generator_config(ckpt):
+    """Generator arguments of a stage-1 checkpoint."""
+    a = ckpt["args"]
+    channels = ckpt.get("mask_channels", ckpt["num_classes"])  # older checkpoints: one channel per class
+    return dict(resolution=a["resolution"], num_classes=channels, image_channels=ckpt["image_channels"],
+                style_dim=a["style_dim"], n_mlp=a["n_mlp"], channel_multiplier=a["channel_multiplier"],
+                max_channels=a["max_channels"])
+
+
+def load_generator(ckpt, path, device):
+    """G_ema of a stage-1 checkpoint (as load_checkpoint read it from `path`), in eval mode, without gradients."""
+    if not isinstance(ckpt, dict) or not {"G_ema", "args", "num_classes", "image_channels"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a stage-1 checkpoint of train_gan.py (no G_ema and arguments); "
+                              "pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run")
+    G = Generator(**generator_config(ckpt))
+    G.load_state_dict(ckpt["G_ema"])
+    return G.to(device).eval().requires_grad_(False)
+
+
+# model.pt, the inference bundle that train_encoder.make_bundle writes: "G_ema" and "E" (state_dicts) with
+# "generator" and "encoder" (their constructors' arguments), "mean_latent", "preprocessing" (resolution,
+# channels, fit), "num_classes" (background included) and "class_names", "lpips" (the network stage 2 used),
+# "step", "validation", and both stages' arguments ("args", "stage1_args"). BUNDLE_FORMAT names this layout.
+BUNDLE_FORMAT = "semanticgan-model-1"
+
+
+def load_bundle(path, device="cpu"):
+    """(G_ema, E, bundle) from a model.pt of train_encoder.py; CheckpointError (one line) if it is not one."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such model file; pass --model OUT/model.pt of a train_encoder.py run")
+    bundle = load_checkpoint(path, "pass --model OUT/model.pt of a train_encoder.py run")
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{path} is not a model.pt of train_encoder.py (a stage-1 checkpoint is not enough: "
+                              "train the encoder on it first); pass --model OUT/model.pt")
+    G = Generator(**bundle["generator"])
+    G.load_state_dict(bundle["G_ema"])
+    E = Encoder(**bundle["encoder"])
+    E.load_state_dict(bundle["E"])
+    return G.to(device).eval().requires_grad_(False), E.to(device).eval().requires_grad_(False), bundle
+
+
+def make_autocast(args, device):
+    """(autocast, precision) for --precision: `autocast()` is a bf16 autocast context on `device` for "bf16",
+    and for "auto" on a GPU that has bf16, else a disabled one (fp32); `precision` says which."""
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    enabled = precision == "bf16"
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled), precision
+
+
+# ----------------------------------------------------------------------------------------------------
 # `python model.py`: parameter counts and forward+backward timings of the three trained networks
 
 
@@ -655,8 +749,6 @@ def _time_forward_backward(step, device, iters, warmup):
 
 
 def _benchmark(args):
-    import os
-
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     G = Generator(args.resolution, args.classes, args.image_channels, max_channels=args.max_channels).to(device)

@@ -43,6 +43,9 @@ with weights_only=True); best.pt, the same bundle at the best validation score.
 Long runs behave as train_gan.py's: SIGTERM or Ctrl-C ends the step with a checkpoint and model.pt (every
 rank at the same step), unreadable pool images are replaced and counted (--max-unreadable), `--resume
 auto --new-data` continues over changed data, and a checkpoint that cannot be written stops the run.
+
+Needs: train_gan.py (the data streams, checkpoints, stopping on a signal, the progress line), model.py (the
+networks, reading checkpoints and model.pt), losses.py, data.py.
 """
 
 import argparse
@@ -66,25 +69,6 @@ from train_gan import TrainingError, unwrap
 
 # ----------------------------------------------------------------------------------------------------
 # The frozen generator and the encoder
-
-
-def load_generator(ckpt, path, device):
-    """G_ema of a stage-1 checkpoint, in eval mode, without gradients."""
-    if not isinstance(ckpt, dict) or not {"G_ema", "args", "num_classes", "image_channels"} <= set(ckpt):
-        raise TrainingError(f"{path} is not a stage-1 checkpoint of train_gan.py (no G_ema and arguments); "
-                            "pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run")
-    G = model.Generator(**generator_config(ckpt))
-    G.load_state_dict(ckpt["G_ema"])
-    return G.to(device).eval().requires_grad_(False)
-
-
-def generator_config(ckpt):
-    """Generator arguments of a stage-1 checkpoint."""
-    a = ckpt["args"]
-    channels = ckpt.get("mask_channels", ckpt["num_classes"])  # older checkpoints: one channel per class
-    return dict(resolution=a["resolution"], num_classes=channels, image_channels=ckpt["image_channels"],
-                style_dim=a["style_dim"], n_mlp=a["n_mlp"], channel_multiplier=a["channel_multiplier"],
-                max_channels=a["max_channels"])
 
 
 def encoder_config(args, G):
@@ -180,7 +164,7 @@ def validate(E, G, dataset, batch, device, autocast):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=0)
     for images, masks in loader:
         _, mask_logits = encode(E, G, images.to(device), autocast)
-        prediction = train_gan.mask_classes(mask_logits).cpu()
+        prediction = model.mask_classes(mask_logits).cpu()
         if labels == 2:
             dices.append(losses.dice_jaccard(prediction, masks, 1)[0])
         else:
@@ -194,9 +178,9 @@ def validate(E, G, dataset, batch, device, autocast):
 
 def tile_row(image, reconstruction, predicted, truth):
     """[H, 4W, 3] uint8: input | reconstruction | predicted mask | true mask (black if unknown)."""
-    coloured = [data.colour_mask(m.cpu().numpy()) if m is not None else np.zeros_like(train_gan.image_to_uint8(image))
+    coloured = [data.colour_mask(m.cpu().numpy()) if m is not None else np.zeros_like(data.image_to_uint8(image))
                 for m in (predicted, truth)]
-    return np.concatenate([train_gan.image_to_uint8(image), train_gan.image_to_uint8(reconstruction)] + coloured, axis=1)
+    return np.concatenate([data.image_to_uint8(image), data.image_to_uint8(reconstruction)] + coloured, axis=1)
 
 
 @torch.no_grad()
@@ -210,7 +194,7 @@ def save_grid(E, G, labeled, unlabeled, path, batch, autocast):
         for start in range(0, images.shape[0], batch):
             chunk = images[start:start + batch].to(device)
             reconstruction, mask_logits = encode(E, G, chunk, autocast)
-            for k, (image, rec, predicted) in enumerate(zip(chunk, reconstruction, train_gan.mask_classes(mask_logits))):
+            for k, (image, rec, predicted) in enumerate(zip(chunk, reconstruction, model.mask_classes(mask_logits))):
                 truth = None if masks is None else masks[start + k]
                 rows.append(tile_row(image, rec, predicted, truth))
     E.train(was_training)
@@ -231,32 +215,15 @@ def fixed_samples(dataset, count):
 # The inference bundle
 
 
-BUNDLE_FORMAT = "semanticgan-model-1"
-
-
 def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=None, stage1_args=None):
-    """What invert.py needs and nothing else: state_dicts and plain data (weights_only=True loads it)."""
+    """What invert.py needs and nothing else: state_dicts and plain data (weights_only=True loads it); the keys
+    are listed at model.BUNDLE_FORMAT."""
     E = unwrap(E)
-    return {"format": BUNDLE_FORMAT, "G_ema": G.state_dict(), "generator": G.config, "E": E.state_dict(),
+    return {"format": model.BUNDLE_FORMAT, "G_ema": G.state_dict(), "generator": G.config, "E": E.state_dict(),
             "encoder": E.config, "mean_latent": E.latent_avg.detach().cpu().clone(),
             "preprocessing": {"resolution": G.resolution, "channels": G.image_channels, "fit": fit},
             "num_classes": losses.label_count(G.num_classes), "class_names": class_names, "lpips": lpips, "step": step,
             "validation": validation, "args": args or {}, "stage1_args": stage1_args or {}}
-
-
-def load_bundle(path, device="cpu"):
-    """(G_ema, E, bundle) from a model.pt of train_encoder.py; TrainingError (one line) if it is not one."""
-    if not os.path.isfile(path):
-        raise TrainingError(f"{path}: no such model file; pass --model OUT/model.pt of a train_encoder.py run")
-    bundle = train_gan.load_checkpoint(path, "pass --model OUT/model.pt of a train_encoder.py run")
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
-        raise TrainingError(f"{path} is not a model.pt of train_encoder.py (a stage-1 checkpoint is not enough: "
-                            "train the encoder on it first); pass --model OUT/model.pt")
-    G = model.Generator(**bundle["generator"])
-    G.load_state_dict(bundle["G_ema"])
-    E = model.Encoder(**bundle["encoder"])
-    E.load_state_dict(bundle["E"])
-    return G.to(device).eval().requires_grad_(False), E.to(device).eval().requires_grad_(False), bundle
 
 
 def save_bundle(bundle, path):
@@ -286,7 +253,7 @@ def _train(args, ckpt, rank, world, device):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_gan.writable_folder(args.out)
-    G = load_generator(ckpt, args.ckpt, device)
+    G = model.load_generator(ckpt, args.ckpt, device)
     labeled, unlabeled, info = data.build_datasets(args, replace_unreadable=True)
     if labeled is None:
         raise TrainingError("stage 2 needs labeled pairs for the mask losses: pass --labeled (or --labels N > 0)")
@@ -307,7 +274,7 @@ def _train(args, ckpt, rank, world, device):
     E = model.Encoder(**encoder_config(args, G)).to(device)
     E.latent_avg.copy_(G.mean_latent(4096, device)[0])  # start every image at the mean latent
     optimizers = (build_optimizer(args, E), build_optimizer(args, E))
-    autocast, precision = train_gan.make_autocast(args, device)
+    autocast, precision = model.make_autocast(args, device)
     labeled_stream, unlabeled_stream = train_gan.open_streams(args, labeled, unlabeled, rank, world, args.seed)
     step, best = 0, None
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise
@@ -315,7 +282,7 @@ def _train(args, ckpt, rank, world, device):
 
     resume = train_gan.find_resume(args)
     if resume:
-        state = train_gan.load_checkpoint(resume)
+        state = model.load_checkpoint(resume)
         if state.get("stage") != "encoder":
             raise TrainingError(f"{resume} is not a checkpoint of train_encoder.py; pass another --resume")
         saved = dict(state["args"])
@@ -492,7 +459,7 @@ def parse_args(argv=None):
         args.ckpt = found[-1]
     if not os.path.isfile(args.ckpt):
         raise TrainingError(f"{args.ckpt}: no such file; pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run")
-    ckpt = train_gan.load_checkpoint(args.ckpt, "pass --ckpt OUT/checkpoint-STEP.pt of a complete train_gan.py run")
+    ckpt = model.load_checkpoint(args.ckpt, "pass --ckpt OUT/checkpoint-STEP.pt of a complete train_gan.py run")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict):
         for key in INHERITED:
             if getattr(args, key) is None:
@@ -519,7 +486,7 @@ def benchmark(args):
     E = model.Encoder(**encoder_config(args, G)).to(device)
     percept = losses.Perceptual("random").to(device)
     optimizers = (build_optimizer(args, E), build_optimizer(args, E))
-    autocast, precision = train_gan.make_autocast(args, device)
+    autocast, precision = model.make_autocast(args, device)
     batch = (torch.randn(B, channels, R, R, device=device), torch.randn(B, channels, R, R, device=device),
              torch.randint(0, classes, (B, R, R), device=device))
     for _ in range(3):
@@ -546,7 +513,7 @@ def main(argv=None):
         if args.benchmark:
             return benchmark(args)
         train(args, ckpt)
-    except (data.DataError, TrainingError, losses.LPIPSUnavailable) as e:
+    except (data.DataError, TrainingError, model.CheckpointError, losses.LPIPSUnavailable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except train_gan.Stopped as e:

@@ -30,15 +30,17 @@ exponent range, so no loss scaling and no clamping of activations is needed, and
 backward runs in it too. The optimisers and G_ema stay in fp32.
 
 Checkpoints (written atomically: a temporary file, then os.replace) hold state_dicts and plain data only
-and are read with torch.load(weights_only=True); `--resume auto` continues the latest one in --out, with
-the optimisers, the path-length mean, the data streams' positions and every RNG, so a resumed run
-continues exactly as if it had not stopped.
+and are read with torch.load(weights_only=True) (model.load_checkpoint); `--resume auto` continues the
+latest one in --out, with the optimisers, the path-length mean, the data streams' positions and every RNG,
+so a resumed run continues exactly as if it had not stopped.
 
 Long runs on shared clusters: SIGTERM (what SLURM and Kubernetes send before killing a job) or Ctrl-C
 ends the current step, writes a checkpoint and exits (status 128 + the signal), every rank at the same
 step; an unreadable image in the unlabeled pool is replaced by another and counted (--max-unreadable);
 `--resume auto --new-data` continues the networks over a changed pool; a checkpoint that cannot be
 written (disk full, --out gone) stops the run with the previous checkpoint intact.
+
+Needs: model.py (the networks, reading checkpoints), losses.py, data.py.
 """
 
 import _thread
@@ -70,7 +72,8 @@ import model
 
 
 class TrainingError(Exception):
-    """A problem the user can fix (bad checkpoint, incompatible resume, a diverged run): one line, exit 2."""
+    """A problem the user can fix (an incompatible resume, a diverged run, a full disk): one line, exit 2, as a
+    checkpoint that cannot be read (model.CheckpointError)."""
 
 
 def setup_distributed():
@@ -241,19 +244,6 @@ def accumulate(ema, net, decay):
 # ----------------------------------------------------------------------------------------------------
 # Samples: image | coloured mask | overlay, from fixed latents of G_ema
 
-def image_to_uint8(image):
-    """[C, H, W] in [-1, 1] -> [H, W, 3] uint8 (grayscale repeated)."""
-    x = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x
-
-
-def mask_classes(mask_logits):
-    """Predicted class map [B, H, W]: argmax, or sigmoid > 0.5 for one class."""
-    if mask_logits.shape[1] == 1:
-        return (mask_logits[:, 0] > 0).long()
-    return mask_logits.argmax(1)
-
-
 @torch.no_grad()
 def save_grid(G_ema, latents, path, batch, columns=4):
     """Render `latents` in chunks of `batch` (never all at once: big grids at high resolution run out of
@@ -261,8 +251,8 @@ def save_grid(G_ema, latents, path, batch, columns=4):
     tiles = []
     for chunk in latents.split(batch):
         images, masks = G_ema(chunk, randomize_noise=False)
-        for image, classes in zip(images, mask_classes(masks.float())):
-            rgb, coloured = image_to_uint8(image), data.colour_mask(classes.cpu().numpy())
+        for image, classes in zip(images, model.mask_classes(masks.float())):
+            rgb, coloured = data.image_to_uint8(image), data.colour_mask(classes.cpu().numpy())
             overlay = np.where(classes.cpu().numpy()[..., None] > 0, (0.5 * rgb + 0.5 * coloured).astype(np.uint8), rgb)
             tiles.append(np.concatenate([rgb, coloured, overlay], axis=1))
     rows = [np.concatenate(tiles[i:i + columns] + [np.zeros_like(tiles[0])] * (columns - len(tiles[i:i + columns])),
@@ -301,8 +291,8 @@ def save_checkpoint(payload, path, keep):
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         previous = [p for p in list_checkpoints(os.path.dirname(path)) if p != path]
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise TrainingError(f"cannot write {path} ({short_error(error)}): {kept}; free space or fix the folder, "
-                            "then continue with --resume auto") from None
+        raise TrainingError(f"cannot write {path} ({model.short_error(error)}): {kept}; free space or fix the "
+                            "folder, then continue with --resume auto") from None
     finally:
         if os.path.exists(tmp):
             try:
@@ -314,12 +304,6 @@ def save_checkpoint(payload, path, keep):
             os.remove(old)
 
 
-def short_error(error):
-    """'OSError: [Errno 28] No space left on device' (the first line, the type named)."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
-
-
 def writable_folder(path):
     """Create --out and check that a file can be written there, before any training is spent."""
     try:
@@ -327,17 +311,8 @@ def writable_folder(path):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise TrainingError(f"--out {path}: cannot write there ({short_error(error)}); pass a writable folder") from None
-
-
-def load_checkpoint(path, advice="delete it to resume from the one before, or pass another --resume"):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainingError(f"checkpoint {path} does not exist: pass an existing file or --resume auto")
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise TrainingError(f"checkpoint {path} cannot be read ({short_error(e)}); "
-                            f"{advice}")
+        raise TrainingError(f"--out {path}: cannot write there ({model.short_error(error)}); pass a writable "
+                            "folder") from None
 
 
 def rng_state():
@@ -531,14 +506,6 @@ class Progress:
         self.last_time, self.last_step = now, step
 
 
-def make_autocast(args, device):
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    enabled = precision == "bf16"
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled), precision
-
-
 def train(args):
     rank, world, device = setup_distributed()
     try:
@@ -594,7 +561,7 @@ def _train(args, rank, world, device):
     image_channels, num_classes = info["channels"], info["num_classes"]
     G, G_ema, D_r, D_m = build_networks(args, image_channels, num_classes, device)
     opt_G, opt_D_r, opt_D_m = build_optimizers(args, G, D_r, D_m)
-    autocast, precision = make_autocast(args, device)
+    autocast, precision = model.make_autocast(args, device)
     labeled_stream, unlabeled_stream = open_streams(args, labeled, unlabeled, rank, world, args.seed)
     state = {"G_ema": G_ema, "mean_path_length": torch.zeros((), device=device)}
     step = 0
@@ -603,7 +570,7 @@ def _train(args, rank, world, device):
 
     resume = find_resume(args)
     if resume:
-        ckpt = load_checkpoint(resume)
+        ckpt = model.load_checkpoint(resume)
         for key in ARCHITECTURE_ARGS:
             if ckpt["args"].get(key) != getattr(args, key):
                 raise TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
@@ -734,7 +701,7 @@ def benchmark(args):
             G, G_ema, D_r, D_m = build_networks(args, channels, classes, device)
             optimizers = build_optimizers(args, G, D_r, D_m)
             args.precision = precision
-            autocast, _ = make_autocast(args, device)
+            autocast, _ = model.make_autocast(args, device)
             state = {"G_ema": G_ema, "mean_path_length": torch.zeros((), device=device)}
             batch = (torch.randn(B, channels, R, R, device=device), torch.randn(B, channels, R, R, device=device),
                      torch.randint(0, classes, (B, R, R), device=device))
@@ -835,7 +802,7 @@ def main(argv=None):
         if args.benchmark:
             return benchmark(args)
         train(args)
-    except (data.DataError, TrainingError) as e:
+    except (data.DataError, TrainingError, model.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Stopped as e:

@@ -58,8 +58,8 @@ class Recorder:
 
 
 def autocast_for(precision):
-    """The training scripts' own autocast (train_gan.make_autocast) for 'fp32' or 'bf16', on the CPU."""
-    return train_gan.make_autocast(argparse.Namespace(precision=precision), torch.device("cpu"))[0]
+    """The training scripts' own autocast (model.make_autocast) for 'fp32' or 'bf16', on the CPU."""
+    return model.make_autocast(argparse.Namespace(precision=precision), torch.device("cpu"))[0]
 
 
 def flat(value):
@@ -127,7 +127,7 @@ def inversion(G, E, percept, images, args, precision, seed):
     with autocast():
         per_image = invert.objective(G, E, percept, w_plus, noise, images, target_features, args)
     grads = torch.autograd.grad(per_image.sum(), [w_plus] + noise)
-    classes, reference = train_gan.mask_classes(mask_logits.float()), train_gan.mask_classes(reference_logits)
+    classes, reference = model.mask_classes(mask_logits.float()), model.mask_classes(reference_logits)
     return {"inversion: encoder's w+": encoded,
             "inversion: objective per image": per_image,
             "inversion: gradient of w+": grads[0],
@@ -151,13 +151,13 @@ def networks(args, info, ckpt_path, model_path):
         path = ckpt_path
         if os.path.isdir(path):
             path = train_gan.list_checkpoints(path)[-1]
-        ckpt = train_gan.load_checkpoint(path)
+        ckpt = model.load_checkpoint(path)
         for net, key in ((G, "G"), (G_ema, "G_ema"), (D_r, "D_r"), (D_m, "D_m")):
             net.load_state_dict(ckpt[key])
         mean_path_length, ckpt_args = ckpt["mean_path_length"], ckpt["args"]
     encoder_args = train_encoder.build_parser().parse_args(["--max-channels", str(args.max_channels)])
     if model_path:
-        G_ema, E, _ = train_encoder.load_bundle(model_path, device)
+        G_ema, E, _ = model.load_bundle(model_path, device)
     else:
         E = model.Encoder(**train_encoder.encoder_config(encoder_args, G_ema))
         E.latent_avg.copy_(G_ema.mean_latent(4096, device)[0])

@@ -1,4 +1,4 @@
-"""`python data.py prepare NAME SRC OUT`: each converter on a tiny replica of its release's layout, written
+"""`python prepare.py NAME SRC OUT`: each converter on a tiny replica of its release's layout, written
 here, with the outputs checked against what the test knows: names, counts, class ids, pixel values.
 Also the JSRT .IMG reader on files this test writes byte by byte, and the NIfTI and DICOM volumes of the
 liver sets, written here with nibabel and pydicom in other orientations than the canonical one. Those two
@@ -11,14 +11,20 @@ import pytest
 from PIL import Image
 
 import data
+import prepare
 from test_data import assert_one_error_line, run_main, save
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 
 
-def prepare(capsys, name, src, out, *extra):
-    code, stdout, stderr = run_main(capsys, ["prepare", name, src, out, *extra])
+def run_prepare(capsys, argv):
+    """prepare.main(argv): (exit status, stdout, stderr)."""
+    return run_main(capsys, argv, prepare.main)
+
+
+def convert(capsys, name, src, out, *extra):
+    code, stdout, stderr = run_prepare(capsys, [name, src, out, *extra])
     assert code == 0, stderr
     return stdout
 
@@ -57,7 +63,7 @@ def test_celebamask_original_release_paints_parts_in_order_and_merges_to_8(capsy
     for part, mask in parts.items():
         save(anno / f"00000_{part}.png", np.stack([mask] * 3, -1))  # the release's PNGs are RGB
     save(anno / "00001_nose.png", blob_mask((8, 8), 2, 2, 3, 3))
-    stdout = prepare(capsys, "celebamask", src, out)
+    stdout = convert(capsys, "celebamask", src, out)
     assert "wrote 2 labeled pairs" in stdout and "left out 1 images without a mask" in stdout
     assert written(out) == written(out, "masks") == ["0", "1"]
     assert (out / "classes.txt").read_text().split() == list(data.FACE8_CLASSES)
@@ -81,10 +87,10 @@ def test_celebamask19_index_maps_merge_to_8(capsys, tmp_path):
     values = np.arange(19, dtype=np.uint8).reshape(1, 19).repeat(3, 0)
     save(src / "CelebA-HQ-img/7.jpg", rgb_noise(19, 0)[:3])
     save(src / "CelebAMask-HQ-mask/7.png", values)
-    prepare(capsys, "celebamask19", src, out)
+    convert(capsys, "celebamask19", src, out)
     assert read(out / "masks/7.png")[0].tolist() == [data.CELEBAMASK19_TO_8[v] for v in range(19)]
     save(src / "CelebAMask-HQ-mask/7.png", np.full((3, 19), 19, np.uint8))
-    code, _, err = run_main(capsys, ["prepare", "celebamask19", src, tmp_path / "out2"])
+    code, _, err = run_prepare(capsys, ["celebamask19", src, tmp_path / "out2"])
     assert_one_error_line(code, err, "7.png", "not one of the 19")
 
 
@@ -94,8 +100,8 @@ def test_metfaces40_reads_index_and_colour_labels(capsys, tmp_path):
     save(src / "image/a.png", rgb_noise(4, 1)[:2])
     save(src / "label/a.png", index)
     save(src / "image/b.png", rgb_noise(4, 2)[:2])
-    save(src / "label/b.png", np.array(data.FACE8_COLOURS, np.uint8)[index])
-    prepare(capsys, "metfaces40", src, out)
+    save(src / "label/b.png", np.array(prepare.FACE8_COLOURS, np.uint8)[index])
+    convert(capsys, "metfaces40", src, out)
     assert np.array_equal(read(out / "masks/a.png"), index)
     assert np.array_equal(read(out / "masks/b.png"), index)
 
@@ -120,7 +126,7 @@ def test_jsrt_inverts_averages_and_merges_the_lungs(capsys, tmp_path):
     left, right = blob_mask((8, 8), 1, 1, 5, 2), blob_mask((8, 8), 1, 5, 5, 2)
     save(src / "scr/fold1/masks/left lung/JPCLN001.gif", left)
     save(src / "scr/fold1/masks/right lung/JPCLN001.gif", Image.fromarray(right).convert("P"))
-    stdout = prepare(capsys, "jsrt", src, out)
+    stdout = convert(capsys, "jsrt", src, out)
     assert "wrote 1 labeled pairs" in stdout and "left out 1 images without a mask" in stdout
     image, mask = read(out / "images/JPCLN001.png"), read(out / "masks/JPCLN001.png")
     assert image.shape == mask.shape == (8, 8)
@@ -128,7 +134,7 @@ def test_jsrt_inverts_averages_and_merges_the_lungs(capsys, tmp_path):
     assert image[1, 0] == 0 and image[0, 7] == round((4095 - 1000) * 255 / 4095)
     assert image[0, 0] == round((4095 - 3071.25) * 255 / 4095)
     # without any SCR mask the images are an unlabeled set
-    stdout = prepare(capsys, "jsrt", src / "images", tmp_path / "unlabeled")
+    stdout = convert(capsys, "jsrt", src / "images", tmp_path / "unlabeled")
     assert "2 unlabeled images" in stdout and written(tmp_path / "unlabeled") == ["JPCLN001", "JPCNN010"]
     assert read(tmp_path / "unlabeled/images/JPCLN001.png").shape == (16, 16)
 
@@ -136,7 +142,7 @@ def test_jsrt_inverts_averages_and_merges_the_lungs(capsys, tmp_path):
 def test_jsrt_reader_rejects_a_file_of_the_wrong_length(tmp_path):
     (tmp_path / "x.IMG").write_bytes(b"\0" * 1000)
     with pytest.raises(data.DataError, match="not a square of 16-bit pixels"):
-        data.read_jsrt(tmp_path / "x.IMG")
+        prepare.read_jsrt(tmp_path / "x.IMG")
 
 
 def test_montgomery_merges_left_and_right_masks(capsys, tmp_path):
@@ -145,10 +151,10 @@ def test_montgomery_merges_left_and_right_masks(capsys, tmp_path):
     left, right = blob_mask((10, 8), 1, 1, 6, 2), blob_mask((10, 8), 2, 5, 6, 2)
     save(src / "ManualMask/leftMask/MCUCXR_0001_0.png", left)
     save(src / "ManualMask/rightMask/MCUCXR_0001_0.png", right)
-    prepare(capsys, "nlm", src, out)
+    convert(capsys, "nlm", src, out)
     assert np.array_equal(read(out / "masks/MCUCXR_0001_0.png"), ((left | right) > 0).astype(np.uint8))
     assert read(out / "images/MCUCXR_0001_0.png").shape == (10, 8)  # not squared unless --size
-    prepare(capsys, "montgomery", src, tmp_path / "sq", "--size", 5)
+    convert(capsys, "montgomery", src, tmp_path / "sq", "--size", 5)
     assert read(tmp_path / "sq/masks/MCUCXR_0001_0.png").shape == (5, 5)
 
 
@@ -158,7 +164,7 @@ def test_shenzhen_matches_name_mask_files_and_counts_the_rest(capsys, tmp_path):
         save(src / f"ChinaSet_AllFiles/CXR_png/CHNCXR_000{i}_0.png", np.full((6, 6), 10 * i, np.uint8))
     save(src / "mask/CHNCXR_0000_0_mask.png", blob_mask((6, 6), 1, 1, 3, 3))
     save(src / "mask/CHNCXR_0002_0_mask.png", blob_mask((6, 6), 0, 0, 2, 2))
-    stdout = prepare(capsys, "sz", src, out)
+    stdout = convert(capsys, "sz", src, out)
     assert "wrote 2 labeled pairs" in stdout and "left out 1 images without a mask" in stdout
     assert written(out) == ["CHNCXR_0000_0", "CHNCXR_0002_0"]
     assert read(out / "masks/CHNCXR_0002_0.png").sum() == 4
@@ -169,7 +175,7 @@ def test_nih_images_and_masks_folders(capsys, tmp_path):
     src, out = tmp_path / "NIH", tmp_path / "out"
     save(src / "images/00000001_000.png", np.full((6, 6), 50, np.uint8))
     save(src / "masks/00000001_000.png", blob_mask((6, 6), 2, 2, 2, 2) // 255)  # 0 / 1 masks work too
-    prepare(capsys, "nih", src, out)
+    convert(capsys, "nih", src, out)
     assert read(out / "masks/00000001_000.png").sum() == 4
 
 
@@ -179,7 +185,7 @@ def test_chestxray14_writes_grey_images_from_nested_folders(capsys, tmp_path):
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., :3], rgba[..., 3] = 120, 255
     save(src / "images_002/images/00000002_001.png", rgba)  # some ChestX-ray14 images are RGBA
-    stdout = prepare(capsys, "chestxray14", src, out)
+    stdout = convert(capsys, "chestxray14", src, out)
     assert "2 unlabeled images" in stdout and not (out / "masks").exists()
     assert (read(out / "images/00000002_001.png") == 120).all()
     assert Image.open(out / "images/00000002_001.png").mode == "L"
@@ -205,7 +211,7 @@ def test_isic2018_pairs_segmentation_files(capsys, tmp_path):
     save(src / "ISIC2018_Task1-2_Training_Input/ISIC_0000000_superpixels.png", np.zeros((6, 8, 3), np.uint8))
     save(src / "ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png", blob_mask((6, 8), 1, 1, 2, 3))
     save(src / "ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png", blob_mask((6, 8), 0, 0, 6, 8))
-    stdout = prepare(capsys, "isic2018", src, out)
+    stdout = convert(capsys, "isic2018", src, out)
     assert written(out) == ["ISIC_0000000", "ISIC_0000001"] and "left out 1 images without a mask" in stdout
     assert read(out / "masks/ISIC_0000000.png").sum() == 6 and read(out / "masks/ISIC_0000001.png").min() == 1
     assert (out / "classes.txt").read_text().split() == ["background", "lesion"]
@@ -219,7 +225,7 @@ def test_ph2_layout(capsys, tmp_path):
         save(src / name / f"{name}_Dermoscopic_Image/{name}.bmp", rgb_noise(6, 0))
         save(src / name / f"{name}_lesion/{name}_lesion.bmp", blob_mask((6, 6), 1, 1, 4, 4))
         save(src / name / f"{name}_roi/{name}_R1_Label.bmp", np.zeros((6, 6), np.uint8))
-    prepare(capsys, "ph2", src.parent, out)
+    convert(capsys, "ph2", src.parent, out)
     assert written(out) == ["IMD002", "IMD003"] and read(out / "masks/IMD003.png").sum() == 16
     assert np.array_equal(read(out / "images/IMD002.png"), rgb_noise(6, 0))
 
@@ -232,7 +238,7 @@ def test_waterloo_skin_sets(capsys, tmp_path, name, folder):
             save(src / kind / other / "1_orig.jpg", rgb_noise(6, 3))
             save(src / kind / other / "1_contour.png", blob_mask((6, 6), 0, 0, 3, 3) // 255)
     save(src / "melanoma" / folder / "2_orig.jpg", rgb_noise(6, 4))
-    stdout = prepare(capsys, name, src, out)
+    stdout = convert(capsys, name, src, out)
     assert "wrote 2 labeled pairs" in stdout and "left out 1 images without a mask" in stdout
     assert written(out) == ["melanoma_1", "notmelanoma_1"] and read(out / "masks/melanoma_1.png").sum() == 9
 
@@ -253,7 +259,7 @@ def write_nifti(path, array, affine=None, slope=None, intercept=None, kind="Nift
 
 def displayed(volume, z):
     """What an RAS+ volume's axial slice z must look like: anterior (high y) at the top, the patient's
-    right (high x) on the left. Written with loops, independently of data.axial_slice."""
+    right (high x) on the left. Written with loops, independently of prepare.axial_slice."""
     X, Y = volume.shape[:2]
     return np.array([[volume[X - 1 - column, Y - 1 - row, z] for column in range(X)] for row in range(Y)])
 
@@ -270,18 +276,18 @@ def test_lits_slices_with_liver_window_and_patient_names(capsys, tmp_path):
     write_nifti(src / "Training Batch 1/volume-7.nii", (hu + 1024).astype(np.int16), slope=1.0, intercept=-1024.0)
     write_nifti(src / "Training Batch 1/segmentation-7.nii.gz", labels)
     write_nifti(src / "Training Batch 2/volume-8.nii", hu)  # no segmentation: left out, counted
-    stdout = prepare(capsys, "lits", src, out)
+    stdout = convert(capsys, "lits", src, out)
     assert "slices without liver" in stdout and "1 volumes without a segmentation" in stdout
     assert written(out) == ["lits007_z0001", "lits007_z0002"]  # slice 0 has no liver
     assert {data.patient_id(n) for n in written(out)} == {"lits007"}
     mask, image = read(out / "masks/lits007_z0001.png"), read(out / "images/lits007_z0001.png")
     assert mask.shape == (4, 6) and np.array_equal(mask, displayed(labels > 0, 1).astype(np.uint8))
     assert image[1, 4] == 128 and image[3, 0] == 255 and image[0, 0] == 0  # the right-posterior voxel: bottom left
-    stdout = prepare(capsys, "lits", src, tmp_path / "all", "--all-slices", "--window=-1000,1000")
+    stdout = convert(capsys, "lits", src, tmp_path / "all", "--all-slices", "--window=-1000,1000")
     assert len(written(tmp_path / "all")) == 3 and read(tmp_path / "all/images/lits007_z0000.png")[0, 0] == 0
     # test volumes only: an unlabeled set of every slice
     write_nifti(tmp_path / "test/test-volume-3.nii", hu)
-    stdout = prepare(capsys, "lits", tmp_path / "test", tmp_path / "pool")
+    stdout = convert(capsys, "lits", tmp_path / "test", tmp_path / "pool")
     assert written(tmp_path / "pool") == ["litstest003_z0000", "litstest003_z0001", "litstest003_z0002"]
 
 
@@ -303,14 +309,14 @@ def test_lits_faces_one_way_whatever_the_stored_orientation(capsys, tmp_path, ki
     write_nifti(tmp_path / "canonical/segmentation-1.nii", liver, np.diag([2, 2, 2, 1.0]))
     write_nifti(tmp_path / f"scanner/volume-1{suffix}", stored_hu, affine, kind=kind)
     write_nifti(tmp_path / f"scanner/segmentation-1{suffix}", stored_liver, affine, kind=kind)
-    prepare(capsys, "lits", tmp_path / "canonical", tmp_path / "a")
-    prepare(capsys, "lits", tmp_path / "scanner", tmp_path / "b")
+    convert(capsys, "lits", tmp_path / "canonical", tmp_path / "a")
+    convert(capsys, "lits", tmp_path / "scanner", tmp_path / "b")
     assert written(tmp_path / "a") == written(tmp_path / "b") == [f"lits001_z{z:04d}" for z in range(Z)]
     for z in range(Z):
         for folder in ("images", "masks"):
             assert np.array_equal(read(tmp_path / f"a/{folder}/lits001_z{z:04d}.png"),
                                   read(tmp_path / f"b/{folder}/lits001_z{z:04d}.png"))
-        expected = data.window_to_8bit(displayed(hu.astype(np.float32), z), -160, 240)
+        expected = prepare.window_to_8bit(displayed(hu.astype(np.float32), z), -160, 240)
         assert np.array_equal(read(tmp_path / f"a/images/lits001_z{z:04d}.png"), expected)
         mask = read(tmp_path / f"a/masks/lits001_z{z:04d}.png")
         assert mask[1:4, 3:].all() and mask.sum() == 9  # the patient's left is on the image's right
@@ -320,13 +326,13 @@ def test_lits_without_nibabel_says_what_to_install(capsys, tmp_path, monkeypatch
     (tmp_path / "src").mkdir()
     (tmp_path / "src/volume-1.nii").write_bytes(b"a volume")  # never read: the import fails first
     monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel now raises ImportError
-    code, _, err = run_main(capsys, ["prepare", "lits", tmp_path / "src", tmp_path / "out"])
+    code, _, err = run_prepare(capsys, ["lits", tmp_path / "src", tmp_path / "out"])
     assert_one_error_line(code, err, "nibabel", "pip install nibabel")
     monkeypatch.undo()
     pytest.importorskip("nibabel")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/volume-2.nii").write_bytes(b"not a nifti")
-    code, _, err = run_main(capsys, ["prepare", "lits", tmp_path / "bad", tmp_path / "out2"])
+    code, _, err = run_prepare(capsys, ["lits", tmp_path / "bad", tmp_path / "out2"])
     assert_one_error_line(code, err, "volume-2.nii", "nibabel cannot read it")
 
 
@@ -365,17 +371,17 @@ def test_dicom_slices_read_with_pydicom_rescaled_compressed_and_monochrome1(tmp_
     pydicom = pytest.importorskip("pydicom")
     pixels = np.arange(12, dtype=np.uint16).reshape(3, 4) * 100
     write_dicom(tmp_path / "a.dcm", pixels, 7, position=[0, 0, 5.0], rescale=(2, -5))
-    read_pixels, orientation, position, instance = data.read_dicom_slice(pydicom, tmp_path / "a.dcm")
+    read_pixels, orientation, position, instance = prepare.read_dicom_slice(pydicom, tmp_path / "a.dcm")
     assert instance == 7 and orientation == AXIAL and position == 5.0
     assert np.array_equal(read_pixels, pixels * 2.0 - 5.0)
     write_dicom(tmp_path / "rle.dcm", pixels, 1, syntax="rle")
     assert pydicom.dcmread(str(tmp_path / "rle.dcm")).file_meta.TransferSyntaxUID.is_compressed
-    assert np.array_equal(data.read_dicom_slice(pydicom, tmp_path / "rle.dcm")[0], pixels)
+    assert np.array_equal(prepare.read_dicom_slice(pydicom, tmp_path / "rle.dcm")[0], pixels)
     write_dicom(tmp_path / "m1.dcm", pixels, 1, photometric="MONOCHROME1")
-    assert np.array_equal(data.read_dicom_slice(pydicom, tmp_path / "m1.dcm")[0], 1100.0 - pixels)
+    assert np.array_equal(prepare.read_dicom_slice(pydicom, tmp_path / "m1.dcm")[0], 1100.0 - pixels)
     (tmp_path / "bad.dcm").write_bytes(b"\0" * 200)
     with pytest.raises(data.DataError, match="bad.dcm: pydicom cannot read it"):
-        data.read_dicom_slice(pydicom, tmp_path / "bad.dcm")
+        prepare.read_dicom_slice(pydicom, tmp_path / "bad.dcm")
 
 
 @pytest.mark.parametrize("orientation,flip", [([-1.0, 0, 0, 0, 1.0, 0], np.fliplr), ([1.0, 0, 0, 0, -1.0, 0], np.flipud),
@@ -385,11 +391,11 @@ def test_dicom_to_display_undoes_the_stored_orientation(orientation, flip):
     """A slice stored with another orientation is the standard one flipped or transposed; undone."""
     standard = np.arange(12).reshape(3, 4)
     stored = flip(standard)
-    assert np.array_equal(data.dicom_to_display(stored, orientation), standard)
-    assert np.array_equal(data.dicom_to_display(standard, AXIAL), standard)
+    assert np.array_equal(prepare.dicom_to_display(stored, orientation), standard)
+    assert np.array_equal(prepare.dicom_to_display(standard, AXIAL), standard)
     coronal = [1.0, 0, 0, 0, 0, -1.0]  # DICOM's own coronal layout: rows run from head to feet, kept
-    assert np.array_equal(data.dicom_to_display(standard, coronal), standard)
-    assert np.array_equal(data.dicom_to_display(standard, [1.0, 0, 0, 0, 0, 1.0]), standard[::-1])
+    assert np.array_equal(prepare.dicom_to_display(standard, coronal), standard)
+    assert np.array_equal(prepare.dicom_to_display(standard, [1.0, 0, 0, 0, 0, 1.0]), standard[::-1])
 
 
 def test_chaos_pairs_in_acquisition_order_numbers_by_position_keeps_liver_only(capsys, tmp_path):
@@ -406,7 +412,7 @@ def test_chaos_pairs_in_acquisition_order_numbers_by_position_keeps_liver_only(c
             ground[1:3, 1 + k:3 + k] = 63   # liver, moving right with the instance
             ground[0, 4] = 126              # right kidney: background here
         save(t1 / f"Ground/IMG-0002-{k + 1:05d}.png", ground)
-    stdout = prepare(capsys, "chaos", src.parent, out)
+    stdout = convert(capsys, "chaos", src.parent, out)
     assert "wrote 4 labeled pairs" in stdout and "2 slices without liver" in stdout
     # by position: z000 = instance 2 (no liver, left out), z001 = instance 3, z002 = instance 1
     assert written(out) == ["chaos3-in_z001", "chaos3-in_z002", "chaos3-out_z001", "chaos3-out_z002"]
@@ -417,7 +423,7 @@ def test_chaos_pairs_in_acquisition_order_numbers_by_position_keeps_liver_only(c
     # instance 3 is the brightest slice of its phase, instance 1 the darkest
     assert read(out / "images/chaos3-in_z001.png")[0, 0] > read(out / "images/chaos3-in_z002.png")[0, 0]
     assert data.patient_id("chaos3-in_z001") == "chaos3-in"
-    prepare(capsys, "chaos", src.parent, tmp_path / "in", "--phase", "in")
+    convert(capsys, "chaos", src.parent, tmp_path / "in", "--phase", "in")
     assert written(tmp_path / "in") == ["chaos3-in_z001", "chaos3-in_z002"]
     # a patient stored mirrored (rows running to the patient's right), its ground truth too: same output
     mirrored = src / "MR/4/T1DUAL"
@@ -427,13 +433,13 @@ def test_chaos_pairs_in_acquisition_order_numbers_by_position_keeps_liver_only(c
                         np.full((4, 5), 100 * (k + 1) + offset, np.uint16), k + 1,
                         position=[100.0, -80.0, heights[k]], orientation=[-1.0, 0, 0, 0, 1.0, 0])
         save(mirrored / f"Ground/IMG-0002-{k + 1:05d}.png", np.fliplr(read(t1 / f"Ground/IMG-0002-{k + 1:05d}.png")))
-    prepare(capsys, "chaos", src.parent, tmp_path / "both")
+    convert(capsys, "chaos", src.parent, tmp_path / "both")
     for name in written(out):
         for folder in ("images", "masks"):
             assert np.array_equal(read(tmp_path / f"both/{folder}/{name}.png"),
                                   read(tmp_path / f"both/{folder}/{name.replace('chaos3', 'chaos4')}.png"))
     (t1 / "Ground/IMG-0002-00003.png").unlink()
-    code, _, err = run_main(capsys, ["prepare", "chaos", src.parent, tmp_path / "bad"])
+    code, _, err = run_prepare(capsys, ["chaos", src.parent, tmp_path / "bad"])
     assert_one_error_line(code, err, "Ground", "2 ground-truth PNGs for 3 InPhase slices")
 
 
@@ -442,7 +448,7 @@ def test_chaos_without_positions_keeps_acquisition_order(capsys, tmp_path):
     for k in range(3):
         write_dicom(t1 / f"DICOM_anon/InPhase/IMG-{9 - k}.dcm", np.full((2, 3), 10 * k, np.uint16), k + 1,
                     orientation=None)
-    stdout = prepare(capsys, "chaos", tmp_path, tmp_path / "out", "--phase", "in")
+    stdout = convert(capsys, "chaos", tmp_path, tmp_path / "out", "--phase", "in")
     assert "unlabeled" in stdout
     values = [read(tmp_path / f"out/images/chaos1-in_z{k:03d}.png")[0, 0] for k in range(3)]
     assert values[0] < values[1] < values[2]
@@ -452,7 +458,7 @@ def test_chaos_without_pydicom_says_what_to_install(capsys, tmp_path, monkeypatc
     (tmp_path / "MR/1/T1DUAL/DICOM_anon/InPhase").mkdir(parents=True)
     (tmp_path / "MR/1/T1DUAL/DICOM_anon/InPhase/a.dcm").write_bytes(b"a slice")  # never read
     monkeypatch.setitem(sys.modules, "pydicom", None)
-    code, _, err = run_main(capsys, ["prepare", "chaos", tmp_path, tmp_path / "out"])
+    code, _, err = run_prepare(capsys, ["chaos", tmp_path, tmp_path / "out"])
     assert_one_error_line(code, err, "pydicom", "pip install 'pydicom>=3'")
 
 
@@ -461,15 +467,15 @@ def test_chaos_without_pydicom_says_what_to_install(capsys, tmp_path, monkeypatc
 
 
 def test_prepare_errors_are_one_line(capsys, tmp_path):
-    code, _, err = run_main(capsys, ["prepare", "jsrt", tmp_path / "nowhere", tmp_path / "out"])
+    code, _, err = run_prepare(capsys, ["jsrt", tmp_path / "nowhere", tmp_path / "out"])
     assert_one_error_line(code, err, "nowhere", "no such folder")
     (tmp_path / "empty").mkdir()
-    code, _, err = run_main(capsys, ["prepare", "isic2018", tmp_path / "empty", tmp_path / "out"])
+    code, _, err = run_prepare(capsys, ["isic2018", tmp_path / "empty", tmp_path / "out"])
     assert_one_error_line(code, err, "empty", "no isic2018 images found", "ISIC_NNNNNNN_segmentation.png")
-    code, _, err = run_main(capsys, ["prepare", "lits", tmp_path / "empty", tmp_path / "out"])
+    code, _, err = run_prepare(capsys, ["lits", tmp_path / "empty", tmp_path / "out"])
     assert_one_error_line(code, err, "no LiTS volumes")
     save(tmp_path / "bad/CXR_png/a.png", np.zeros((4, 4), np.uint8))
     (tmp_path / "bad/masks").mkdir()
     (tmp_path / "bad/masks/a_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    code, _, err = run_main(capsys, ["prepare", "shenzhen", tmp_path / "bad", tmp_path / "out"])
+    code, _, err = run_prepare(capsys, ["shenzhen", tmp_path / "bad", tmp_path / "out"])
     assert_one_error_line(code, err, "a_mask.png", "not a readable image")

@@ -16,7 +16,6 @@ import invert
 import losses
 import model
 import train_encoder
-import train_gan
 
 R = 32
 
@@ -64,11 +63,11 @@ def read_mask(path):
 
 
 def test_the_reconstruction_loss_falls_over_the_steps(bundle, tmp_path):
-    G, E, _ = train_encoder.load_bundle(bundle)
+    G, E, _ = model.load_bundle(bundle)
     with torch.no_grad():  # targets the generator can reach, away from where the encoder starts
         images, _ = G(G.mean_latent(64) + 0.8 * torch.randn(2, G.n_latent, 32), input_is_w=True)
     args = invert.build_parser().parse_args(["x", "--steps", "30"])
-    autocast, _ = train_gan.make_autocast(args, torch.device("cpu"))
+    autocast, _ = model.make_autocast(args, torch.device("cpu"))
     trace = []
     invert.invert(G, E, losses.Perceptual("random"), images, [1, 2], args, autocast, trace)
     first, last = trace[0], torch.stack(trace[-3:]).mean(0)
@@ -78,7 +77,7 @@ def test_the_reconstruction_loss_falls_over_the_steps(bundle, tmp_path):
 def test_steps_0_is_the_encoder_alone(bundle, tmp_path):
     write_images(tmp_path / "in", count=2)
     run(tmp_path / "in", "--model", bundle, "--out", tmp_path / "out", "--steps", 0, "--seed", 3)
-    G, E, _ = train_encoder.load_bundle(bundle)
+    G, E, _ = model.load_bundle(bundle)
     for i in range(2):
         item = invert.load_input(invert.Input(tmp_path / "in" / f"scene{i}.png", f"scene{i}"),
                                  {"resolution": R, "channels": 3, "fit": "pad"})
@@ -332,12 +331,12 @@ def hand_objective(G, E, percept, images, noise, w_plus, mse_weight, encoder_wei
 
 
 def test_the_objective_by_hand_term_by_term_and_with_the_official_weights(bundle):
-    G, E, _ = train_encoder.load_bundle(bundle)
+    G, E, _ = model.load_bundle(bundle)
     percept = losses.Perceptual("random")
     torch.manual_seed(3)
     images = torch.rand(2, 3, R, R) * 2 - 1  # far from anything G draws: every term is large
     seeds = [11, 12]
-    autocast, _ = train_gan.make_autocast(parse(), torch.device("cpu"))
+    autocast, _ = model.make_autocast(parse(), torch.device("cpu"))
 
     def first_step(mse_weight, encoder_weight, noise_weight):
         trace = []
@@ -391,13 +390,13 @@ def reference_inversion(G, E, percept, image, seed, steps):
 
 
 def test_a_batch_inversion_follows_the_official_loop_for_each_image(bundle):
-    G, E, _ = train_encoder.load_bundle(bundle)
+    G, E, _ = model.load_bundle(bundle)
     percept = losses.Perceptual("random")
     torch.manual_seed(4)
     with torch.no_grad():  # targets G can nearly reach, so that the optimisation has somewhere to go
         images, _ = G(G.mean_latent(64) + 0.8 * torch.randn(2, G.n_latent, 32), input_is_w=True)
     args = parse("--steps", 8)
-    autocast, _ = train_gan.make_autocast(args, torch.device("cpu"))
+    autocast, _ = model.make_autocast(args, torch.device("cpu"))
     logits, _, encoder_logits, _ = invert.invert(G, E, percept, images, [21, 22], args, autocast)
     for k in range(2):
         want = reference_inversion(G, E, percept, images[k:k + 1], 21 + k, 8)[0]

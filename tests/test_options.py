@@ -12,6 +12,7 @@ import generate
 import invert
 import model
 import ops.benchmark
+import prepare
 import train_encoder
 import train_gan
 
@@ -23,7 +24,7 @@ PARSERS = {
     "generate.py": (generate.build_parser, ["--ckpt", "x.pt"]),
     "model.py": (model.build_parser, []),
     "ops.benchmark": (ops.benchmark.build_parser, []),
-    "data.py prepare": (data.build_parser, ["prepare", "jsrt", "src", "out"]),
+    "prepare.py": (prepare.build_parser, ["jsrt", "src", "out"]),
     "data.py check": (data.build_parser, ["check"]),
     "data.py show": (data.build_parser, ["show"]),
     "data.py bench": (data.build_parser, ["bench"]),

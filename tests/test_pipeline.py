@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import invert
+import model
 import train_encoder
 import train_gan
 
@@ -48,7 +49,7 @@ def test_a_binary_task_through_the_three_stages(tmp_path, capsys, binary):
     assert f"mask temperatures CE {0.3 if channels == 1 else 0.1}, Dice 0.3" in out
     records = [json.loads(line) for line in open(runs / "encoder" / "log.jsonl")]
     assert any("val_dice" in r for r in records)  # one foreground class: DICE
-    G, E, bundle = train_encoder.load_bundle(str(runs / "encoder" / "model.pt"))
+    G, E, bundle = model.load_bundle(str(runs / "encoder" / "model.pt"))
     assert G.num_classes == channels and bundle["num_classes"] == 2
     # inversion: masks of classes 0 and 1, decided by logit > 0 (one channel) or the argmax (two)
     masks = [np.asarray(Image.open(p)) for p in sorted((runs / "segmentations").glob("scene*[0-9].png"))]

@@ -62,7 +62,7 @@ def test_a_short_run_writes_its_outputs_and_leaves_the_generator_as_it_was(stage
         assert all(torch.equal(saved[k], stage1_G[k]) for k in saved), name
 
     # the bundle is all invert.py needs, and loads with weights_only=True
-    G, E, bundle = train_encoder.load_bundle(str(eight_steps / "model.pt"))
+    G, E, bundle = model.load_bundle(str(eight_steps / "model.pt"))
     assert bundle["lpips"] == "random" and bundle["num_classes"] == 3 and bundle["step"] == 8
     assert bundle["preprocessing"] == {"resolution": 32, "channels": 3, "fit": "stretch"}
     assert "opt" not in " ".join(bundle) and "optimizers" not in bundle
@@ -131,7 +131,7 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_model_pt_and_the_resume_is_
     assert capsys.readouterr().err.strip().splitlines() == [
         f"stopped by SIGTERM at step 2: checkpoint {tmp_path / 'checkpoint-00000002.pt'} written; continue with "
         "--resume auto"]
-    assert train_encoder.load_bundle(str(tmp_path / "model.pt"))[2]["step"] == 2
+    assert model.load_bundle(str(tmp_path / "model.pt"))[2]["step"] == 2
     monkeypatch.undo()
     run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4", "--resume", "auto")
     resumed, straight = load(tmp_path / "checkpoint-00000008.pt"), load(eight_steps / "checkpoint-00000008.pt")
@@ -189,7 +189,7 @@ def fit_fixed_batch(steps, detach):
     with torch.no_grad():
         w = G.mean_latent(256) + 0.7 * torch.randn(4, G.n_latent, 32)
         images, mask_logits = G(w, input_is_w=True, randomize_noise=False)
-        masks = train_gan.mask_classes(mask_logits)
+        masks = model.mask_classes(mask_logits)
     E = model.Encoder(32, 3, 32, units=(1, 1, 1, 1), max_channels=16)
     E.latent_avg.copy_(G.mean_latent(256)[0])
     if detach:
@@ -197,7 +197,7 @@ def fit_fixed_batch(steps, detach):
     args = train_encoder.build_parser().parse_args(["--ckpt", "x", "--lpips", "random"])
     percept = losses.Perceptual("random")
     optimizers = (train_encoder.build_optimizer(args, E), train_encoder.build_optimizer(args, E))
-    autocast, _ = train_gan.make_autocast(args, torch.device("cpu"))
+    autocast, _ = model.make_autocast(args, torch.device("cpu"))
     history = []
     for _ in range(steps):
         out = train_encoder.train_step(E, G, percept, optimizers, (images[2:], images[:2], masks[:2]), args,
@@ -349,7 +349,7 @@ def test_one_iteration_by_hand(classes):
     labeled = torch.rand(2, 3, 32, 32) * 2 - 1
     masks = torch.randint(0, 3, (2, 32, 32)) if classes == 3 else torch.randint(0, 2, (2, 32, 32))
     temperatures = (0.1, 0.3) if classes == 3 else (0.3, 0.3)
-    autocast, _ = train_gan.make_autocast(args, torch.device("cpu"))
+    autocast, _ = model.make_autocast(args, torch.device("cpu"))
 
     # first with clips that cannot bind, to compare the losses and gradients; then with clips that do
     for clips in ((1e9, 1e9), (1e-3, 2e-3)):
@@ -395,7 +395,7 @@ def test_each_step_has_its_own_optimiser_state():
     torch.manual_seed(1)
     x_u, _ = G(E(unlabeled), input_is_w=True)
     grads_u = torch.autograd.grad(10 * percept(x_u, unlabeled).mean() + ((x_u - unlabeled) ** 2).mean(), params)
-    autocast, _ = train_gan.make_autocast(args, torch.device("cpu"))
+    autocast, _ = model.make_autocast(args, torch.device("cpu"))
     torch.manual_seed(1)
     train_encoder.train_step(E, G, percept, optimizers, (unlabeled, labeled, masks), args, (0.1, 0.3), autocast)
     for optimizer in optimizers:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import model
 import train_gan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +191,7 @@ def one_step(step, *extra, classes=3):
     device = torch.device("cpu")
     G, G_ema, D_r, D_m = train_gan.build_networks(args, 3, classes, device)
     optimizers = train_gan.build_optimizers(args, G, D_r, D_m)
-    autocast, _ = train_gan.make_autocast(args, device)
+    autocast, _ = model.make_autocast(args, device)
     state = {"G_ema": G_ema, "mean_path_length": torch.zeros(())}
     generated, seen = [], []
     G.register_forward_hook(lambda module, inputs, output: generated.append(output[1].detach()))

@@ -1,0 +1,799 @@
+"""prepare.py: the public releases of the paper's data sets, converted into data.py's folder format.
+
+    python prepare.py jsrt SRC OUT                 SRC: the folder the release was extracted to
+    python prepare.py celebamask SRC OUT --size 256
+    python prepare.py --help                       this list, and the options
+
+SemanticGAN (Li et al., CVPR 2021, Sec. 4) trains and tests on faces, chest X-rays, skin lesions and liver
+CT/MRI, each downloaded from its authors in a layout of its own. Each converter here reads one release as
+it is distributed and writes the folder format that data.py reads and the training scripts train on:
+
+    OUT/images/NAME.png     8-bit grey or RGB
+    OUT/masks/NAME.png      same name and size, pixel = class index (0 = background); labeled sets only
+    OUT/classes.txt         the class names, line 1 = class 0
+
+Files are found anywhere under SRC (searched recursively; the folder names above SRC never count), images
+and masks matched by name; images without a mask and masks without an image are left out, and the summary
+line counts them. A release without any mask is written as an unlabeled set. An image
+keeps its size (or goes onto its mask's grid where the two differ) unless --size N squares both at N px
+(--fit, as in data.py; masks with nearest neighbours).
+
+The releases (NAME), and the layout each expects under SRC (its converter's docstring says more):
+
+  celebamask    CelebAMask-HQ (Lee et al., CVPR 2020), original release: CelebA-HQ-img/N.jpg and
+                CelebAMask-HQ-mask-anno/K/NNNNN_PART.png (one binary PNG per face part), painted and merged
+                into the paper's 8 face classes (data.FACE8_CLASSES), written at the masks' 512 px
+  celebamask19  CelebAMask-HQ as 19-class index maps (the output of the authors' g_mask.py): CelebA-HQ-img/
+                (or images/) and CelebAMask-HQ-mask/ (or masks/), merged into the 8 face classes
+  metfaces40    MetFaces-40 (the SemanticGAN authors' 40 annotated portraits; out-of-domain faces): image/
+                and label/ (or masks/) with the same names, 8-class index maps or the official code's colours
+  jsrt          JSRT (Shiraishi et al. 2000) with the SCR lung masks (van Ginneken et al. 2006): **/NAME.IMG
+                (raw 12-bit) and **/left lung/NAME.gif, **/right lung/NAME.gif; lungs = class 1
+  montgomery    Montgomery County set (Jaeger et al. 2014), also `nlm`: **/CXR_png/NAME.png and
+                **/ManualMask/leftMask|rightMask/NAME.png; lungs = class 1
+  shenzhen      Shenzhen set (Jaeger et al. 2014), also `sz`, with the Kaggle lung masks (Stirenko et al.
+                2018): **/CXR_png/NAME.png and **/mask/NAME_mask.png; lungs = class 1
+  nih           NIH chest X-rays with lung masks (Tang et al., XLSor, 2019): **/images/NAME.png and
+                **/masks/NAME.png (or NAME_mask.png); lungs = class 1
+  chestxray14   ChestX-ray14 (Wang et al. 2017), the unlabeled X-ray pool: the PNGs of images_0XX.tar.gz
+                anywhere under SRC
+  isic2018      ISIC 2018 task 1 (Codella et al. 2019): **/ISIC_N.jpg and **/ISIC_N_segmentation.png;
+                lesion = class 1
+  ph2           PH2 (Mendonca et al. 2013): **/IMDn/IMDn_Dermoscopic_Image/IMDn.bmp and
+                **/IMDn/IMDn_lesion/IMDn_lesion.bmp; lesion = class 1
+  dermquest     University of Waterloo skin-cancer set (Amelard et al.), its DermQuest part ("Quest" in the
+                paper): **/dermquest/N_orig.jpg and N_contour.png; lesion = class 1
+  dermis        the same set's DermIS part ("IS"): **/dermis/N_orig.jpg and N_contour.png; lesion = class 1
+  lits          LiTS (Bilic et al. 2019) CT volumes: **/volume-N.nii and **/segmentation-N.nii (NIfTI, read
+                with nibabel), axial slices in a CT window (--window); liver (and tumour) = class 1
+  chaos         CHAOS (Kavur et al. 2021) MRI T1-DUAL: **/MR/N/T1DUAL/DICOM_anon/InPhase|OutPhase/*.dcm and
+                **/MR/N/T1DUAL/Ground/*.png (DICOM, read with pydicom; --phase); liver = class 1
+
+The volume sets are written slice by slice as a radiologist views an axial slice (anterior up, the patient's
+right on the left), whatever orientation a file stores, and named PATIENT_zSLICE, so that invert.py can
+average DICE per patient; slices without liver are left out unless --all-slices.
+
+Needs: data.py (the folder format, reading images and masks, DataError); nibabel (lits) and pydicom (chaos),
+optional packages imported only by those two converters. Every problem with the input raises a DataError,
+whose message is one line naming the file and what to do; the command prints it as `error: ...` and exits
+with status 2.
+"""
+
+import argparse
+import importlib
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import data
+
+# ----------------------------------------------------------------------------------------------------
+# Writing the folder format: OUT/images/NAME.png (+ OUT/masks/NAME.png, classes.txt), files found by name
+
+
+class DatasetWriter:
+    """Writes images (and masks) into OUT in the folder format; counts what it wrote."""
+
+    def __init__(self, out, size=None, fit="pad"):
+        self.out, self.size, self.fit = Path(out), size, fit
+        self.names, self.pairs, self.images = set(), 0, 0
+
+    def claim(self, name):
+        if name in self.names:
+            raise data.DataError(f"{self.out}: two inputs would both be written as {name}.png; rename one")
+        self.names.add(name)
+
+    def finish(self, image, resample=Image.Resampling.LANCZOS):
+        return image if self.size is None else data.fit_square(image, self.size, self.fit, resample)
+
+    def pair(self, name, image, mask):
+        """`image` a Pillow image; `mask` class indices [H, W]. An image of another size than its mask is
+        resized onto the mask's grid (area average when shrinking): the mask is the ground truth."""
+        self.claim(name)
+        mask = Image.fromarray(np.asarray(mask, dtype=np.uint8), "L")
+        if image.size != mask.size:
+            shrink = image.size[0] >= mask.size[0]
+            image = image.resize(mask.size, Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
+        for folder in ("images", "masks"):
+            (self.out / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        self.finish(image).save(self.out / "images" / f"{name}.png")
+        self.finish(mask, Image.Resampling.NEAREST).save(self.out / "masks" / f"{name}.png")
+        self.pairs += 1
+
+    def image(self, name, image):
+        self.claim(name)
+        (self.out / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        self.finish(image).save(self.out / "images" / f"{name}.png")
+        self.images += 1
+
+    def classes(self, names):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "classes.txt").write_text("".join(f"{n}\n" for n in names))
+
+    def summary(self, what, skipped=""):
+        wrote = f"{self.pairs} labeled pairs" if self.pairs else f"{self.images} unlabeled images"
+        return f"{what}: wrote {wrote} to {self.out}{skipped}"
+
+
+def find(src, predicate):
+    """Files under `src` (recursive, sorted) whose path relative to `src` satisfies `predicate`, so that
+    the folder names above SRC never count."""
+    src = Path(src)
+    return [p for p in sorted(src.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and predicate(p.relative_to(src))]
+
+
+def in_folder_named(path, *names):
+    lowered = {n.lower() for n in names}
+    return any(part.lower() in lowered for part in path.parent.parts)
+
+
+def is_image_file(path):
+    return path.suffix.lower() in data.IMAGE_EXTENSIONS + (".gif",)
+
+
+def match_pairs(images, masks, src, what, layout):
+    """Pairs by name. With masks: (pairs, counts of unmatched images and masks); without any mask at all
+    the set is unlabeled and every image is kept."""
+    if not images:
+        raise data.DataError(f"{src}: no {what} images found; expected {layout}")
+    if not masks:
+        return None, len(images), 0
+    pairs = [(name, images[name], masks[name]) for name in sorted(images) if name in masks]
+    if not pairs:
+        raise data.DataError(f"{src}: found {len(images)} images and {len(masks)} masks but no name in common; "
+                             f"expected {layout}")
+    return pairs, len(images) - len(pairs), len(set(masks) - set(images))
+
+
+def skipped_note(no_mask, no_image, extra=""):
+    parts = [f"{no_mask} images without a mask"] if no_mask else []
+    parts += [f"{no_image} masks without an image"] if no_image else []
+    parts += [extra] if extra else []
+    return f"; left out {', '.join(parts)}" if parts else ""
+
+
+def write_binary_set(src, out, options, images, masks, what, layout, channels, class_name):
+    """The common case: images and binary masks (any non-zero pixel = class 1) matched by name."""
+    writer = DatasetWriter(out, options.size, options.fit)
+    pairs, no_mask, no_image = match_pairs(images, masks, src, what, layout)
+    if pairs is None:
+        for name in sorted(images):
+            writer.image(name, data.load_image(images[name], channels))
+        return writer.summary(what, " (no masks found: an unlabeled set)")
+    writer.classes(["background", class_name])
+    for name, image_path, mask_source in pairs:
+        mask = mask_source() if callable(mask_source) else data.binary_mask(mask_source)
+        writer.pair(name, data.load_image(image_path, channels), mask)
+    return writer.summary(what, skipped_note(no_mask, no_image))
+
+
+def folder_pairs(src, image_folders, mask_folders, mask_suffixes=("",)):
+    """{name: image}, {name: mask} from folders with the given names anywhere under SRC; a mask file may
+    carry one of `mask_suffixes` after the image's name (e.g. NAME_mask.png)."""
+    images = {p.stem: p for p in find(src, lambda p: in_folder_named(p, *image_folders) and is_image_file(p)
+                                      and not in_folder_named(p, *mask_folders))}
+    masks = {}
+    for path in find(src, lambda p: in_folder_named(p, *mask_folders) and is_image_file(p)):
+        name = path.stem
+        for suffix in sorted(mask_suffixes, key=len, reverse=True):
+            if suffix and name.endswith(suffix):
+                name = name[:-len(suffix)]
+                break
+        masks[name] = path
+    return images, masks
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faces: CelebAMask-HQ, MetFaces-40
+
+
+def convert_celebamask(src, out, options):
+    """CelebAMask-HQ, original release (Lee et al., MaskGAN, CVPR 2020):
+
+        SRC/CelebA-HQ-img/{i}.jpg                                  1024 x 1024, i = 0..29999
+        SRC/CelebAMask-HQ-mask-anno/{i // 2000}/{i:05d}_{part}.png  512 x 512, one binary PNG per part
+
+    Parts are painted in the order of data.CELEBAMASK19_CLASSES (as the authors' g_mask.py does: a later
+    part wins where two overlap) and merged into the paper's 8 classes (data.CELEBAMASK19_TO_8); images are
+    written at the masks' 512 px."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: in_folder_named(p, "CelebA-HQ-img") and is_image_file(p))}
+    parts = {}
+    for path in find(src, lambda p: in_folder_named(p, "CelebAMask-HQ-mask-anno") and p.suffix == ".png"):
+        match = re.fullmatch(r"(\d+)_(\w+)", path.stem)
+        if match and match.group(2) in data.CELEBAMASK19_CLASSES:
+            parts.setdefault(str(int(match.group(1))), {})[match.group(2)] = path
+
+    def painted(files):
+        def paint():
+            mask = None
+            for value, part in enumerate(data.CELEBAMASK19_CLASSES[1:], start=1):
+                if part in files:
+                    region = data.binary_mask(files[part])
+                    mask = np.zeros(region.shape, np.uint8) if mask is None else mask
+                    if region.shape != mask.shape:
+                        raise data.DataError(f"{files[part]}: {region.shape[1]}x{region.shape[0]}, unlike the "
+                                             "other parts of this face; re-download the annotations")
+                    mask[region] = data.CELEBAMASK19_TO_8[value]
+            return mask
+        return paint
+
+    masks = {name: painted(files) for name, files in parts.items()}
+    layout = "SRC/CelebA-HQ-img/N.jpg and SRC/CelebAMask-HQ-mask-anno/K/NNNNN_part.png"
+    writer = DatasetWriter(out, options.size, options.fit)
+    pairs, no_mask, no_image = match_pairs(images, masks, src, "CelebAMask-HQ", layout)
+    if pairs is None:
+        raise data.DataError(f"{src}: no CelebAMask-HQ-mask-anno part masks found; expected {layout}")
+    writer.classes(data.FACE8_CLASSES)
+    for name, image_path, paint in pairs:
+        writer.pair(name, data.load_image(image_path, 3), paint())
+    return writer.summary("celebamask", skipped_note(no_mask, no_image))
+
+
+def convert_celebamask19(src, out, options):
+    """CelebAMask-HQ as 19-class index maps (the output of the authors' g_mask.py, or any copy in this
+    format such as ../shared/data/celebamask): an image folder (CelebA-HQ-img, images or image) and a mask
+    folder (CelebAMask-HQ-mask, mask, masks, label or labels) whose PNGs hold values 0..18 in the order of
+    data.CELEBAMASK19_CLASSES; merged into the paper's 8 classes."""
+    images, masks = folder_pairs(src, ("CelebA-HQ-img", "images", "image"),
+                                 ("CelebAMask-HQ-mask", "mask", "masks", "label", "labels"))
+    layout = "SRC/CelebA-HQ-img/N.jpg (or images/) and SRC/CelebAMask-HQ-mask/N.png (or masks/)"
+    pairs, no_mask, no_image = match_pairs(images, masks, src, "CelebAMask-HQ", layout)
+    if pairs is None:
+        raise data.DataError(f"{src}: no index-map masks found; expected {layout}")
+    writer = DatasetWriter(out, options.size, options.fit)
+    writer.classes(data.FACE8_CLASSES)
+    lut = data.lookup_table(data.CELEBAMASK19_TO_8)
+    for name, image_path, mask_path in pairs:
+        values = data.load_mask(mask_path)
+        if values.size and int(values.max()) >= len(data.CELEBAMASK19_CLASSES):
+            raise data.DataError(f"{mask_path}: value {int(values.max())} is not one of the 19 CelebAMask-HQ "
+                                 "classes (0..18); is this a 19-class index map?")
+        writer.pair(name, data.load_image(image_path, 3), lut[values])
+    return writer.summary("celebamask19", skipped_note(no_mask, no_image))
+
+
+# The official code's colours for the 8 face classes (CelebAMaskDataset.color_map), used to read colour
+# annotations of MetFaces-40 if they come as colours.
+FACE8_COLOURS = ((0, 0, 0), (0, 0, 205), (132, 112, 255), (25, 25, 112), (187, 255, 255), (102, 205, 170),
+                 (227, 207, 87), (142, 142, 56))
+
+
+def convert_metfaces40(src, out, options):
+    """MetFaces-40 (40 MetFaces portraits annotated by the SemanticGAN authors, Google Drive release of
+    nv-tlabs/semanticGAN_code), for out-of-domain tests. We have not seen the release; we expect the
+    official code's label_data layout: an image folder (image or images) and a label folder (label, labels,
+    mask or masks) with the same names, labels either 8-class index maps (0..7) or colour maps in the
+    official code's colours (FACE8_COLOURS), which are turned into indices."""
+    images, masks = folder_pairs(src, ("image", "images"), ("label", "labels", "mask", "masks"))
+    layout = "SRC/image/NAME.png and SRC/label/NAME.png (8 classes)"
+    pairs, no_mask, no_image = match_pairs(images, masks, src, "MetFaces-40", layout)
+    if pairs is None:
+        raise data.DataError(f"{src}: no label masks found; expected {layout}")
+    writer = DatasetWriter(out, options.size, options.fit)
+    writer.classes(data.FACE8_CLASSES)
+    for name, image_path, mask_path in pairs:
+        writer.pair(name, data.load_image(image_path, 3), face8_from_annotation(mask_path))
+    return writer.summary("metfaces40", skipped_note(no_mask, no_image))
+
+
+def face8_from_annotation(path):
+    image = data.decode(data.open_image_file(path), path)
+    if image.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(image)[..., :3].astype(np.int32)
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+            code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+            values = np.full(code.shape, -1, np.int64)
+            for index, (r, g, b) in enumerate(FACE8_COLOURS):
+                values[code == (r << 16) | (g << 8) | b] = index
+            if (values < 0).any():
+                raise data.DataError(f"{path}: colours that are not among the 8 face-class colours; save an index "
+                                     "map (value = class 0..7)")
+            return values
+    values = data.mask_values(image, path)
+    if values.size and int(values.max()) >= len(data.FACE8_CLASSES):
+        raise data.DataError(f"{path}: value {int(values.max())} is not one of the 8 face classes (0..7)")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chest X-rays: JSRT, Montgomery, Shenzhen, NIH, ChestX-ray14
+
+
+def read_jsrt(path):
+    """A JSRT .IMG: headerless big-endian 16-bit words holding 12-bit values, 2048 x 2048 (other square
+    sizes are taken from the file length). JSRT stores X-ray attenuation the other way round from a usual
+    display (high values are dark), so it is inverted: pixel = 4095 - value. Returns float32 0..4095."""
+    raw = Path(path).read_bytes()
+    side = int(round(math.sqrt(len(raw) / 2)))
+    if side < 2 or side * side * 2 != len(raw):
+        raise data.DataError(f"{path}: {len(raw)} bytes is not a square of 16-bit pixels (JSRT .IMG is 2048 x "
+                             "2048 x 2 bytes); re-download it")
+    values = np.frombuffer(raw, dtype=">u2").reshape(side, side).astype(np.float32)
+    return 4095.0 - np.clip(values, 0, 4095)
+
+
+def convert_jsrt(src, out, options):
+    """JSRT (Shiraishi et al. 2000) with the SCR lung masks (van Ginneken et al. 2006):
+
+        SRC/**/JPCLN001.IMG ...          2048 x 2048, big-endian 12-bit, no header (see read_jsrt)
+        SRC/**/left lung/JPCLN001.gif    SCR masks, 1024 x 1024, one GIF per lung
+        SRC/**/right lung/JPCLN001.gif   (the fold1/ fold2/ copies of SCR are both found)
+
+    Left and right lung are merged into class 1 (lung); the image is averaged 2 x 2 onto the masks'
+    1024 px grid and mapped linearly from 12 to 8 bits after the inversion. Without SCR masks the images
+    are written as an unlabeled set."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: p.suffix.lower() == ".img")}
+    lungs = {}
+    for side in ("left lung", "right lung"):
+        for path in find(src, lambda p: p.parent.name.lower() == side and p.suffix.lower() == ".gif"):
+            lungs.setdefault(path.stem, {})[side] = path
+
+    def merged(files):
+        def union():
+            if len(files) < 2:
+                missing = "right" if "left lung" in files else "left"
+                raise data.DataError(f"{next(iter(files.values()))}: no {missing}-lung mask of the same name; "
+                                     "re-download SCR")
+            left, right = (data.binary_mask(files[s]) for s in ("left lung", "right lung"))
+            return left | right
+        return union
+
+    masks = {name: merged(files) for name, files in lungs.items()}
+    writer = DatasetWriter(out, options.size, options.fit)
+    layout = "SRC/**/JPCLN001.IMG and SRC/**/left lung/JPCLN001.gif, SRC/**/right lung/JPCLN001.gif"
+    pairs, no_mask, no_image = match_pairs(images, masks, src, "JSRT .IMG", layout)
+
+    def jsrt_image(path):
+        return Image.fromarray(read_jsrt(path), "F")
+
+    def to_8bit(image_f):
+        return Image.fromarray((np.asarray(image_f) * (255 / 4095) + 0.5).clip(0, 255).astype(np.uint8), "L")
+
+    if pairs is None:
+        for name in sorted(images):
+            writer.image(name, to_8bit(jsrt_image(images[name])))
+        return writer.summary("jsrt", " (no SCR masks found: an unlabeled set)")
+    writer.classes(["background", "lung"])
+    for name, image_path, union in pairs:
+        mask = union()
+        image = jsrt_image(image_path)
+        if image.size != (mask.shape[1], mask.shape[0]):  # average in float, before the 8-bit rounding
+            image = image.resize((mask.shape[1], mask.shape[0]), Image.Resampling.BOX)
+        writer.pair(name, to_8bit(image), mask)
+    return writer.summary("jsrt", skipped_note(no_mask, no_image))
+
+
+def convert_montgomery(src, out, options):
+    """Montgomery County (NLM) set (Jaeger et al. 2014):
+
+        SRC/**/CXR_png/MCUCXR_0001_0.png             4020 x 4892 or 4892 x 4020
+        SRC/**/ManualMask/leftMask/MCUCXR_0001_0.png  the same size, 0 / 255
+        SRC/**/ManualMask/rightMask/MCUCXR_0001_0.png
+
+    Both lungs become class 1. Images keep their size and aspect (the loader's --fit squares them;
+    --size here squares them at conversion)."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: p.parent.name == "CXR_png" and is_image_file(p))}
+    sides = {}
+    for side in ("leftMask", "rightMask"):
+        for path in find(src, lambda p: p.parent.name == side and is_image_file(p)):
+            sides.setdefault(path.stem, {})[side] = path
+
+    def union(files):
+        return lambda: np.logical_or.reduce([data.binary_mask(p) for p in files.values()])
+
+    masks = {name: union(files) for name, files in sides.items()}
+    layout = "SRC/**/CXR_png/NAME.png and SRC/**/ManualMask/leftMask|rightMask/NAME.png"
+    return write_binary_set(src, out, options, images, masks, "montgomery", layout, 1, "lung")
+
+
+def convert_cxr_folders(name, layout_note):
+    """Shenzhen and the NIH test set: images and lung masks in folders, matched by name (a mask may be
+    named NAME.png or NAME_mask.png)."""
+    def convert(src, out, options):
+        images, masks = folder_pairs(src, ("CXR_png", "images", "image", "img"),
+                                     ("mask", "masks", "label", "labels", "ManualMask"), ("_mask",))
+        return write_binary_set(src, out, options, images, masks, name, layout_note, 1, "lung")
+    return convert
+
+
+convert_shenzhen = convert_cxr_folders(
+    "shenzhen", "SRC/**/CXR_png/CHNCXR_0001_0.png and SRC/**/mask/CHNCXR_0001_0_mask.png")
+convert_shenzhen.__doc__ = """Shenzhen (SZ) set (Jaeger et al. 2014): SRC/**/CXR_png/CHNCXR_0001_0.png.
+    The original release has no lung masks; the usual ones (Stirenko et al. 2018, on Kaggle) are
+    mask/CHNCXR_0001_0_mask.png; names with or without _mask in a mask/ or masks/ folder are matched.
+    566 of the 662 images have masks: the others are left out and counted. Lungs become class 1."""
+
+convert_nih = convert_cxr_folders("nih", "SRC/**/images/NAME.png and SRC/**/masks/NAME.png (or NAME_mask.png)")
+convert_nih.__doc__ = """NIH chest X-rays with lung masks (the ChestX-ray8 images annotated by Tang et al.,
+    XLSor, 2019, the paper's NIH test set). We are not sure of that release's layout: images in a folder
+    named images (or image, img, CXR_png) and masks in one named masks (or mask, label, labels), matched
+    by name (NAME.png or NAME_mask.png). Lungs become class 1."""
+
+
+def convert_chestxray14(src, out, options):
+    """ChestX-ray14 (NIH, Wang et al. 2017) as the unlabeled pool: the PNGs of images_001.tar.gz ...
+    images_012.tar.gz, extracted anywhere under SRC (images/00000001_000.png, 1024 x 1024). Written as
+    8-bit grey (a few of them are RGBA: alpha is dropped). No masks."""
+    images = {}
+    for path in find(src, lambda p: p.suffix.lower() == ".png"):
+        if path.stem in images:
+            raise data.DataError(f"{path}: a second file named {path.name} (also {images[path.stem]}); remove one")
+        images[path.stem] = path
+    if not images:
+        raise data.DataError(f"{src}: no PNG images found; extract images_0XX.tar.gz under it first")
+    writer = DatasetWriter(out, options.size, options.fit)
+    for name in sorted(images):
+        writer.image(name, data.load_image(images[name], 1))
+    return writer.summary("chestxray14")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Skin lesions: ISIC 2018, PH2, DermQuest, DermIS
+
+
+def convert_isic2018(src, out, options):
+    """ISIC 2018 task 1 (lesion segmentation, Codella et al. 2019):
+
+        SRC/ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg
+        SRC/ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png   (0 / 255)
+
+    (the validation and test folders work the same; searched recursively). The lesion becomes class 1.
+    Images keep their size; the loader's --fit squares them."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: re.fullmatch(r"ISIC_\d+", p.stem) is not None
+                                      and p.suffix.lower() in (".jpg", ".jpeg", ".png"))}
+    masks = {p.stem[:-len("_segmentation")]: p for p in find(src, lambda p: p.stem.endswith("_segmentation")
+                                                          and p.suffix.lower() == ".png")}
+    layout = "SRC/**/ISIC_NNNNNNN.jpg and SRC/**/ISIC_NNNNNNN_segmentation.png"
+    return write_binary_set(src, out, options, images, masks, "isic2018", layout, 3, "lesion")
+
+
+def convert_ph2(src, out, options):
+    """PH2 (Mendonca et al. 2013):
+
+        SRC/**/IMD002/IMD002_Dermoscopic_Image/IMD002.bmp
+        SRC/**/IMD002/IMD002_lesion/IMD002_lesion.bmp          (0 / 255)
+
+    The lesion becomes class 1 (the IMDxxx_roi colour-region masks are not used)."""
+    src = Path(src)
+    images = {p.stem: p for p in find(src, lambda p: p.parent.name.endswith("_Dermoscopic_Image")
+                                      and is_image_file(p))}
+    masks = {p.stem[:-len("_lesion")]: p for p in find(src, lambda p: p.parent.name.endswith("_lesion")
+                                                       and p.stem.endswith("_lesion") and is_image_file(p))}
+    layout = "SRC/**/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp and IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp"
+    return write_binary_set(src, out, options, images, masks, "ph2", layout, 3, "lesion")
+
+
+def convert_waterloo(name, folder):
+    """The University of Waterloo skin-cancer set (images from DermIS and DermQuest with lesion masks)."""
+    def convert(src, out, options):
+        src = Path(src)
+        found = find(src, lambda p: p.parent.name.lower() == folder and is_image_file(p))
+
+        def key(path, suffix):  # melanoma/dermis/3_orig.jpg -> melanoma_3 (the class keeps names unique)
+            parent = path.parent.parent.name if path.parent.parent != src else ""
+            return "_".join(part for part in (parent, path.stem[:-len(suffix)]) if part)
+
+        images = {key(p, "_orig"): p for p in found if p.stem.endswith("_orig")}
+        masks = {key(p, "_contour"): p for p in found if p.stem.endswith("_contour")}
+        layout = f"SRC/**/{folder}/N_orig.jpg and SRC/**/{folder}/N_contour.png"
+        return write_binary_set(src, out, options, images, masks, name, layout, 3, "lesion")
+    convert.__doc__ = f"""{name}: the {folder} part of the University of Waterloo skin-cancer detection
+    set (Amelard et al.), as we know it: SRC/**/{{melanoma,notmelanoma}}/{folder}/N_orig.jpg with the
+    lesion mask N_contour.png (0 / 255 or 0 / 1) beside it. We are not sure of the exact folder names of
+    every copy: any folder named {folder} (any case) is used. The paper calls DermIS "IS" and DermQuest
+    "Quest". The lesion becomes class 1; names are CLASSFOLDER_N."""
+    return convert
+
+
+convert_dermquest = convert_waterloo("dermquest", "dermquest")
+convert_dermis = convert_waterloo("dermis", "dermis")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Liver: LiTS (CT, NIfTI) and CHAOS (MRI, DICOM)
+
+
+# Medical volumes are read with nibabel (NIfTI) and pydicom (DICOM): they follow the orientation in the
+# headers, which hospitals and scanners do not store alike. Both are optional, imported only by the
+# `lits` and `chaos` converters.
+
+def optional_module(name, converter, install):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise data.DataError(f"`prepare.py {converter}` reads its files with {name}, which is not installed: "
+                             f"pip install {install}") from None
+
+
+def read_ras_volume(nibabel, path):
+    """A NIfTI volume (NIfTI-1 or -2; .nii, .nii.gz or an .hdr/.img pair) as float32 [X, Y, Z], with its
+    scaling applied, turned into nibabel's closest canonical orientation, RAS+: whatever order and
+    direction the file stores its axes in (its qform/sform affine says), voxel axes 0, 1, 2 then run
+    towards the patient's Right, Anterior and Superior. This is `nibabel.as_closest_canonical`, applied
+    to the scaled float32 array, so an int16 CT is never held as float64."""
+    try:
+        image = nibabel.load(str(path))
+        voxels = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises many kinds on a damaged file
+        raise data.DataError(f"{path}: nibabel cannot read it ({data.one_line(error)}); re-download it") from None
+    while voxels.ndim > 3 and voxels.shape[-1] == 1:
+        voxels = voxels[..., 0]
+    if voxels.ndim != 3:
+        raise data.DataError(f"{path}: a {voxels.ndim}-D NIfTI of shape {voxels.shape}; expected a 3-D volume")
+    to_ras = nibabel.orientations.io_orientation(image.affine)
+    return nibabel.orientations.apply_orientation(voxels, to_ras)
+
+
+def axial_slice(ras_voxels, z):
+    """Axial slice z of an RAS+ volume as a radiologist views it, float32 [rows, columns]: anterior at
+    the top, the patient's right on the left of the image (the layout of an axial DICOM, so CT slices
+    face the same way as CHAOS's MRI slices)."""
+    return np.ascontiguousarray(ras_voxels[::-1, ::-1, z].T)
+
+
+def read_dicom_slice(pydicom, path):
+    """One single-frame DICOM image read with pydicom (compressed transfer syntaxes too, where pydicom's
+    decoder plugins are installed). Returns (pixels float32 [rows, columns] with the modality rescale
+    applied and MONOCHROME1 inverted, its ImageOrientationPatient or None, its position along the slice
+    normal or None, its InstanceNumber or None)."""
+    try:
+        dataset = pydicom.dcmread(str(path))
+        pixels = pydicom.pixels.apply_modality_lut(dataset.pixel_array, dataset).astype(np.float32)
+    except Exception as error:  # pydicom raises many kinds: damaged file, no decoder for the syntax, ...
+        raise data.DataError(f"{path}: pydicom cannot read it ({data.one_line(error)}); a compressed file needs "
+                             "`pip install pylibjpeg pylibjpeg-libjpeg`, else re-export it") from None
+    if pixels.ndim != 2:
+        raise data.DataError(f"{path}: DICOM pixel data of shape {pixels.shape}; only single-frame grey images "
+                             "are read")
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1: high values are dark
+    orientation = [float(v) for v in dataset.ImageOrientationPatient] if "ImageOrientationPatient" in dataset else None
+    position = None
+    if orientation is not None and "ImagePositionPatient" in dataset:
+        normal = np.cross(orientation[:3], orientation[3:])
+        normal *= np.sign(normal[np.abs(normal).argmax()])  # towards +z (superior) for an axial slice
+        position = float(np.dot([float(v) for v in dataset.ImagePositionPatient], normal))
+    instance = int(dataset.InstanceNumber) if dataset.get("InstanceNumber") not in (None, "") else None
+    return pixels, orientation, position, instance
+
+
+def dicom_to_display(pixels, orientation):
+    """Flip or transpose a DICOM slice into the layout of the standard axial view, whatever its
+    ImageOrientationPatient (the patient-space directions of its rows and columns, in DICOM's LPS axes:
+    x to the patient's Left, y to Posterior, z to Superior): columns running towards the patient's left
+    (x) and rows towards posterior (y) for an axial slice; for a coronal or sagittal one, rows run from
+    head to feet. Masks stored in the slice's pixel order get the same operation."""
+    if orientation is None:
+        return pixels
+    along_row, along_column = np.array(orientation[:3]), np.array(orientation[3:])
+    if np.abs(along_row).argmax() > np.abs(along_column).argmax():  # rows run along the earlier axis
+        pixels, along_row, along_column = pixels.T, along_column, along_row
+    if along_row[np.abs(along_row).argmax()] < 0:
+        pixels = pixels[:, ::-1]
+    column_axis = np.abs(along_column).argmax()
+    if along_column[column_axis] * (-1 if column_axis == 2 else 1) < 0:
+        pixels = pixels[::-1, :]
+    return np.ascontiguousarray(pixels)
+
+
+def window_to_8bit(values, low, high):
+    return ((np.clip(values, low, high) - low) * (255.0 / (high - low)) + 0.5).astype(np.uint8)
+
+
+def convert_lits(src, out, options):
+    """LiTS (Bilic et al. 2019) CT volumes to axial slices:
+
+        SRC/**/volume-N.nii (or .nii.gz, .hdr)  CT in Hounsfield units
+        SRC/**/segmentation-N.nii               0 background, 1 liver, 2 tumour
+        SRC/**/test-volume-N.nii                the test volumes: no segmentation (an unlabeled pool)
+
+    LiTS gathers volumes from several hospitals, which do not store their axes alike; every volume (and
+    its segmentation) is read with nibabel and turned into the RAS+ orientation (`read_ras_volume`), and
+    its axial slices are written as a radiologist views them (`axial_slice`: anterior up, the patient's
+    right on the left), so all slices, and CHAOS's, face the same way. Names are lits{N:03d}_z{z:04d},
+    z counted from the feet (patient_id() reads the patient back). CT window: --window, default level 40
+    width 400 HU (-160..240), linear to 0..255. Liver and tumour become class 1 (liver). Labeled volumes
+    keep only the slices that show liver unless --all-slices; the test volumes (or volumes without a
+    segmentation, when no volume has one) give all their slices as unlabeled images. Volumes without a
+    segmentation next to labeled ones are left out and counted."""
+    src = Path(src)
+    volumes, segmentations, tests = {}, {}, {}
+    for path in find(src, lambda p: p.name.lower().endswith((".nii", ".nii.gz", ".hdr"))):
+        match = re.fullmatch(r"(test-)?(volume|segmentation)-(\d+)\.(nii|nii\.gz|hdr)", path.name.lower())
+        if match:
+            table = tests if match.group(1) else volumes if match.group(2) == "volume" else segmentations
+            table[int(match.group(3))] = path
+    if not volumes and not tests:
+        raise data.DataError(f"{src}: no LiTS volumes found; expected SRC/**/volume-N.nii and segmentation-N.nii")
+    nibabel = optional_module("nibabel", "lits", "nibabel")
+    low, high = options.window
+    writer = DatasetWriter(out, options.size, options.fit)
+    labeled = {n: p for n, p in volumes.items() if n in segmentations}
+    if labeled:
+        writer.classes(["background", "liver"])
+        empty = 0
+        for number, path in sorted(labeled.items()):
+            voxels = read_ras_volume(nibabel, path)
+            labels = read_ras_volume(nibabel, segmentations[number])
+            if labels.shape != voxels.shape:
+                raise data.DataError(f"{segmentations[number]}: shape {labels.shape} differs from its volume's "
+                                     f"{voxels.shape} (both in RAS+ orientation); re-download it")
+            for z in range(voxels.shape[2]):
+                liver = axial_slice(labels, z) > 0.5
+                if not liver.any() and not options.all_slices:
+                    empty += 1
+                    continue
+                image = window_to_8bit(axial_slice(voxels, z), low, high)
+                writer.pair(f"lits{number:03d}_z{z:04d}", Image.fromarray(image, "L"), liver)
+        note = skipped_note(0, 0, f"{empty} slices without liver" if empty else "")
+        missing = len(volumes) - len(labeled) + len(tests)
+        note += f"; left out {missing} volumes without a segmentation" if missing else ""
+        return writer.summary("lits", note)
+    for prefix, table in (("lits", volumes), ("litstest", tests)):
+        for number, path in sorted(table.items()):
+            voxels = read_ras_volume(nibabel, path)
+            for z in range(voxels.shape[2]):
+                image = window_to_8bit(axial_slice(voxels, z), low, high)
+                writer.image(f"{prefix}{number:03d}_z{z:04d}", Image.fromarray(image, "L"))
+    return writer.summary("lits", " (no segmentations: an unlabeled set)")
+
+
+def natural_key(path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(path).name)]
+
+
+def percentile_to_8bit(series):
+    """MRI has no physical unit: each series is mapped from its 0.5th to its 99.5th percentile."""
+    stack = np.stack(series)
+    low, high = np.percentile(stack, [0.5, 99.5])
+    return [window_to_8bit(s, low, high if high > low else low + 1) for s in series]
+
+
+def read_dicom_series(pydicom, files):
+    """The slices of one DICOM series, read with pydicom: a list of (pixels, orientation, position,
+    instance, path), in acquisition order (InstanceNumber, then file name: the order the CHAOS ground
+    truth PNGs follow)."""
+    slices = [read_dicom_slice(pydicom, f) + (f,) for f in files]
+    return sorted(slices, key=lambda s: (s[3] if s[3] is not None else 0, natural_key(s[4])))
+
+
+def anatomical_order(slices):
+    """Indices of `slices` from the feet to the head (by ImagePositionPatient along the slice normal);
+    acquisition order where a slice has no position."""
+    if any(s[2] is None for s in slices):
+        return list(range(len(slices)))
+    return sorted(range(len(slices)), key=lambda k: slices[k][2])
+
+
+def convert_chaos(src, out, options):
+    """CHAOS (Kavur et al. 2021) MRI T1-DUAL to slices with liver masks:
+
+        SRC/**/MR/{patient}/T1DUAL/DICOM_anon/InPhase/*.dcm
+        SRC/**/MR/{patient}/T1DUAL/DICOM_anon/OutPhase/*.dcm
+        SRC/**/MR/{patient}/T1DUAL/Ground/*.png      one PNG per slice, shared by both phases
+
+    Ground truth intensities, from the challenge's data description (chaos.grand-challenge.org, "Data"):
+    liver 63 (55..70), right kidney 126 (110..135), left kidney 189 (175..200), spleen 252 (240..255);
+    liver becomes class 1, the rest background. DICOMs are read with pydicom. A phase's slices are paired
+    with the Ground PNGs in acquisition order (InstanceNumber, else file name, against the PNGs' names),
+    and their counts must agree; we are not sure every copy numbers them alike, so check a few with
+    `data.py show`. Each pair is then flipped or transposed into the standard axial view
+    (`dicom_to_display`) and numbered by its position along the slice normal from the feet up, not by
+    file name: chaos{patient}-{in|out}_z{k:03d} (the patient id includes the phase: the paper scores
+    T1-in and T1-out separately). --phase picks in, out or both; slices without liver are left out unless
+    --all-slices. Patients without Ground (the test set) are written as unlabeled images."""
+    src = Path(src)
+    phases = {"in": "InPhase", "out": "OutPhase"}
+    wanted = list(phases) if options.phase == "both" else [options.phase]
+    series = find(src, lambda p: p.suffix.lower() == ".dcm" and p.parent.name in phases.values()
+                  and p.parent.parent.name == "DICOM_anon")
+    t1dual_folders = sorted({p.parent.parent.parent for p in series}, key=lambda f: natural_key(f.parent))
+    if not t1dual_folders:
+        raise data.DataError(f"{src}: no CHAOS T1DUAL DICOMs found; expected "
+                             "SRC/**/MR/N/T1DUAL/DICOM_anon/InPhase/*.dcm")
+    pydicom = optional_module("pydicom", "chaos", "'pydicom>=3'")
+    labeled = [f for f in t1dual_folders if (f / "Ground").is_dir()]
+    writer = DatasetWriter(out, options.size, options.fit)
+    if labeled:
+        writer.classes(["background", "liver"])
+    empty = 0
+    for t1dual in labeled or t1dual_folders:
+        ground = sorted(find(t1dual / "Ground", is_image_file), key=natural_key) if labeled else []
+        for phase in wanted:
+            files = find(t1dual / "DICOM_anon" / phases[phase], lambda p: p.suffix.lower() == ".dcm")
+            slices = read_dicom_series(pydicom, files)
+            images = percentile_to_8bit([pixels for pixels, *_ in slices])
+            name = f"chaos{t1dual.parent.name}-{phase}"
+            if labeled and len(ground) != len(images):
+                raise data.DataError(f"{t1dual / 'Ground'}: {len(ground)} ground-truth PNGs for {len(images)} "
+                                     f"{phases[phase]} slices; the counts must agree (re-download this patient)")
+            for k, index in enumerate(anatomical_order(slices)):
+                orientation = slices[index][1]
+                image = dicom_to_display(images[index], orientation)
+                if not labeled:
+                    writer.image(f"{name}_z{k:03d}", Image.fromarray(image, "L"))
+                    continue
+                values = data.load_mask(ground[index])
+                if values.shape != images[index].shape:
+                    raise data.DataError(f"{ground[index]}: {values.shape[1]}x{values.shape[0]} but its "
+                                         f"{phases[phase]} slice is {images[index].shape[1]}x{images[index].shape[0]}; "
+                                         "re-download this patient")
+                liver = dicom_to_display((values >= 55) & (values <= 70), orientation)
+                if not liver.any() and not options.all_slices:
+                    empty += 1
+                    continue
+                writer.pair(f"{name}_z{k:03d}", Image.fromarray(image, "L"), liver)
+    if not labeled:
+        return writer.summary("chaos", " (no Ground folders: an unlabeled set)")
+    note = skipped_note(0, 0, f"{empty} slices without liver" if empty else "")
+    unlabeled = len(t1dual_folders) - len(labeled)
+    note += f"; left out {unlabeled} patients without Ground" if unlabeled else ""
+    return writer.summary("chaos", note)
+
+
+# The names `python prepare.py NAME` takes, two of them aliases (nlm = montgomery, sz = shenzhen).
+CONVERTERS = {
+    "celebamask": convert_celebamask, "celebamask19": convert_celebamask19, "metfaces40": convert_metfaces40,
+    "jsrt": convert_jsrt, "montgomery": convert_montgomery, "nlm": convert_montgomery,
+    "shenzhen": convert_shenzhen, "sz": convert_shenzhen, "nih": convert_nih,
+    "chestxray14": convert_chestxray14, "isic2018": convert_isic2018, "ph2": convert_ph2,
+    "dermquest": convert_dermquest, "dermis": convert_dermis, "lits": convert_lits, "chaos": convert_chaos,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+def convert(args):
+    """Run the converter of release `args.name` on the folder `args.src`, writing `args.out`; print its summary."""
+    src = Path(args.src)
+    if not src.is_dir():
+        raise data.DataError(f"{src}: no such folder; pass the folder the {args.name} release was extracted to")
+    print(CONVERTERS[args.name](src, Path(args.out), args))
+
+
+def parse_window(text):
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': give LOW,HIGH in HU, e.g. -160,240") from None
+    if high <= low:
+        raise argparse.ArgumentTypeError(f"'{text}': HIGH must be above LOW")
+    return low, high
+
+
+def build_parser():
+    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=sorted(CONVERTERS), help="which release (the list above)")
+    parser.add_argument("src", help="the folder the release was extracted to")
+    parser.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
+    parser.add_argument("--size", type=data.number(int, low=4), default=None, help="also square and resize to SIZE px")
+    parser.add_argument("--fit", choices=data.FITS, default="pad", help="how --size squares (default pad)")
+    parser.add_argument("--window", type=parse_window, default=(-160.0, 240.0),
+                        help="lits: CT window in HU, written --window=LOW,HIGH (default -160,240: level 40, "
+                             "width 400)")
+    parser.add_argument("--all-slices", action="store_true", help="lits, chaos: keep slices without liver")
+    parser.add_argument("--phase", choices=("in", "out", "both"), default="both", help="chaos: T1 phase")
+    return parser
+
+
+def main(argv=None):
+    try:
+        convert(build_parser().parse_args(argv))
+    except data.DataError as error:
+        print(f"error: {data.one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
