@@ -29,6 +29,12 @@ Mixed precision: on a GPU the networks run under bf16 autocast by default (--pre
 exponent range, so no loss scaling and no clamping of activations is needed, and the regularisers' double
 backward runs in it too. The optimisers and G_ema stay in fp32.
 
+Mask quality at every snapshot, without an encoder: mask_area and mask_parts in the log are the mean area
+and the mean number of connected regions of each class in the masks of 64 fixed latents of G_ema, divided
+by the same of the labeled masks as D_m sees them (1 = like the labels). A mask branch that degrades while
+the images stay good, masks shrinking to slivers or breaking up, shows as mask_area falling or mask_parts
+rising.
+
 Checkpoints (written atomically: a temporary file, then os.replace) hold state_dicts and plain data only
 and are read with torch.load(weights_only=True) (model.load_checkpoint); `--resume auto` continues the
 latest one in --out, with the optimisers, the path-length mean, the data streams' positions and every RNG,
@@ -239,6 +245,64 @@ def accumulate(ema, net, decay):
         p_ema.lerp_(p, 1 - decay)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mask quality without an encoder: the generated masks' area and number of parts, against the labeled masks'.
+# A mask branch that degrades while the images stay good (masks shrinking to slivers or breaking into pieces)
+# shows in the log as mask_area falling below 1 or mask_parts rising above it, not only in the grids.
+
+MASK_STATS_SIZE = 64  # the statistics are taken at 64 px at most (nearest), so that they cost little
+
+
+def mask_parts(masks):
+    """The number of 4-connected foreground regions of each boolean mask [N, H, W]: every foreground pixel
+    takes the largest label among itself and its foreground neighbours until nothing changes, and the
+    labels left are the regions."""
+    N, H, W = masks.shape
+    inside = masks.float()
+    labels = torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(1, H, W) * inside
+    while True:
+        p = torch.nn.functional.pad(labels, (1, 1, 1, 1))
+        neighbours = torch.stack([p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amax(0)
+        grown = torch.maximum(labels, neighbours) * inside
+        if torch.equal(grown, labels):
+            return torch.tensor([int((labels[i].unique() > 0).sum()) for i in range(N)])
+        labels = grown
+
+
+def mask_statistics(class_maps, num_labels):
+    """(area [L-1], parts [L-1]) of class maps [N, H, W]: for each foreground class, its mean share of the
+    pixels, and its mean number of regions over the masks that contain it (NaN where none does)."""
+    if class_maps.shape[-1] > MASK_STATS_SIZE:
+        class_maps = torch.nn.functional.interpolate(class_maps[:, None].float(), size=MASK_STATS_SIZE)[:, 0].long()
+    area, parts = [], []
+    for c in range(1, num_labels):
+        present = class_maps == c
+        area.append(present.float().mean().item())
+        counted = mask_parts(present[present.flatten(1).any(1)])
+        parts.append(counted.float().mean().item() if len(counted) else float("nan"))
+    return torch.tensor(area), torch.tensor(parts)
+
+
+@torch.no_grad()
+def mask_quality(G_ema, latents, batch, reference):
+    """{'mask_area', 'mask_parts'}: the generated masks' area and number of regions per class divided by the
+    labeled masks' (`reference`, from mask_statistics), averaged over the classes the labels contain; 1 is
+    "like the labels"."""
+    maps = torch.cat([model.mask_classes(G_ema(chunk, randomize_noise=False)[1].float()).cpu()
+                      for chunk in latents.split(batch)])
+    area, parts = mask_statistics(maps, losses.label_count(G_ema.num_classes))
+    known = reference[0] > 0
+    return {"mask_area": torch.tensor((area[known] / reference[0][known]).mean().item()),
+            "mask_parts": torch.tensor((parts[known] / reference[1][known]).nanmean().item())}
+
+
+def labeled_mask_statistics(labeled, num_labels, batch, seed, count=64):
+    """mask_statistics of `count` labeled masks as D_m sees them (augmented), from a stream of their own."""
+    stream = iter(data.InfiniteLoader(labeled, batch, seed=seed, workers=0, name="labeled pairs"))
+    masks = torch.cat([next(stream)[1] for _ in range(math.ceil(count / batch))])[:count]
+    return mask_statistics(masks, num_labels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -613,6 +677,9 @@ def _train(args, rank, world, device):
     grid_latents = torch.randn(args.grid, args.style_dim, generator=torch.Generator().manual_seed(args.seed + 12345))
     grid_latents = grid_latents.to(device)
     snapshot_every = max(1, round(args.snap_kimg * 1000 / global_batch))
+    quality_latents = torch.randn(64, args.style_dim, generator=torch.Generator().manual_seed(args.seed + 54321))
+    quality_latents = quality_latents.to(device)
+    label_statistics = labeled_mask_statistics(labeled, losses.label_count(G.num_classes), args.batch, args.seed + 2)
     if rank == 0:
         counts = f"{info['labeled_count']} labeled pairs and {info['unlabeled_count']} images from {info['source']}"
         masks = "one sigmoid mask channel" if G.num_classes == 1 else f"{G.num_classes} mask channels"
@@ -621,6 +688,10 @@ def _train(args, rank, world, device):
               f"{world} process(es) on {device.type}, batch {args.batch} per process = {global_batch} global; "
               f"precision {precision}; {total_steps} steps = {total_steps * global_batch / 1000:.1f} kimg; "
               f"snapshot every {snapshot_every} steps; data: {counts}", flush=True)
+        print("labeled masks, per foreground class: area " + ", ".join(f"{a:.3f}" for a in label_statistics[0].tolist())
+              + "; regions " + ", ".join(f"{p:.2f}" for p in label_statistics[1].tolist())
+              + " (at every snapshot, mask_area and mask_parts: the generated masks' against these, 1 = alike)",
+              flush=True)
         print(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D_r {sum(p.numel() for p in D_r.parameters()):,}, "
               f"D_m {sum(p.numel() for p in D_m.parameters()):,}", flush=True)
     progress = Progress(os.path.join(args.out, "log.jsonl"), global_batch, total_steps, step, device)
@@ -643,6 +714,8 @@ def _train(args, rank, world, device):
             if stop:
                 stopper.disarm()  # the step ended: what is left is the checkpoint
             snapshot = step % snapshot_every == 0 or step == total_steps or stop
+            if snapshot:  # every rank the same numbers (the same G_ema and latents)
+                progress.add(mask_quality(G_ema, quality_latents, args.batch, label_statistics))
             if snapshot or log_due:
                 # raises on NaN before anything is written
                 progress.report(step, rank, world, {"unreadable_images": len(unlabeled_stream.unreadable)})

@@ -496,3 +496,71 @@ def test_an_unreadable_labeled_image_still_stops_the_run_at_once(folders, tmp_pa
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and "p2.png" in errors[0] and "not a readable image" in errors[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mask quality without an encoder: area and connected regions against the labeled masks'
+
+
+def flood_fill_regions(mask):
+    """4-connected regions of a boolean numpy mask, by breadth-first search (the obvious slow way)."""
+    seen, regions = np.zeros_like(mask, dtype=bool), 0
+    H, W = mask.shape
+    for y in range(H):
+        for x in range(W):
+            if mask[y, x] and not seen[y, x]:
+                regions += 1
+                queue = [(y, x)]
+                seen[y, x] = True
+                while queue:
+                    a, b = queue.pop()
+                    for c, d in ((a - 1, b), (a + 1, b), (a, b - 1), (a, b + 1)):
+                        if 0 <= c < H and 0 <= d < W and mask[c, d] and not seen[c, d]:
+                            seen[c, d] = True
+                            queue.append((c, d))
+    return regions
+
+
+def test_mask_parts_counts_the_regions_a_flood_fill_finds():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.cat([torch.rand(8, 23, 17, generator=g) < p for p in (0.1, 0.4, 0.55, 0.7, 0.95)])
+    masks[0] = False  # an empty mask has no region
+    masks[1] = True
+    masks[2] = False
+    masks[2, 3:10, 2:5] = masks[2, 12:20, 8:15] = True
+    masks[2, 5, 8:15] = True  # a bar touching nothing: 3 regions
+    masks[3] = torch.eye(23, 17, dtype=torch.bool)  # a diagonal: only 8-connected, 17 regions in 4-connectivity
+    want = [flood_fill_regions(m.numpy()) for m in masks]
+    assert want[:4] == [0, 1, 3, 17]
+    assert train_gan.mask_parts(masks).tolist() == want
+
+
+def test_mask_statistics_by_hand():
+    maps = torch.zeros(3, 8, 8, dtype=torch.long)
+    maps[0, :2, :2] = 1
+    maps[0, 5:, 5:] = 1  # class 1: two regions, 4 + 9 pixels
+    maps[1, 4, :] = 1  # one region, 8 pixels
+    maps[2, 1:3, 1:3] = 2  # class 2 only here, 4 pixels, one region
+    area, parts = train_gan.mask_statistics(maps, 4)
+    torch.testing.assert_close(area, torch.tensor([21 / 192, 4 / 192, 0.0]))
+    assert parts[:2].tolist() == [1.5, 1.0] and math.isnan(parts[2])  # class 3 occurs nowhere
+
+
+def test_mask_quality_is_one_against_the_generators_own_masks_and_follows_a_shrinking_mask():
+    G = model.Generator(32, num_classes=3, image_channels=1, style_dim=32, n_mlp=2, max_channels=16).eval()
+    latents = torch.randn(12, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        maps = model.mask_classes(G(latents, randomize_noise=False)[1])
+    own = train_gan.mask_statistics(maps, 3)
+    quality = train_gan.mask_quality(G, latents, 5, own)  # in chunks of 5: the same masks
+    assert quality["mask_area"].item() == pytest.approx(1.0) and quality["mask_parts"].item() == pytest.approx(1.0)
+    doubled = (own[0] * 2, own[1] / 3)  # labels twice as large and in a third of the regions
+    quality = train_gan.mask_quality(G, latents, 12, doubled)
+    assert quality["mask_area"].item() == pytest.approx(0.5) and quality["mask_parts"].item() == pytest.approx(3.0)
+
+
+def test_mask_quality_is_logged_at_every_snapshot(twenty_steps):
+    records = [json.loads(line) for line in open(twenty_steps / "log.jsonl")]
+    logged = {r["step"]: (r["mask_area"], r["mask_parts"]) for r in records if "mask_area" in r}
+    assert sorted(logged) == [10, 20]
+    assert all(math.isfinite(a) and a >= 0 and math.isfinite(p) and p >= 0 for a, p in logged.values())
