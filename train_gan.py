@@ -26,8 +26,9 @@ Batch: --batch is per GPU (as in the official code); the global batch is batch x
 global images. The labeled and the unlabeled stream each deliver --batch samples per GPU and step.
 
 Mixed precision: on a GPU the networks run under bf16 autocast by default (--precision); bf16 keeps fp32's
-exponent range, so no loss scaling and no clamping of activations is needed, and the regularisers' double
-backward runs in it too. The optimisers and G_ema stay in fp32.
+exponent range, so no loss scaling and no clamping of activations is needed. D_r's R1 (every 16th step)
+runs in fp32: its double backward in bf16 measurably weakens it (README, "bf16 against fp32"); D_m's R1 and
+the path length run in bf16. The optimisers and G_ema stay in fp32.
 
 Mask quality at every snapshot, without an encoder: mask_area and mask_parts in the log are the mean area
 and the mean number of connected regions of each class in the masks of 64 fixed latents of G_ema, divided
@@ -174,11 +175,12 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     opt_D_m.step()
     out["D_m"] = loss.detach()
 
-    # 3. lazy R1 on both discriminators
+    # 3. lazy R1 on both discriminators. D_r's runs in fp32 whatever --precision says: under bf16 its weight
+    # gradient (a double backward) is 46% off fp32's at trained weights, more than one batch differs from the
+    # next, and a bf16 run keeps R1_D_r 1.5x the fp32 runs' for 10 kimg (README, "bf16 against fp32")
     if step % args.r1_every == 0:
         images = real_images.detach().requires_grad_(True)
-        with autocast():
-            logits = D_r(images)
+        logits = D_r(images)
         penalty = losses.r1_penalty(logits.float().sum(), images)
         opt_D_r.zero_grad(set_to_none=True)
         # "+ 0 * logits": every parameter of D_r takes part, which DDP requires of each backward
