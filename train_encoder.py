@@ -32,7 +32,9 @@ As the official semanticGAN/train_enc.py (weights, clips and schedule are its de
 Ours: the encoder is pSp's (IR-SE body, feature pyramid, map2style heads) and starts from G's mean latent
 (the official one is a feature pyramid over a ResNet-50 and starts from W = 0); the best validation score
 is kept as best.pt; checkpoints resume exactly; BN returns to training mode after validation (the official
-code leaves the encoder in eval mode after its first validation).
+code leaves the encoder in eval mode after its first validation). Every validation also scores the encoder
+on G's own samples (`own_dice` / `own_miou`: G_y(w) against G_y(E(G_x(w))), --own-samples fixed latents),
+the upper bound of what it can recover.
 
 Outputs in --out: log.jsonl and a progress line; samples-STEP.png (input | reconstruction | predicted mask |
 true mask, labeled rows then unlabeled rows); checkpoint-STEP.pt (E, both optimisers, the data streams,
@@ -153,6 +155,19 @@ def encode(E, G, images, autocast):
     return reconstruction.float(), mask_logits.float()
 
 
+def segmentation_score(batches, labels):
+    """Mean per-image DICE of class 1 for one foreground class (labels == 2), else the data set's mIoU, over
+    batches of (predicted classes, true classes) [B, H, W]."""
+    dices, intersection, union = [], torch.zeros(labels, dtype=torch.long), torch.zeros(labels, dtype=torch.long)
+    for prediction, truth in batches:
+        if labels == 2:
+            dices.append(losses.dice_jaccard(prediction, truth, 1)[0])
+        else:
+            i, u = losses.intersection_union(prediction, truth, labels)
+            intersection, union = intersection + i, union + u
+    return torch.cat(dices).mean().item() if labels == 2 else losses.mean_iou(intersection, union)
+
+
 @torch.no_grad()
 def validate(E, G, dataset, batch, device, autocast):
     """{'val_dice': mean per-image DICE of class 1} for one foreground class, else {'val_miou': the data
@@ -160,20 +175,40 @@ def validate(E, G, dataset, batch, device, autocast):
     was_training = E.training
     E.eval()
     labels = losses.label_count(G.num_classes)
-    dices, intersection, union = [], torch.zeros(labels, dtype=torch.long), torch.zeros(labels, dtype=torch.long)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=0)
-    for images, masks in loader:
-        _, mask_logits = encode(E, G, images.to(device), autocast)
-        prediction = model.mask_classes(mask_logits).cpu()
-        if labels == 2:
-            dices.append(losses.dice_jaccard(prediction, masks, 1)[0])
-        else:
-            i, u = losses.intersection_union(prediction, masks, labels)
-            intersection, union = intersection + i, union + u
+
+    def predicted_and_true():
+        for images, masks in loader:
+            _, mask_logits = encode(E, G, images.to(device), autocast)
+            yield model.mask_classes(mask_logits).cpu(), masks
+
+    score = segmentation_score(predicted_and_true(), labels)
     E.train(was_training)
-    if labels == 2:
-        return {"val_dice": torch.cat(dices).mean().item()}
-    return {"val_miou": losses.mean_iou(intersection, union)}
+    return {"val_dice" if labels == 2 else "val_miou": score}
+
+
+@torch.no_grad()
+def own_sample_score(E, G, count, batch, device, autocast, seed=0):
+    """{'own_dice' or 'own_miou'}: how well E recovers the masks of G's own samples, G_y(w) against
+    G_y(E(G_x(w))), for `count` fixed latents (no truncation, G's fixed noise), scored as validate() scores.
+    The upper bound of the encoder's task: if it is high while the validation score is low, G does not yet
+    draw the data's anatomy; if it is low, the encoder is the limit."""
+    was_training = E.training
+    E.eval()
+    labels = losses.label_count(G.num_classes)
+    z = torch.randn(count, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def recovered_and_drawn():
+        for chunk in z.split(batch):
+            with autocast():
+                image, mask_logits = G(chunk, randomize_noise=False)
+            # the encoder reads images in [-1, 1], as the data streams give them
+            _, recovered = encode(E, G, image.float().clamp(-1, 1), autocast)
+            yield model.mask_classes(recovered).cpu(), model.mask_classes(mask_logits.float()).cpu()
+
+    score = segmentation_score(recovered_and_drawn(), labels)
+    E.train(was_training)
+    return {"own_dice" if labels == 2 else "own_miou": score}
 
 
 def tile_row(image, reconstruction, predicted, truth):
@@ -350,6 +385,8 @@ def _train(args, ckpt, rank, world, device):
             validated = None
             if validation is not None and (step % args.val_every == 0 or step == args.iter):
                 validated = validate(E, G, validation, args.batch, device, autocast)  # every rank: same numbers
+                if args.own_samples:
+                    validated.update(own_sample_score(E, G, args.own_samples, args.batch, device, autocast))
                 progress.add({k: torch.tensor(v) for k, v in validated.items()})
             snapshot = step % args.snap_every == 0 or step == args.iter or stop
             if snapshot or validated or log_due:
@@ -423,6 +460,9 @@ def build_parser():
     g.add_argument("--val", default=None, help="a labeled folder or a split file to validate on (default: the "
                    "labeled pairs --labels leaves unused)")
     g.add_argument("--val-every", type=data.POSITIVE_INT, default=100, help="steps between validations")
+    g.add_argument("--own-samples", type=data.COUNT, default=128,
+                   help="at every validation, also score E on this many of G's own samples: G_y(w) against "
+                        "G_y(E(G_x(w))), the encoder's upper bound (0: off)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
     g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")

@@ -1,6 +1,7 @@
 """train_encoder.py on the demo data at 32 px with tiny networks, on top of a stage-1 checkpoint made here: a
 short run and its outputs, the frozen generator, learning (against a detached encoder that cannot), an exact
 resume, the learning-rate schedule, and bad input. LPIPS runs with --lpips random: nothing is downloaded."""
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,7 @@ def test_a_short_run_writes_its_outputs_and_leaves_the_generator_as_it_was(stage
             if key in record:
                 assert math.isfinite(record[key]), (key, record)
     assert any("val_miou" in r for r in records)  # 3 classes: the data set's mIoU
+    assert [r["step"] for r in records if "own_miou" in r] == [4, 8]  # the encoder's bound, at each validation
     assert {"checkpoint-00000004.pt", "checkpoint-00000008.pt", "samples-00000004.png", "samples-00000008.png",
             "model.pt", "best.pt", "log.jsonl"} <= set(os.listdir(eight_steps))
 
@@ -402,3 +404,61 @@ def test_each_step_has_its_own_optimiser_state():
         assert all(float(optimizer.state[p]["step"]) == 1 for p in params)
     for p, g in zip(params, grads_u):
         torch.testing.assert_close(optimizers[0].state[p]["exp_avg"], 0.05 * g, rtol=1e-4, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The encoder's upper bound: G_y(w) against G_y(E(G_x(w))) on G's own samples
+
+
+class ReturnsTheseCodes(torch.nn.Module):
+    """A stand-in encoder that answers each call with the next chunk of given W+ codes."""
+
+    def __init__(self, codes):
+        super().__init__()
+        self.chunks = iter(codes)
+
+    def forward(self, images):
+        return next(self.chunks)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_own_sample_score_is_one_for_a_perfect_encoder_and_the_hand_score_for_a_constant_one(num_classes):
+    torch.manual_seed(0)
+    G = model.Generator(resolution=32, num_classes=num_classes, image_channels=1, style_dim=16, n_mlp=2,
+                        max_channels=16).eval()
+    with torch.no_grad():
+        for t_seg in G.t_seg:  # masks with several classes in every sample
+            t_seg.conv.weight.mul_(20)
+        for name, parameter in G.named_parameters():
+            if name.endswith("noise.strength"):  # noise that matters: the bound uses G's fixed noise maps
+                parameter.fill_(1.0)
+    count, batch = 10, 4
+    z = torch.randn(count, G.style_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        w_plus = G.make_w_plus(z)
+        _, drawn = G(w_plus, input_is_w=True, randomize_noise=False)
+    drawn = model.mask_classes(drawn)
+
+    perfect = ReturnsTheseCodes(w_plus.split(batch))
+    score = train_encoder.own_sample_score(perfect, G, count, batch, "cpu", contextlib.nullcontext)
+    assert score == {"own_dice" if num_classes == 1 else "own_miou": 1.0}
+
+    # always the first sample's code: by hand, every sample's mask against the first one's
+    constant = ReturnsTheseCodes([w_plus[:1].expand(len(c), -1, -1) for c in w_plus.split(batch)])
+    score = train_encoder.own_sample_score(constant, G, count, batch, "cpu", contextlib.nullcontext)
+    guess = drawn[:1].expand_as(drawn)
+    if num_classes == 1:
+        hand = []
+        for p, t in zip(guess, drawn):
+            p, t = p == 1, t == 1
+            total = p.sum() + t.sum()
+            hand.append(1.0 if total == 0 else 2 * (p & t).sum().item() / total.item())
+        expected = sum(hand) / count
+        assert set(score) == {"own_dice"}
+    else:
+        ious = [((guess == c) & (drawn == c)).sum().item() / ((guess == c) | (drawn == c)).sum().item()
+                for c in range(3) if ((guess == c) | (drawn == c)).any()]
+        expected = sum(ious) / len(ious)
+        assert set(score) == {"own_miou"}
+    assert 0 < expected < 1
+    assert abs(next(iter(score.values())) - expected) < 1e-9
