@@ -26,7 +26,7 @@ import model
 
 
 def load_any_generator(path, device):
-    """G_ema of a stage-1 checkpoint or of a model.pt."""
+    """G_ema of a stage-1 checkpoint, of a model.pt, or of an official SemanticGAN checkpoint."""
     if not os.path.isfile(path):
         raise model.CheckpointError(f"{path}: no such file; pass --ckpt a train_gan.py checkpoint or a model.pt")
     ckpt = model.load_checkpoint(path, "pass --ckpt a complete train_gan.py checkpoint or a model.pt")
@@ -88,7 +88,8 @@ def generate(args):
 def build_parser():
     p = data.ArgumentParser(description="Write image/mask pairs drawn from G_ema in the folder format.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a train_gan.py checkpoint or a model.pt")
+    p.add_argument("--ckpt", required=True, help="a train_gan.py checkpoint, a model.pt, or a checkpoint of the "
+                   "official train_seg_gan.py")
     p.add_argument("--n", type=data.POSITIVE_INT, default=20000, help="pairs")
     p.add_argument("--truncation", type=data.NON_NEGATIVE, default=0.7,
                    help="1 = no truncation (the most diverse pairs), 0 = the mean latent's pair")

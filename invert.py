@@ -21,6 +21,8 @@ per image, each MSE the mean over its entries (the image's pixels; the n_latent 
    standard deviation 1;
  * 100 steps (the official default; its README's example uses 200); --steps 0 is the encoder alone
    ("Ours-NO" in the paper's tables).
+Not official, for studying the objective: --lpips-weight (1) scales the LPIPS term (0: MSE and the encoder
+term only), and --no-optimize-noise keeps each image's seeded noise maps fixed and optimises w+ alone.
 
 The mask is the argmax of the mask logits G_y(w+*, n*) (one class: logit > 0). The logits are resized
 bilinearly to the input's own geometry before the argmax, undoing what data.py's --fit did: stretched back,
@@ -40,18 +42,26 @@ included, as the official validation), and DICE per patient (volumetric, for sli
 for the optimised masks and, from the same run, for the encoder alone; a table, OUT/metrics.csv (per image)
 and OUT/metrics.json (the means, the command, the model, the steps).
 
+For every run, OUT/segmentations.csv: per image the trust signals ("Trust signals" below: the reconstruction
+errors, the agreement of the encoder's mask with the optimised one, the classes' areas, and the flag for an
+image out of the generator's reach, judged against the labeled images' errors stored in model.pt), and
+OUT/index.html, a report to look at: every image with its overlay, scores and signals, worst first.
+
 Needs: model.py (the networks, model.pt), losses.py (LPIPS, the metrics), data.py (reading and fitting
 images, writing PNGs); never the training scripts, so that this file can be copied with those three and ops/.
 """
 
 import argparse
+import collections
 import csv
 import glob
+import html
 import json
 import math
 import os
 import sys
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 
@@ -213,31 +223,38 @@ def per_image_mse(a, b):
 
 
 def objective(G, E, percept, w_plus, noise, target, target_features, args):
-    """The objective per image [B] at (w+, noise): LPIPS + lambda3 MSE between the target and G_x(w+), and
-    lambda2 times the mean square distance of w+ to E(G_x(w+)) (no gradient through E), plus the noise
-    regulariser."""
+    """The objective per image [B] at (w+, noise): LPIPS (times --lpips-weight, 1) + lambda3 MSE between the
+    target and G_x(w+), and lambda2 times the mean square distance of w+ to E(G_x(w+)) (no gradient through
+    E), plus the noise regulariser (constant when the noise maps stay fixed)."""
     reconstruction, _ = G(w_plus, input_is_w=True, noise=noise)
     compared = F.adaptive_avg_pool2d(reconstruction, 256) if reconstruction.shape[-1] > 256 else reconstruction
     with torch.no_grad():
         w_target = E(reconstruction).float()
-    return (percept.distance_to(compared, target_features).float()
+    perceptual = percept.distance_to(compared, target_features).float() if args.lpips_weight else 0
+    return (args.lpips_weight * perceptual
             + args.mse_weight * per_image_mse(compared, target)
             + args.encoder_weight * (w_plus - w_target).square().flatten(1).mean(1)
             + args.noise_weight * noise_regularization(noise))
 
 
+# What invert() returns, all detached: the mask logits and the reconstruction G_x at w+* and at the encoder's
+# w+ = E(x) (the start, with the same noise maps), and the objective per image [B] at the last step.
+Inversion = collections.namedtuple("Inversion", "mask_logits reconstruction encoder_logits encoder_reconstruction "
+                                                "losses")
+
+
 def invert(G, E, percept, images, seeds, args, autocast, trace=None):
-    """Optimise w+ and the noise of a batch of images. Returns (mask logits at w+*, reconstruction,
-    mask logits of the encoder alone, losses per image [B]), all detached; `trace`, a list, receives each
-    step's losses per image."""
+    """Optimise w+ and the noise of a batch of images; an Inversion. `trace`, a list, receives each step's
+    losses per image."""
     noise = make_noise(G, seeds, images.device)
     with torch.no_grad(), autocast():
         w_plus = E(images).float()
-        _, encoder_logits = G(w_plus, input_is_w=True, noise=noise)
+        encoder_reconstruction, encoder_logits = G(w_plus, input_is_w=True, noise=noise)
     w_plus = w_plus.clone().requires_grad_(True)
-    for n in noise:
-        n.requires_grad_(True)
-    optimizer = torch.optim.Adam([w_plus] + noise, lr=args.lr)
+    if args.optimize_noise:
+        for n in noise:
+            n.requires_grad_(True)
+    optimizer = torch.optim.Adam([w_plus] + (noise if args.optimize_noise else []), lr=args.lr)
     per_image = torch.zeros(images.shape[0], device=images.device)
     # as the official code: LPIPS and MSE at 256 px at most
     target = F.adaptive_avg_pool2d(images, 256) if images.shape[-1] > 256 else images
@@ -253,10 +270,12 @@ def invert(G, E, percept, images, seeds, args, autocast, trace=None):
         optimizer.zero_grad(set_to_none=True)
         per_image.sum().backward()
         optimizer.step()
-        normalize_noise_(noise)
+        if args.optimize_noise:
+            normalize_noise_(noise)
     with torch.no_grad(), autocast():
         reconstruction, mask_logits = G(w_plus, input_is_w=True, noise=noise)
-    return mask_logits.float(), reconstruction.float(), encoder_logits.float(), per_image.detach()
+    return Inversion(mask_logits.float(), reconstruction.float(), encoder_logits.float(),
+                     encoder_reconstruction.float(), per_image.detach())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,6 +410,218 @@ def write_metrics(out, scores, results, class_names, argv, model_path, steps, im
 
 
 # ----------------------------------------------------------------------------------------------------
+# Trust signals: how well the generator explains each image
+#
+# Per image, with or without --eval (OUT/segmentations.csv and the report): the reconstruction error, LPIPS
+# and MSE (losses.reconstruction_errors), of the final G_x(w+*) and of the encoder's G_x(E(x)); how far the
+# optimisation moved the mask (agreement_miou: the mIoU between the encoder's mask and the optimised one,
+# background included, over the classes either has; 1 with --steps 0); each foreground class's share of the
+# pixels of the written mask.
+#
+# The flag compares the encoder's error, not the final one, with the labeled training images' encoder
+# errors, which train_encoder.py stores in model.pt ("labeled_errors"): it is what stage 2 measures on those
+# images in one forward, it does not depend on this run's --steps, --lr or loss weights, and it is the error
+# that tells an image the generator never learned: with W+ and the noise maps free, the optimisation fits
+# much of any image, so the final error is reported but not flagged on. The rule: error_ratio is the larger
+# of encoder LPIPS / the labeled images' largest LPIPS and encoder MSE / their largest MSE; an image is
+# flagged when error_ratio > --flag-factor (1.5).
+
+
+def flag_reference(bundle, lpips_net, model_path):
+    """(reference, why not): the largest LPIPS and the largest MSE of the labeled training images' encoder
+    reconstructions, from model.pt, and None; or None and the reason: a model.pt written before they were
+    stored, or one that measured them with another LPIPS network than this run's (distances of different
+    backbones do not compare)."""
+    stored = bundle.get("labeled_errors")
+    if not stored:
+        return None, f"{model_path} holds no reconstruction errors of its labeled images (trained before " \
+                     "train_encoder.py stored them)"
+    if stored["lpips_net"] != lpips_net:
+        return None, f"{model_path} measured its labeled images with LPIPS {stored['lpips_net']}, this run uses " \
+                     f"{lpips_net} (leave --lpips out to flag)"
+    return (max(stored["lpips"]), max(stored["mse"])), None
+
+
+def error_ratio(encoder_lpips, encoder_mse, reference):
+    """How many times the labeled images' largest error the image's encoder error is (LPIPS or MSE, the larger)."""
+    return max(encoder_lpips / max(reference[0], 1e-12), encoder_mse / max(reference[1], 1e-12))
+
+
+def trust_signals(name, classes, encoder_classes, errors, num_labels, reference, factor):
+    """One row of segmentations.csv (a dict): the errors (final LPIPS, MSE, the encoder's LPIPS, MSE), the
+    agreement of the two masks, the foreground classes' areas, error_ratio and the flag (None without a
+    reference)."""
+    lpips_value, mse, encoder_lpips, encoder_mse = (float(e) for e in errors)
+    agreement = losses.mean_iou(*losses.intersection_union(torch.from_numpy(classes),
+                                                           torch.from_numpy(encoder_classes), num_labels))
+    areas = np.bincount(classes.ravel(), minlength=num_labels)[1:num_labels] / classes.size
+    ratio = error_ratio(encoder_lpips, encoder_mse, reference) if reference else None
+    return {"name": name, "flagged": None if ratio is None else ratio > factor, "error_ratio": ratio,
+            "encoder_lpips": encoder_lpips, "encoder_mse": encoder_mse, "lpips": lpips_value, "mse": mse,
+            "agreement_miou": agreement, "areas": areas.tolist()}
+
+
+def flag_summary(rows, reference, why_not, factor):
+    """The line that says how many images are flagged and by which rule (or why none can be)."""
+    if reference is None:
+        return f"no image is flagged: {why_not}"
+    flagged = sum(bool(r["flagged"]) for r in rows)
+    return (f"flagged: {flagged} of {len(rows)} images reconstruct far worse than the labeled training images "
+            f"(error ratio above {factor}: the encoder's LPIPS above {factor * reference[0]:.4f} or its MSE above "
+            f"{factor * reference[1]:.4f})")
+
+
+SIGNALS = ("error_ratio", "encoder_lpips", "encoder_mse", "lpips", "mse", "agreement_miou")
+
+
+def write_segmentations(out, rows, class_names):
+    """OUT/segmentations.csv: a row per image in the order segmented; flagged 1 or 0 (empty, like
+    error_ratio, when the model holds no reference)."""
+    with open(Path(out) / "segmentations.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "flagged", *SIGNALS] + [f"area_{n}" for n in class_names[1:]])
+        for row in rows:
+            flagged = "" if row["flagged"] is None else int(row["flagged"])
+            writer.writerow([row["name"], flagged] + ["" if row[k] is None else f"{row[k]:.6f}" for k in SIGNALS]
+                            + [f"{a:.6f}" for a in row["areas"]])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report: OUT/index.html, one page without scripts that opens from the file system; thumbnails are
+# the files already there, linked by relative paths (the inputs' too: moved without them, those break)
+
+REPORT_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; vertical-align: middle; }
+th { background: #f2f2f2; position: sticky; top: 0; }
+td.text, th.text { text-align: left; }
+td.picture { padding: 2px; }
+img { height: 96px; image-rendering: pixelated; display: block; }
+tr.flagged td { background: #fde0dc; }
+.flag { font-weight: bold; color: #b3261e; }
+"""
+
+
+REPORT_LEGEND = ("error ratio: the encoder's reconstruction error G_x(E(x)) against x, LPIPS or MSE (the larger "
+                 "ratio), over the largest of the labeled training images'; an image is flagged above the factor the "
+                 "flag line names. LPIPS, MSE: the final reconstruction's. agreement mIoU: the encoder's mask against "
+                 "the optimised one (1: the optimisation changed nothing). area: each class's share of the pixels.")
+
+
+def link(path, out):
+    """A URL from OUT/index.html to `path`: relative, quoted; an absolute file URL where there is no
+    relative path (another drive)."""
+    try:
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    except ValueError:
+        return Path(os.path.abspath(path)).as_uri()
+    return urllib.parse.quote(Path(relative).as_posix())
+
+
+def worst_first(rows, scores):
+    """The rows sorted worst first, and by what: the optimised mask's mean DICE (lowest first) with --eval,
+    else error_ratio (the encoder's LPIPS where there is no reference), highest first."""
+    if scores is not None:
+        per_image = scores["optimised"].rows
+        mean_dice = {name: float(np.mean([dice for dice, _ in row.values()])) for name, row in per_image.items()}
+        return sorted(rows, key=lambda r: (mean_dice[r["name"]], r["name"])), "mean DICE, lowest first"
+    if rows and rows[0]["error_ratio"] is not None:
+        return sorted(rows, key=lambda r: (-r["error_ratio"], r["name"])), "error ratio, highest first"
+    return sorted(rows, key=lambda r: (-r["encoder_lpips"], r["name"])), "encoder LPIPS, highest first"
+
+
+def summary_html(results, class_names, steps):
+    """The table print_table prints, as HTML."""
+    kinds = [k for k in ("optimised", "encoder_only") if k in results]
+    titles = {"optimised": f"{steps} steps", "encoder_only": "encoder"}
+    lines = ["<tr><th></th>" + "".join(f"<th>DICE {titles[k]}</th><th>Jaccard {titles[k]}</th>" for k in kinds)
+             + "</tr>"]
+    for name in class_names[1:] + ["mean"]:
+        cells = ""
+        for k in kinds:
+            dice = results[k]["mean_dice"] if name == "mean" else results[k]["dice"][name]
+            jaccard = results[k]["mean_jaccard"] if name == "mean" else results[k]["jaccard"][name]
+            cells += f"<td>{dice:.4f}</td><td>{jaccard:.4f}</td>"
+        lines.append(f"<tr><td class='text'>{html.escape(name)}</td>{cells}</tr>")
+    lines.append("<tr><td class='text'>mIoU</td>" + "".join(f"<td>{results[k]['miou']:.4f}</td><td></td>"
+                                                            for k in kinds) + "</tr>")
+    if "dice_per_patient" in results[kinds[0]]:
+        lines.append(f"<tr><td class='text'>DICE per patient ({results[kinds[0]]['patients']} patients)</td>"
+                     + "".join(f"<td>{results[k]['dice_per_patient']:.4f}</td><td></td>" for k in kinds) + "</tr>")
+    return "<table>\n" + "\n".join(lines) + "\n</table>"
+
+
+def report_settings(args, argv, model_path, bundle, lpips_net, precision, done, skipped, flags):
+    """(label, text) pairs for the top of the report: what ran, on what, and the flag."""
+    images = f"{done} segmented"
+    if skipped:
+        images += f"; {len(skipped)} unreadable file(s) skipped: {', '.join(str(p) for p in skipped[:5])}"
+    return [("command", " ".join(argv)),
+            ("model", f"{model_path} (step {bundle.get('step')}, {bundle['preprocessing']['resolution']} px, "
+                      f"{bundle['num_classes']} classes)"),
+            ("inversion", f"{args.steps} steps, lr {args.lr}, weights LPIPS {args.lpips_weight}, MSE "
+                          f"{args.mse_weight}, encoder {args.encoder_weight}, noise {args.noise_weight}"
+                          f"{'' if args.optimize_noise else ' (noise maps fixed)'}; LPIPS {lpips_net}; "
+                          f"seed {args.seed}; {precision}"),
+            ("images", images), ("flag", flags), ("written", time.strftime("%Y-%m-%d %H:%M:%S %z"))]
+
+
+def number_cell(key, value):
+    return f"<td data-key='{html.escape(key, quote=True)}'>{'' if value is None else f'{value:.4f}'}</td>"
+
+
+def picture_cell(path, out, what, name):
+    url, alt = html.escape(link(path, out), quote=True), html.escape(f"{what} of {name}", quote=True)
+    return f"<td class='picture'><a href='{url}'><img src='{url}' alt='{alt}' loading='lazy'></a></td>"
+
+
+def write_report(out, rows, files, scores, class_names, settings, summary, steps):
+    """OUT/index.html: the settings and the summary table at the top, then a row per image, worst first:
+    input | overlay | reconstruction (when saved), with --eval each class's DICE of the optimised mask and of
+    the encoder's, then the trust signals; flagged rows marked. `files`: {name: (input path, output paths)}."""
+    rows, order = worst_first(rows, scores)
+    kinds = [(k, prefix, title) for k, prefix, title in (("optimised", "", f"{steps} steps"),
+                                                          ("encoder_only", "encoder_", "encoder"))
+             if scores is not None and k in scores]
+    recon = any("recon" in files[r["name"]][1] for r in rows)
+    foreground = class_names[1:]
+    header = (["#", "name", "input", "overlay"] + (["reconstruction"] if recon else [])
+              + [f"DICE {c} ({title})" for c in foreground for _, _, title in kinds]
+              + ["flagged", "error ratio", "encoder LPIPS", "encoder MSE", "LPIPS", "MSE", "agreement mIoU"]
+              + [f"area {c}" for c in foreground])
+    lines = ["<tr>" + "".join(f"<th{' class=text' if h == 'name' else ''}>{html.escape(h)}</th>" for h in header)
+             + "</tr>"]
+    for position, row in enumerate(rows, start=1):
+        name, (source, paths) = row["name"], files[row["name"]]
+        cells = [f"<td>{position}</td>", f"<td class='text' data-key='name'>{html.escape(name)}</td>",
+                 picture_cell(source, out, "input", name), picture_cell(paths["overlay"], out, "overlay", name)]
+        if recon:
+            cells.append(picture_cell(paths["recon"], out, "reconstruction", name) if "recon" in paths else "<td></td>")
+        for c in range(1, len(class_names)):
+            cells += [number_cell(f"{prefix}dice_{class_names[c]}", scores[k].rows[name][c][0])
+                      for k, prefix, _ in kinds]
+        flag = {None: "", True: "<span class='flag'>yes</span>", False: "no"}[row["flagged"]]
+        cells.append(f"<td data-key='flagged'>{flag}</td>")
+        cells += [number_cell(key, row[key]) for key in SIGNALS]
+        cells += [number_cell(f"area_{c}", a) for c, a in zip(foreground, row["areas"])]
+        marked = " class='flagged'" if row["flagged"] else ""
+        lines.append(f"<tr{marked} data-name='{html.escape(name, quote=True)}'>" + "".join(cells) + "</tr>")
+    page = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+            f"<title>Segmentations in {html.escape(str(out))}</title><style>{REPORT_STYLE}</style></head><body>",
+            f"<h1>Segmentations: {len(rows)} images</h1>", "<table>"]
+    page += [f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(v)}</td></tr>"
+             for k, v in settings]
+    page.append("</table>")
+    if summary:
+        page += ["<h2>Scores</h2>", summary]
+    page += [f"<h2>Per image, worst first (by {order})</h2>", f"<p>{REPORT_LEGEND}</p>", "<table>"] + lines
+    page += ["</table>", "</body></html>"]
+    with open(Path(out) / "index.html", "w", encoding="utf-8") as f:
+        f.write("\n".join(page) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -413,7 +644,7 @@ def run(args, argv):
     if len(class_names) != num_labels:
         class_names = ["background"] + [f"class{c}" for c in range(1, num_labels)]
     lpips_net = args.lpips or bundle["lpips"]
-    percept = losses.Perceptual(lpips_net).to(device) if args.steps > 0 else None
+    percept = losses.Perceptual(lpips_net).to(device)  # also with --steps 0: the trust signals need it
     autocast, precision = model.make_autocast(args, device)
 
     inputs = collect_inputs(args.inputs)
@@ -439,12 +670,16 @@ def run(args, argv):
     print(f"semanticgan inversion: {len(inputs)} images, {args.steps} steps, batch {batch}, on {device.type} "
           f"({precision}); model {model_path} ({bundle['preprocessing']['resolution']} px, {num_labels} classes); "
           f"LPIPS {lpips_net}{note}", flush=True)
+    reference, why_not = flag_reference(bundle, lpips_net, model_path)
+    if why_not:
+        print(f"note: {why_not}: no image is flagged", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
     scores = {"optimised": Scores(num_labels)}
     if truth is not None and args.steps > 0:
         scores["encoder_only"] = Scores(num_labels)
-    done, skipped, start = 0, [], time.time()
+    done, skipped, start, rows, files = 0, [], time.time(), [], {}
+    fit = bundle["preprocessing"]["fit"]
     for first in range(0, len(inputs), batch):
         chunk = []
         for item in inputs[first:first + batch]:
@@ -459,11 +694,18 @@ def run(args, argv):
             continue
         images = torch.stack([item.image for item in chunk]).to(device)
         seeds = [image_seed(args.seed, item.name) for item in chunk]
-        mask_logits, reconstructions, encoder_logits, _ = invert(G, E, percept, images, seeds, args, autocast)
+        result = invert(G, E, percept, images, seeds, args, autocast)
+        errors = torch.stack([*losses.reconstruction_errors(percept, result.reconstruction, images),
+                              *losses.reconstruction_errors(percept, result.encoder_reconstruction, images)], 1)
         for k, item in enumerate(chunk):
-            classes = to_input_geometry(mask_logits[k], item.size, bundle["preprocessing"]["fit"])
-            save_outputs(item, classes, reconstructions[k],
-                         output_paths(args.out, item.name, args.save_reconstruction))
+            classes = to_input_geometry(result.mask_logits[k], item.size, fit)
+            encoder_classes = (classes if args.steps == 0
+                               else to_input_geometry(result.encoder_logits[k], item.size, fit))
+            paths = output_paths(args.out, item.name, args.save_reconstruction)
+            save_outputs(item, classes, result.reconstruction[k], paths)
+            rows.append(trust_signals(item.name, classes, encoder_classes, errors[k].tolist(), num_labels, reference,
+                                      args.flag_factor))
+            files[item.name] = (item.path, paths)
             if truth is not None:
                 path, values = truth[item.key]
                 if values.shape != classes.shape:
@@ -471,7 +713,6 @@ def run(args, argv):
                                          f"{classes.shape[1]}x{classes.shape[0]}; save the mask at the image's size")
                 scores["optimised"].add(item.name, classes, values)
                 if "encoder_only" in scores:
-                    encoder_classes = to_input_geometry(encoder_logits[k], item.size, bundle["preprocessing"]["fit"])
                     scores["encoder_only"].add(item.name, encoder_classes, values)
             item.image = None  # the tensors are not needed any more
         done += len(chunk)
@@ -481,11 +722,21 @@ def run(args, argv):
         print(f"{done}/{len(inputs)} images  {rate:.2f} img/s  eta {left / max(rate, 1e-9):.0f} s", flush=True)
 
     summary = f"done: {done} images segmented into {args.out} in {time.time() - start:.1f} s"
+    results = None
     if truth is not None and done:
         results = {k: s.summary(class_names) for k, s in scores.items()}
         print_table(results, class_names, args.steps)
         write_metrics(args.out, scores, results, class_names, argv, model_path, args.steps, done)
         summary += "; metrics.csv and metrics.json written"
+    if done:
+        flags = flag_summary(rows, reference, why_not, args.flag_factor)
+        if reference:
+            print(flags, flush=True)
+        write_segmentations(args.out, rows, class_names)
+        settings = report_settings(args, argv, model_path, bundle, lpips_net, precision, done, skipped, flags)
+        write_report(args.out, rows, files, scores if results else None, class_names, settings,
+                     summary_html(results, class_names, args.steps) if results else "", args.steps)
+        summary += f"; segmentations.csv and the report {Path(args.out) / 'index.html'} written"
     if skipped:
         summary += f"; skipped {len(skipped)} unreadable file(s), the first {skipped[0]}"
     print(summary, flush=True)
@@ -503,6 +754,11 @@ def build_parser():
     p.add_argument("--mse-weight", type=data.NON_NEGATIVE, default=0.1, help="lambda3")
     p.add_argument("--encoder-weight", type=data.NON_NEGATIVE, default=1e-3, help="lambda2")
     p.add_argument("--noise-weight", type=data.NON_NEGATIVE, default=100.0, help="noise regularisation weight")
+    p.add_argument("--lpips-weight", type=data.NON_NEGATIVE, default=1.0, help="LPIPS weight (0: MSE only; the "
+                   "official objective has 1)")
+    p.add_argument("--optimize-noise", action=argparse.BooleanOptionalAction, default=True,
+                   help="optimise the noise maps with w+ (official); --no-optimize-noise keeps each image's "
+                        "seeded maps fixed and optimises w+ alone")
     p.add_argument("--lpips", choices=losses.Perceptual.NETS, default=None,
                    help="LPIPS network (default: the one the encoder was trained with)")
     p.add_argument("--batch", type=data.POSITIVE_INT, default=None,
@@ -514,6 +770,9 @@ def build_parser():
                    help="a folder of ground-truth masks with the images' names, or a labeled folder: score")
     p.add_argument("--class-map", default=None, help="merge the ground-truth classes as in training")
     p.add_argument("--save-reconstruction", action="store_true", help="also write NAME_recon.png, G_x(w+*)")
+    p.add_argument("--flag-factor", type=data.POSITIVE, default=1.5,
+                   help="flag an image whose encoder reconstruction error (LPIPS or MSE) is above this many times "
+                        "the largest of the labeled training images' (stored in model.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",

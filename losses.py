@@ -230,6 +230,19 @@ class Perceptual(torch.nn.Module):
                    in zip(self.lpips.lins, self.features(x), target_features)).flatten()
 
 
+@torch.no_grad()
+def reconstruction_errors(percept, reconstruction, images):
+    """Per image [B]: (LPIPS, MSE) between images in [-1, 1] and their reconstructions clamped to [-1, 1]
+    (the picture a reconstruction shows, as NAME_recon.png stores it), at 256 px at most (average-pooled, as
+    the inversion compares them); MSE is the mean over the pixels and channels. How far an image is out of
+    the generator's reach: invert.py reports it per image, and train_encoder.py stores it for the labeled
+    images in model.pt, the reference an image is flagged against."""
+    images, reconstruction = images.float(), reconstruction.float().clamp(-1, 1)
+    if images.shape[-1] > 256:
+        images, reconstruction = F.adaptive_avg_pool2d(images, 256), F.adaptive_avg_pool2d(reconstruction, 256)
+    return percept(reconstruction, images).float(), (reconstruction - images).square().flatten(1).mean(1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Segmentation metrics (class-index maps; background is class 0)
 

@@ -2,6 +2,7 @@
 
     python train_encoder.py --ckpt runs/jsrt/checkpoint-00800000.pt --out runs/jsrt-enc    # one GPU
     python train_encoder.py --ckpt runs/jsrt --out runs/jsrt-enc                           # its latest checkpoint
+    python train_encoder.py --ckpt official/ckpt/100000.pt --out runs/enc                  # the official code's
     torchrun --nproc_per_node 8 train_encoder.py --ckpt ... --out ...                      # several (DDP)
 
 The encoder E: x -> w+ (model.Encoder, pSp) learns to invert G_ema of a stage-1 checkpoint, which stays
@@ -36,11 +37,13 @@ code leaves the encoder in eval mode after its first validation). Every validati
 on G's own samples (`own_dice` / `own_miou`: G_y(w) against G_y(E(G_x(w))), --own-samples fixed latents),
 the upper bound of what it can recover.
 
-Outputs in --out: log.jsonl and a progress line; samples-STEP.png (input | reconstruction | predicted mask |
-true mask, labeled rows then unlabeled rows); checkpoint-STEP.pt (E, both optimisers, the data streams,
-every RNG; atomic, `--resume auto`); model.pt, the inference bundle invert.py reads (G_ema, E, the mean
-latent, the preprocessing, the classes, the LPIPS network; state_dicts and plain data only, so it loads
-with weights_only=True); best.pt, the same bundle at the best validation score.
+Outputs in --out: log.jsonl and a progress line (with --tensorboard also TensorBoard event files);
+samples-STEP.png (input | reconstruction | predicted mask | true mask, labeled rows then unlabeled rows);
+checkpoint-STEP.pt (E, both optimisers, the data streams, every RNG; atomic, `--resume auto`); model.pt, the
+inference bundle invert.py reads (G_ema, E, the mean latent, the preprocessing, the classes, the LPIPS
+network, and the encoder's reconstruction errors of the labeled images, against which invert.py flags images
+out of reach; state_dicts and plain data only, so it loads with weights_only=True); best.pt, the same bundle
+at the best validation score.
 
 Long runs behave as train_gan.py's: SIGTERM or Ctrl-C ends the step with a checkpoint and model.pt (every
 rank at the same step), unreadable pool images are replaced and counted (--max-unreadable), `--resume
@@ -51,6 +54,7 @@ networks, reading checkpoints and model.pt), losses.py, data.py.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -250,7 +254,30 @@ def fixed_samples(dataset, count):
 # The inference bundle
 
 
-def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=None, stage1_args=None):
+LABELED_ERRORS_MAX = 256  # labeled images measured for the flag's reference, the first in the data's order
+
+
+@torch.no_grad()
+def labeled_errors(E, G, percept, dataset, batch, device):
+    """The reference invert.py flags an image against: the encoder's reconstruction errors of the labeled
+    training images (losses.reconstruction_errors of G_x(E(x)), per image), as invert.py measures a new
+    image's at its step 0: E in eval mode, fp32, at 256 px at most; G's fixed noise maps where invert.py draws
+    each image's own (both N(0, 1) maps). {"lpips_net": the LPIPS network, "lpips": [...], "mse": [...]}."""
+    was_training = E.training
+    E.eval()
+    count, lpips_values, mses = min(LABELED_ERRORS_MAX, len(dataset)), [], []
+    for start in range(0, count, batch):  # no DataLoader: it would draw from the global RNG, which a resume restores
+        images = torch.stack([dataset[i][0] for i in range(start, min(start + batch, count))]).to(device)
+        reconstruction, _ = encode(E, G, images, contextlib.nullcontext)
+        lpips_value, mse = losses.reconstruction_errors(percept, reconstruction, images)
+        lpips_values += lpips_value.tolist()
+        mses += mse.tolist()
+    E.train(was_training)
+    return {"lpips_net": percept.net, "lpips": lpips_values, "mse": mses}
+
+
+def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=None, stage1_args=None,
+                labeled_errors=None):
     """What invert.py needs and nothing else: state_dicts and plain data (weights_only=True loads it); the keys
     are listed at model.BUNDLE_FORMAT."""
     E = unwrap(E)
@@ -258,7 +285,8 @@ def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=Non
             "encoder": E.config, "mean_latent": E.latent_avg.detach().cpu().clone(),
             "preprocessing": {"resolution": G.resolution, "channels": G.image_channels, "fit": fit},
             "num_classes": losses.label_count(G.num_classes), "class_names": class_names, "lpips": lpips, "step": step,
-            "validation": validation, "args": args or {}, "stage1_args": stage1_args or {}}
+            "validation": validation, "args": args or {}, "stage1_args": stage1_args or {},
+            "labeled_errors": labeled_errors}
 
 
 def save_bundle(bundle, path):
@@ -358,11 +386,13 @@ def _train(args, ckpt, rank, world, device):
         lpips_note = " (an UNTRAINED backbone: for tests and offline demos)" if args.lpips == "random" else ""
         print(f"E {sum(p.numel() for p in E.parameters()):,} parameters, {args.optimizer}; LPIPS {args.lpips}{lpips_note}; "
               f"mask temperatures CE {temperatures[0]}, Dice {temperatures[1]}", flush=True)
-    progress = train_gan.Progress(os.path.join(args.out, "log.jsonl"), images_per_step, args.iter, step, device)
+    progress = train_gan.Progress(os.path.join(args.out, "log.jsonl"), images_per_step, args.iter, step, device,
+                                  elapsed=state.get("elapsed", 0.0) if resume else 0.0,
+                                  tensorboard=train_gan.tensorboard_writer(args, rank, step))
 
     def bundle(at, validated=None):
         return make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, at, validated, vars(args),
-                           ckpt["args"])
+                           ckpt["args"], labeled_errors(E, G, percept, plain_labeled, args.batch, device))
 
     last_log = time.time()
     labeled_iter, unlabeled_iter = iter(labeled_stream), iter(unlabeled_stream)
@@ -406,18 +436,20 @@ def _train(args, ckpt, rank, world, device):
                                "optimizers": [o.state_dict() for o in optimizers], "step": step, "best": best,
                                "labeled_stream": labeled_stream.state_dict(),
                                "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
-                               "args": {k: v for k, v in vars(args).items()}}
+                               "elapsed": progress.elapsed(), "args": {k: v for k, v in vars(args).items()}}
                     train_gan.save_checkpoint(payload, train_gan.checkpoint_path(args.out, step), args.keep)
                     save_bundle(bundle(step), os.path.join(args.out, "model.pt"))
                     if not stop:  # the grid after the checkpoint: a preempted job has seconds left
-                        save_grid(E, G, grid_labeled, grid_unlabeled,
-                                  os.path.join(args.out, f"samples-{step:08d}.png"), args.batch, autocast)
+                        grid_path = os.path.join(args.out, f"samples-{step:08d}.png")
+                        save_grid(E, G, grid_labeled, grid_unlabeled, grid_path, args.batch, autocast)
+                        progress.image("samples", grid_path, step)
                 if world > 1:
                     dist.barrier()
                 if stop:
                     raise train_gan.Stopped(stopper.signum, step, args.out)
     finally:
         stopper.restore()
+        progress.close()
     if rank == 0:
         best_text = f"; best validation {best:.4f} in best.pt" if best is not None else ""
         print(f"done: {step} steps; model.pt, checkpoints and samples in {args.out}{best_text}", flush=True)
@@ -432,7 +464,7 @@ def build_parser():
     p = data.ArgumentParser(description="Stage 2 of SemanticGAN: train the encoder against a frozen generator.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="a stage-1 checkpoint of train_gan.py, or its --out folder (the latest "
-                   "checkpoint); its G_ema is used")
+                   "checkpoint), or a checkpoint of the official train_seg_gan.py; its G_ema is used")
     data.add_data_args(p, resolutions=model.RESOLUTIONS)
     p.set_defaults(**{k: None for k in INHERITED})  # None: taken from the stage-1 checkpoint
     g = p.add_argument_group("training (defaults: the official configuration)")
@@ -473,6 +505,8 @@ def build_parser():
     g.add_argument("--keep", type=data.POSITIVE_INT, default=3, help="checkpoints kept")
     g.add_argument("--grid", type=data.POSITIVE_INT, default=8, help="labeled and unlabeled rows in the grid")
     g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
+    g.add_argument("--tensorboard", action="store_true", help="also write the progress numbers, the validation "
+                   "score and the sample grids as TensorBoard event files in --out (needs pip install tensorboard)")
     b = p.add_argument_group("benchmark (instead of training; no checkpoint needed)")
     b.add_argument("--benchmark", action="store_true", help="time the training step at --resolution on synthetic "
                    "data with random config-f G and E (--max-channels narrows both) and exit")
@@ -500,6 +534,7 @@ def parse_args(argv=None):
     if not os.path.isfile(args.ckpt):
         raise TrainingError(f"{args.ckpt}: no such file; pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run")
     ckpt = model.load_checkpoint(args.ckpt, "pass --ckpt OUT/checkpoint-STEP.pt of a complete train_gan.py run")
+    ckpt = model.as_stage1(ckpt, args.ckpt)  # an official SemanticGAN checkpoint: its g_ema, its shape as arguments
     if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict):
         for key in INHERITED:
             if getattr(args, key) is None:

@@ -18,6 +18,12 @@ Every iteration (the official schedule, rosinality/stylegan2-pytorch as extended
  5. Path length every 4 steps on half a batch (weight 2, scaled by 4).
  6. G_ema <- G_ema + (1 - 0.5 ** (32 / 10000)) (G - G_ema).
 
+Starting from existing weights: --init PATH fills the networks from a checkpoint of this project, of the
+official SemanticGAN code (g, g_ema, d_img, d_seg) or of a rosinality/stylegan2-pytorch StyleGAN2 (g_ema, d;
+its tSeg and D_m start fresh), at step 0 with fresh optimisers; the networks' shape is read from the file,
+the classes come from the data. --train seg then trains only tSeg and D_m on top of the frozen generator:
+steps 1, 3 (D_r's half) and 5 are skipped, G's loss is D_m's, G_ema follows in tSeg alone.
+
 Masks: K classes (background included) give K mask channels, except a task with one foreground class, which
 gets one channel as in the official code (--binary sigmoid: D_m sees that logit against the real mask in
 {-1, +1}, logit > 0 is the foreground); --binary softmax gives it two.
@@ -53,6 +59,7 @@ Needs: model.py (the networks, reading checkpoints), losses.py, data.py.
 import _thread
 import argparse
 import copy
+import datetime
 import glob
 import json
 import math
@@ -98,18 +105,29 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
-def build_networks(args, image_channels, num_classes, device):
+def build_networks(args, image_channels, num_classes, device, shapes=None):
     """G, G_ema, D_r, D_m for data of `num_classes` classes (background included): the mask has
-    model.mask_channels of them (one for a binary task in the official --binary sigmoid form)."""
+    model.mask_channels of them (one for a binary task in the official --binary sigmoid form). `shapes`
+    (model.official_shapes of an --init file): D_r and D_m take the widths of the file's, where it has them.
+    With --train seg all but tSeg and D_m is frozen (no gradients) from the start."""
     channels = model.mask_channels(num_classes, args.binary)
     G = model.Generator(args.resolution, channels, image_channels, style_dim=args.style_dim, n_mlp=args.n_mlp,
                         channel_multiplier=args.channel_multiplier, max_channels=args.max_channels)
-    D_r = model.ImageDiscriminator(args.resolution, image_channels, channel_multiplier=args.channel_multiplier,
-                                   max_channels=args.max_channels)
-    D_m = model.MaskDiscriminator(image_channels, channels, base_channels=min(64, args.max_channels),
-                                  max_channels=args.max_channels)
+    d_r = (shapes or {}).get("image_discriminator") or dict(channel_multiplier=args.channel_multiplier,
+                                                            max_channels=args.max_channels)
+    D_r = model.ImageDiscriminator(args.resolution, image_channels, channel_multiplier=d_r["channel_multiplier"],
+                                   max_channels=d_r["max_channels"])
+    d_m = (shapes or {}).get("mask_discriminator") or dict(num_scales=3, base_channels=min(64, args.max_channels),
+                                                           n_layers=3, max_channels=args.max_channels)
+    D_m = model.MaskDiscriminator(image_channels, channels, num_scales=d_m["num_scales"],
+                                  base_channels=d_m["base_channels"], n_layers=d_m["n_layers"],
+                                  max_channels=d_m["max_channels"])
     G, D_r, D_m = G.to(device), D_r.to(device), D_m.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    if args.train == "seg":
+        G.requires_grad_(False)
+        G.t_seg.requires_grad_(True)
+        D_r.requires_grad_(False)
     if args.channels_last and device.type == "cuda":
         for net in (G, D_r, D_m, G_ema):
             net.to(memory_format=torch.channels_last)
@@ -118,11 +136,14 @@ def build_networks(args, image_channels, num_classes, device):
 
 def build_optimizers(args, G, D_r, D_m):
     """Adam with the lazy-regularisation correction: a regulariser applied every k steps makes the
-    effective step c = k / (k + 1) of the plain one, so lr * c and betas ** c (StyleGAN2 App. B)."""
+    effective step c = k / (k + 1) of the plain one, so lr * c and betas ** c (StyleGAN2 App. B). With
+    --train seg G's optimiser holds tSeg alone, which no regulariser touches (path length is skipped): the
+    plain step."""
     def adam(params, every):
-        c = every / (every + 1)
+        c = every / (every + 1) if every else 1.0
         return torch.optim.Adam(params, lr=args.lr * c, betas=(0 ** c, 0.99 ** c))
-    return adam(G.parameters(), args.pl_every), adam(D_r.parameters(), args.r1_every), adam(D_m.parameters(), args.r1_every)
+    opt_G = adam(G.t_seg.parameters(), None) if args.train == "seg" else adam(G.parameters(), args.pl_every)
+    return opt_G, adam(D_r.parameters(), args.r1_every), adam(D_m.parameters(), args.r1_every)
 
 
 def unwrap(net):
@@ -149,20 +170,24 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     style_dim = unwrap(G).style_dim
     num_classes = unwrap(G).num_classes
     real_pair_mask = model.real_mask_input(labeled_masks, num_classes, args.dm_mask)
+    # --train seg: the image branch and the synthesis layers are frozen, so the images do not change and D_r,
+    # which judges nothing else, has nothing to learn: its steps are skipped, and G's loss is D_m's alone
+    images_train = args.train == "all"
     out = {}
 
     # 1-2. discriminator steps on one batch of fakes, or one each (G frozen)
     G.requires_grad_(False)
-    D_r.requires_grad_(True)
+    D_r.requires_grad_(images_train)
     D_m.requires_grad_(True)
     with torch.no_grad(), autocast():
         fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
-    with autocast():
-        loss = losses.d_logistic_loss(D_r(real_images).float(), D_r(fake_images).float())
-    opt_D_r.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_D_r.step()
-    out["D_r"] = loss.detach()
+    if images_train:
+        with autocast():
+            loss = losses.d_logistic_loss(D_r(real_images).float(), D_r(fake_images).float())
+        opt_D_r.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_D_r.step()
+        out["D_r"] = loss.detach()
 
     if not args.shared_fakes:
         with torch.no_grad(), autocast():
@@ -178,7 +203,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     # 3. lazy R1 on both discriminators. D_r's runs in fp32 whatever --precision says: under bf16 its weight
     # gradient (a double backward) is 46% off fp32's at trained weights, more than one batch differs from the
     # next, and a bf16 run keeps R1_D_r 1.5x the fp32 runs' for 10 kimg (README, "bf16 against fp32")
-    if step % args.r1_every == 0:
+    if step % args.r1_every == 0 and images_train:
         images = real_images.detach().requires_grad_(True)
         logits = D_r(images)
         penalty = losses.r1_penalty(logits.float().sum(), images)
@@ -187,7 +212,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
         (args.r1 / 2 * penalty * args.r1_every + 0 * logits.float().sum()).backward()
         opt_D_r.step()
         out["R1_D_r"] = penalty.detach()
-
+    if step % args.r1_every == 0:
         pair = [labeled_images.detach().requires_grad_(True), real_pair_mask.detach().requires_grad_(True)]
         with autocast():
             outputs = D_m(*pair)
@@ -198,26 +223,31 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
         opt_D_m.step()
         out["R1_D_m"] = penalty.detach()
 
-    # 4. generator step
-    G.requires_grad_(True)
+    # 4. generator step (--train seg: tSeg alone)
+    (G if images_train else unwrap(G).t_seg).requires_grad_(True)
     D_r.requires_grad_(False)
     D_m.requires_grad_(False)
     with autocast():
         fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
-        adv_r = losses.g_nonsaturating_loss(D_r(fake_images).float())
+        adv_r = losses.g_nonsaturating_loss(D_r(fake_images).float()) if images_train else None
         fake_outputs = _float(D_m(*model.generated_pair(fake_images, fake_masks, args.dm_mask)))
         with torch.no_grad():
             real_outputs = _float(D_m(labeled_images, real_pair_mask))
         adv_m = losses.g_hinge_loss(fake_outputs)
         feature_matching = losses.feature_matching_loss(fake_outputs, real_outputs)
-    loss = adv_r + adv_m + args.fm_weight * feature_matching
+    loss = adv_m + args.fm_weight * feature_matching + (adv_r if images_train else 0)
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
     opt_G.step()
-    out.update(G=loss.detach(), G_r=adv_r.detach(), G_m=adv_m.detach(), G_fm=feature_matching.detach())
+    out["G"] = loss.detach()
+    if images_train:
+        out["G_r"] = adv_r.detach()
+    out.update(G_m=adv_m.detach(), G_fm=feature_matching.detach())
 
-    # 5. lazy path-length regularisation on half a batch
-    if args.pl_weight > 0 and step % args.pl_every == 0:
+    # 5. lazy path-length regularisation on half a batch. Not with --train seg: the path length is the image's
+    # sensitivity to w, whose gradient reaches the frozen layers only (the mapping, the synthesis convolutions,
+    # tImage), so it would change nothing that trains
+    if images_train and args.pl_weight > 0 and step % args.pl_every == 0:
         pl_batch = max(1, B // args.pl_batch_shrink)
         with autocast():
             images, masks, w_plus = G(sample_z(pl_batch, style_dim, args.mixing, real_images.device),
@@ -231,8 +261,11 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
         opt_G.step()
         out.update(PL=penalty.detach(), path_length=path_length)
 
-    # 6. exponential moving average of G
-    accumulate(state["G_ema"], unwrap(G), args.ema_decay)
+    # 6. exponential moving average of G (--train seg: of tSeg, the rest of G_ema stays as it was)
+    if images_train:
+        accumulate(state["G_ema"], unwrap(G), args.ema_decay)
+    else:
+        accumulate(state["G_ema"].t_seg, unwrap(G).t_seg, args.ema_decay)
     return out
 
 
@@ -274,8 +307,10 @@ def mask_parts(masks):
 
 
 def mask_statistics(class_maps, num_labels):
-    """(area [L-1], parts [L-1]) of class maps [N, H, W]: for each foreground class, its mean share of the
-    pixels, and its mean number of regions over the masks that contain it (NaN where none does)."""
+    """(area [L-1], parts [L-1], background parts) of class maps [N, H, W]: for each foreground class, its
+    mean share of the pixels and its mean number of regions over the masks that contain it (NaN where none
+    does); and the background's mean number of regions, which counts holes: a hole in a lung is a
+    background region of its own."""
     if class_maps.shape[-1] > MASK_STATS_SIZE:
         class_maps = torch.nn.functional.interpolate(class_maps[:, None].float(), size=MASK_STATS_SIZE)[:, 0].long()
     area, parts = [], []
@@ -284,20 +319,23 @@ def mask_statistics(class_maps, num_labels):
         area.append(present.float().mean().item())
         counted = mask_parts(present[present.flatten(1).any(1)])
         parts.append(counted.float().mean().item() if len(counted) else float("nan"))
-    return torch.tensor(area), torch.tensor(parts)
+    background = mask_parts(class_maps == 0).float().mean().item()
+    return torch.tensor(area), torch.tensor(parts), background
 
 
 @torch.no_grad()
 def mask_quality(G_ema, latents, batch, reference):
-    """{'mask_area', 'mask_parts'}: the generated masks' area and number of regions per class divided by the
-    labeled masks' (`reference`, from mask_statistics), averaged over the classes the labels contain; 1 is
+    """{'mask_area', 'mask_parts', 'mask_holes'}: the generated masks' area and number of regions per class
+    divided by the labeled masks' (`reference`, from mask_statistics), averaged over the classes the labels
+    contain, and their number of background regions divided by the labels' (holes and cut-off corners); 1 is
     "like the labels"."""
     maps = torch.cat([model.mask_classes(G_ema(chunk, randomize_noise=False)[1].float()).cpu()
                       for chunk in latents.split(batch)])
-    area, parts = mask_statistics(maps, losses.label_count(G_ema.num_classes))
+    area, parts, background = mask_statistics(maps, losses.label_count(G_ema.num_classes))
     known = reference[0] > 0
     return {"mask_area": torch.tensor((area[known] / reference[0][known]).mean().item()),
-            "mask_parts": torch.tensor((parts[known] / reference[1][known]).nanmean().item())}
+            "mask_parts": torch.tensor((parts[known] / reference[1][known]).nanmean().item()),
+            "mask_holes": torch.tensor(background / max(reference[2], 1e-12))}
 
 
 def labeled_mask_statistics(labeled, num_labels, batch, seed, count=64):
@@ -518,14 +556,38 @@ def warn_unreadable(stream, first=5):
                   "(unreadable_images)", file=sys.stderr, flush=True)
 
 
+def tensorboard_writer(args, rank, step):
+    """--tensorboard: a SummaryWriter into --out on rank 0 (None on the others, or without the option), whose
+    event files get what log.jsonl gets and the sample grids. Here because train_encoder.py takes its
+    progress reporting from this file too. Without the tensorboard package, a TrainingError (one line) on
+    every rank before training starts; the package stays optional (not in requirements.txt)."""
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    if rank != 0:
+        return None
+    # a resumed run logs the steps after its checkpoint again: TensorBoard hides the stopped run's (purge_step)
+    return SummaryWriter(args.out, purge_step=step or None)
+
+
 class Progress:
     """Sums the losses on the device (no synchronisation per step) and reports every --log-every seconds:
-    a line on the console and the same numbers as a JSON line in OUT/log.jsonl."""
+    a line on the console and the same numbers as a JSON line in OUT/log.jsonl, with the wall-clock time
+    ("time", ISO 8601 with the UTC offset) and the seconds of training so far ("elapsed": a resumed run
+    continues from its checkpoint's, the time it was stopped not counted); and to TensorBoard's event files
+    when a writer is given (--tensorboard)."""
 
-    def __init__(self, path, global_batch, total_steps, start_step, device):
+    def __init__(self, path, global_batch, total_steps, start_step, device, elapsed=0.0, tensorboard=None):
         self.path, self.global_batch, self.total_steps, self.device = path, global_batch, total_steps, device
         self.sums, self.counts = {}, {}
         self.last_time, self.last_step = time.time(), start_step
+        self.started, self.tensorboard = self.last_time - elapsed, tensorboard
+
+    def elapsed(self):
+        return time.time() - self.started
 
     def add(self, values):
         for k, v in values.items():
@@ -554,7 +616,9 @@ class Progress:
         seconds = now - self.last_time
         steps = max(step - self.last_step, 1)
         img_per_s = steps * self.global_batch / max(seconds, 1e-9)
-        record = {"step": step, "kimg": step * self.global_batch / 1000, "img_per_s": img_per_s,
+        record = {"step": step, "kimg": step * self.global_batch / 1000,
+                  "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "elapsed": now - self.started, "img_per_s": img_per_s,
                   "sec_per_kimg": 1000 / max(img_per_s, 1e-9),
                   "eta_hours": (self.total_steps - step) * self.global_batch / max(img_per_s, 1e-9) / 3600, **means,
                   **counts}
@@ -568,8 +632,23 @@ class Progress:
                   f"eta {record['eta_hours']:6.2f} h  {losses_text}{mem}{counted}", flush=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                for key, value in record.items():
+                    if key not in ("step", "time"):
+                        self.tensorboard.add_scalar(key, value, step)
+                self.tensorboard.flush()
         self.sums, self.counts = {}, {}
         self.last_time, self.last_step = now, step
+
+    def image(self, tag, path, step):
+        """A sample grid, as written to `path`, to TensorBoard (rank 0, --tensorboard)."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            self.tensorboard.flush()
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def train(args):
@@ -612,6 +691,78 @@ def resumed_streams(args, saved, labeled, unlabeled, rank, world):
     return streams
 
 
+# ----------------------------------------------------------------------------------------------------
+# Starting from existing weights (--init): a checkpoint of this project, of the official SemanticGAN code, or a
+# StyleGAN2 generator of rosinality/stylegan2-pytorch (model.py maps them onto these networks)
+
+
+NETWORK_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "max_channels")
+
+
+def read_init(args, resume=None):
+    """The networks of --init: {"path", "source", "tensors" (official layout), "shapes"} (model.read_networks).
+    The shape is the file's: --resolution and the network options are set from it, and one given with another
+    value is a TrainingError. Resuming, the file read is the checkpoint `resume` (of the same shape, which
+    --init gave it), so that a run continues when its --init file has gone."""
+    path = resume or args.init
+    source, tensors, shapes = model.read_networks(path, "pass --init a checkpoint of train_gan.py, of the official "
+                                                  "train_seg_gan.py or of rosinality/stylegan2-pytorch")
+    generator, parser = shapes["generator"], build_parser()
+    for key in NETWORK_ARGS:
+        given = getattr(args, key)
+        if given != parser.get_default(key) and given != generator[key]:
+            option = "--" + key.replace("_", "-")
+            raise TrainingError(f"{'--resume' if resume else '--init'} {path} holds a generator with {option} "
+                                f"{generator[key]}, not {given}: leave {option} out (the file's is used)")
+        setattr(args, key, generator[key])
+    return {"path": path, "source": source, "tensors": tensors, "shapes": shapes}
+
+
+def check_image_channels(init, image_channels):
+    """An --init generator of other images than the data's (an RGB FFHQ generator, grey radiographs) cannot
+    be trained on them: a TrainingError saying so."""
+    made = init["shapes"]["generator"]["image_channels"]
+    if made != image_channels:
+        kind = {1: "grey", 3: "RGB"}
+        raise TrainingError(f"--init {init['path']} generates {kind.get(made, made)} images ({made} channels), the data "
+                            f"is {kind.get(image_channels, image_channels)} ({image_channels}): pass --channels {made} "
+                            f"to read the images as {kind.get(made, made)}, or --init a generator of "
+                            f"{image_channels}-channel images")
+
+
+def start_from(init, G, G_ema, D_r, D_m, args):
+    """Fill the networks from --init (step 0, fresh optimisers): G and G_ema, D_r and D_m where the file has
+    them. The classes are the data's: a file with another number of mask channels, or none (a StyleGAN2
+    generator), leaves tSeg (and D_m's first layers, which read the mask) as initialised. Returns the line
+    that says what came from where."""
+    tensors, path, saved = init["tensors"], init["path"], init["shapes"]["generator"]["num_classes"]
+    other_classes = saved != G.num_classes
+    # --train seg learns tSeg on the generator that is used afterwards, G_ema ("g" holds the last iterate)
+    g = "g" if "g" in tensors and args.train == "all" else "g_ema"
+    model.load_official(G, tensors[g], path, g, fresh=r"t_seg\." if other_classes else None)
+    model.load_official(G_ema, tensors["g_ema"], path, "g_ema", fresh=r"t_seg\." if other_classes else None)
+    taken, fresh = [f"G from {g}", "G_ema from g_ema"], []
+    d_img = "d" if init["source"] == "rosinality" else "d_img"
+    if "d_img" in tensors:
+        model.load_official(D_r, tensors["d_img"], path, d_img)
+        taken.append(f"D_r from {d_img}")
+    else:
+        fresh.append("D_r")
+    if "d_seg" in tensors:
+        model.load_official(D_m, tensors["d_seg"], path, "d_seg",
+                            fresh=r"scales\.\d+\.layers\.0\." if other_classes else None)
+        taken.append("D_m from d_seg")
+    else:
+        fresh.append("D_m")
+    if saved is None:
+        fresh.append("tSeg (the file has no mask branch)")
+    elif other_classes:
+        first = " and D_m's first layers" if "d_seg" in tensors else ""
+        fresh.append(f"tSeg{first} (the file's masks have {saved} channel(s), the data's {G.num_classes})")
+    return (f"started from {path} ({model.SOURCES[init['source']]}): {', '.join(taken)}"
+            + (f"; fresh: {', '.join(fresh)}" if fresh else "") + "; step 0, fresh optimisers")
+
+
 def _train(args, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (G_ema is copied before DDP syncs G)
     if device.type == "cuda":
@@ -620,12 +771,18 @@ def _train(args, rank, world, device):
         torch.backends.cudnn.benchmark = True
 
     writable_folder(args.out)
+    if args.train == "seg" and not args.init and not find_resume(args):
+        raise TrainingError("--train seg trains the mask branch of an existing generator: pass --init with a "
+                            "checkpoint of this project, of the official SemanticGAN code or a rosinality StyleGAN2")
+    init = read_init(args, find_resume(args)) if args.init else None  # before the data: it decides the resolution
     labeled, unlabeled, info = data.build_datasets(args, replace_unreadable=True)
     if labeled is None:
         raise TrainingError("D_m needs labeled pairs: pass a folder with images/ and masks/ via --labeled "
                             "(or as --data), or --data demo")
     image_channels, num_classes = info["channels"], info["num_classes"]
-    G, G_ema, D_r, D_m = build_networks(args, image_channels, num_classes, device)
+    if init:
+        check_image_channels(init, image_channels)
+    G, G_ema, D_r, D_m = build_networks(args, image_channels, num_classes, device, init and init["shapes"])
     opt_G, opt_D_r, opt_D_m = build_optimizers(args, G, D_r, D_m)
     autocast, precision = model.make_autocast(args, device)
     labeled_stream, unlabeled_stream = open_streams(args, labeled, unlabeled, rank, world, args.seed)
@@ -641,6 +798,11 @@ def _train(args, rank, world, device):
             if ckpt["args"].get(key) != getattr(args, key):
                 raise TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
                                     f"{ckpt['args'].get(key)}, not {getattr(args, key)}: pass the same value to resume")
+        trained = ckpt["args"].get("train", "all")  # older checkpoints: all
+        if trained != args.train:
+            raise TrainingError(f"checkpoint {resume} was trained with --train {trained}, not {args.train}: pass the "
+                                f"same value to resume (a new run can start from it: --init {resume} --train "
+                                f"{args.train})")
         if (ckpt["image_channels"], ckpt["num_classes"]) != (image_channels, num_classes):
             raise TrainingError(f"checkpoint {resume} has {ckpt['image_channels']} image channels and "
                                 f"{ckpt['num_classes']} classes, the data {image_channels} and {num_classes}")
@@ -667,12 +829,17 @@ def _train(args, rank, world, device):
         if rank == 0:
             fresh = " with fresh data streams (--new-data)" if args.new_data else ""
             print(f"resumed from {resume} at step {step}{fresh}", flush=True)
+    elif init:
+        taken = start_from(init, G, G_ema, D_r, D_m, args)
+        if rank == 0:
+            print(taken, flush=True)
 
     nets = (G, D_r, D_m)
     if world > 1:
         ddp = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
             m, device_ids=[device.index] if device.type == "cuda" else None)
-        nets = tuple(ddp(m) for m in nets)
+        # a network without trainable parameters (D_r with --train seg) takes no part in any backward
+        nets = tuple(ddp(m) if any(p.requires_grad for p in m.parameters()) else m for m in nets)
 
     global_batch = args.batch * world
     total_steps = args.iter
@@ -692,11 +859,15 @@ def _train(args, rank, world, device):
               f"snapshot every {snapshot_every} steps; data: {counts}", flush=True)
         print("labeled masks, per foreground class: area " + ", ".join(f"{a:.3f}" for a in label_statistics[0].tolist())
               + "; regions " + ", ".join(f"{p:.2f}" for p in label_statistics[1].tolist())
-              + " (at every snapshot, mask_area and mask_parts: the generated masks' against these, 1 = alike)",
+              + f"; background regions {label_statistics[2]:.2f}"
+              + " (at every snapshot, mask_area, mask_parts and mask_holes: the generated masks' against these, "
+                "1 = alike)",
               flush=True)
         print(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D_r {sum(p.numel() for p in D_r.parameters()):,}, "
               f"D_m {sum(p.numel() for p in D_m.parameters()):,}", flush=True)
-    progress = Progress(os.path.join(args.out, "log.jsonl"), global_batch, total_steps, step, device)
+    progress = Progress(os.path.join(args.out, "log.jsonl"), global_batch, total_steps, step, device,
+                        elapsed=ckpt.get("elapsed", 0.0) if resume else 0.0,
+                        tensorboard=tensorboard_writer(args, rank, step))
     last_log = time.time()
     labeled_iter, unlabeled_iter = iter(labeled_stream), iter(unlabeled_stream)
     stopper, agree = StopOnSignal(), Agreement(world, device, 2)
@@ -735,17 +906,20 @@ def _train(args, rank, world, device):
                                "labeled_stream": labeled_stream.state_dict(),
                                "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
                                "image_channels": image_channels, "num_classes": num_classes,
-                               "mask_channels": G_ema.num_classes,
+                               "mask_channels": G_ema.num_classes, "elapsed": progress.elapsed(),
                                "args": {k: v for k, v in vars(args).items()}}
                     save_checkpoint(payload, checkpoint_path(args.out, step), args.keep)
                     if not stop:  # the grid after the checkpoint: a preempted job has seconds left
-                        save_grid(G_ema, grid_latents, os.path.join(args.out, f"samples-{step:08d}.png"), args.batch)
+                        grid_path = os.path.join(args.out, f"samples-{step:08d}.png")
+                        save_grid(G_ema, grid_latents, grid_path, args.batch)
+                        progress.image("samples", grid_path, step)
                 if world > 1:
                     dist.barrier()
                 if stop:
                     raise Stopped(stopper.signum, step, args.out)
     finally:
         stopper.restore()
+        progress.close()
     if rank == 0:
         print(f"done: {step} steps; checkpoints and samples in {args.out}", flush=True)
     return {"G": unwrap(G), "G_ema": G_ema, "D_r": unwrap(D_r), "D_m": unwrap(D_m)}
@@ -765,8 +939,9 @@ def benchmark(args):
     channels, classes, B, R = args.channels or 3, args.num_classes or 8, args.batch, args.resolution
     period = math.lcm(args.r1_every, args.pl_every)
     steps = max(period, args.bench_steps // period * period)
+    trained = "all regularisers on" if args.train == "all" else "--train seg (tSeg and D_m; no D_r, no path length)"
     print(f"stage-1 training throughput: {R} px, batch {B}, {classes} classes, {channels} image channels, "
-          f"all regularisers on; {steps} steps timed after {period} warm-up, on {device}")
+          f"{trained}; {steps} steps timed after {period} warm-up, on {device}")
     print(f"{'precision':<10} {'ops':<5} {'img/s':>8} {'s/kimg':>8} {'peak GiB':>9}")
     for precision in args.bench_precisions:
         for impl in args.bench_impls:
@@ -845,11 +1020,20 @@ def build_parser():
     g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
     g.add_argument("--new-data", action="store_true", help="with --resume: keep the networks, optimisers, G_ema "
                    "and step, and start fresh seeded data streams (the data changed since the checkpoint)")
+    g.add_argument("--init", default=None, metavar="PATH", help="start from these weights (step 0, fresh "
+                   "optimisers): a checkpoint or --out folder of this project, a checkpoint of the official "
+                   "train_seg_gan.py, or a rosinality/stylegan2-pytorch StyleGAN2 (its tSeg and D_m start fresh); "
+                   "the networks' shape is the file's, the classes the data's")
+    g.add_argument("--train", choices=["all", "seg"], default="all", help="seg: only tSeg and D_m train, the image "
+                   "branch and the synthesis layers stay frozen and D_r's step is skipped (a segmenter on top of "
+                   "an --init generator)")
     g.add_argument("--snap-kimg", type=data.POSITIVE, default=50.0,
                    help="sample grid + checkpoint every this many kimg")
     g.add_argument("--keep", type=data.POSITIVE_INT, default=3, help="checkpoints kept")
     g.add_argument("--grid", type=data.POSITIVE_INT, default=16, help="samples in the grid")
     g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
+    g.add_argument("--tensorboard", action="store_true", help="also write the progress numbers and the sample "
+                   "grids as TensorBoard event files in --out (needs pip install tensorboard)")
     b = p.add_argument_group("benchmark (instead of training)")
     b.add_argument("--benchmark", action="store_true", help="time the training step on synthetic data and exit")
     b.add_argument("--bench-steps", type=data.POSITIVE_INT, default=64)

@@ -216,7 +216,8 @@ def test_split_keeps_the_named_images(bundle, tmp_path, capsys):
     write_images(tmp_path / "in", count=3)
     (tmp_path / "test.txt").write_text("scene2\nscene0.png\n")
     run(tmp_path / "in", "--split", tmp_path / "test.txt", "--model", bundle, "--out", tmp_path / "out", "--steps", 0)
-    assert sorted(p for p in os.listdir(tmp_path / "out") if "_" not in p) == ["scene0.png", "scene2.png"]
+    masks = sorted(p for p in os.listdir(tmp_path / "out") if p.endswith(".png") and "_" not in p)
+    assert masks == ["scene0.png", "scene2.png"]
     (tmp_path / "bad.txt").write_text("scene9\n")
     line = one_error_line(capsys, tmp_path / "in", "--split", tmp_path / "bad.txt", "--model", bundle, "--steps", 0)
     assert "scene9" in line
@@ -228,7 +229,7 @@ def test_an_unreadable_file_among_many_is_skipped_unless_strict(bundle, tmp_path
     run(tmp_path / "in", "--model", bundle, "--out", tmp_path / "out", "--steps", 0)
     captured = capsys.readouterr()
     assert "skipped 1 unreadable file" in captured.out and "broken.png" in captured.err
-    assert sorted(p for p in os.listdir(tmp_path / "out") if not p.endswith(("_color.png", "_overlay.png"))) == \
+    assert sorted(p for p in os.listdir(tmp_path / "out") if p.endswith(".png") and "_" not in p) == \
         ["scene0.png", "scene1.png"]
     line = one_error_line(capsys, tmp_path / "in", "--model", bundle, "--out", tmp_path / "o2", "--steps", 0, "--strict")
     assert "broken.png" in line
@@ -360,12 +361,31 @@ def test_the_objective_by_hand_term_by_term_and_with_the_official_weights(bundle
                                rtol=1e-5, atol=1e-6)
 
 
-def reference_inversion(G, E, percept, image, seed, steps):
+def test_the_lpips_weight_scales_the_lpips_term_alone(bundle):
+    G, E, _ = model.load_bundle(bundle)
+    percept = losses.Perceptual("random")
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, R, R) * 2 - 1
+    autocast, _ = model.make_autocast(parse(), torch.device("cpu"))
+    with torch.no_grad():
+        w_plus = E(images)
+    noise = invert.make_noise(G, [5, 6], "cpu")
+    total, (lpips_value, mse, encoder_term, noise_term) = hand_objective(G, E, percept, images, noise, w_plus,
+                                                                         0.1, 1e-3, 100)
+    for lpips_weight in (0, 2.5):
+        trace = []
+        args = parse("--steps", 1, "--lpips-weight", lpips_weight)
+        invert.invert(G, E, percept, images, [5, 6], args, autocast, trace)
+        torch.testing.assert_close(trace[0], total + (lpips_weight - 1) * lpips_value, rtol=1e-5, atol=1e-6)
+
+
+def reference_inversion(G, E, percept, image, seed, steps, optimize_noise=True):
     """The official inference loop for one image, written out: Adam (0.9, 0.999) on w+ and the noise maps,
-    the learning rate set from the ramps before each step, the noise renormalised after it."""
+    the learning rate set from the ramps before each step, the noise renormalised after it; w+ alone without
+    optimize_noise."""
     w_plus = E(image).detach().clone().requires_grad_(True)
-    noise = [n.clone().requires_grad_(True) for n in invert.make_noise(G, [seed], "cpu")]
-    optimizer = torch.optim.Adam([w_plus] + noise, lr=0.1, betas=(0.9, 0.999))
+    noise = [n.clone().requires_grad_(optimize_noise) for n in invert.make_noise(G, [seed], "cpu")]
+    optimizer = torch.optim.Adam([w_plus] + (noise if optimize_noise else []), lr=0.1, betas=(0.9, 0.999))
     for i in range(steps):
         t = i / steps
         down = 0.5 - 0.5 * math.cos(min(1.0, (1 - t) / 0.25) * math.pi)
@@ -383,7 +403,7 @@ def reference_inversion(G, E, percept, image, seed, steps):
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            for n in noise:
+            for n in noise if optimize_noise else []:
                 n.sub_(n.mean()).div_(n.std())
     with torch.no_grad():
         return G(w_plus, input_is_w=True, noise=noise)[1]
@@ -397,13 +417,31 @@ def test_a_batch_inversion_follows_the_official_loop_for_each_image(bundle):
         images, _ = G(G.mean_latent(64) + 0.8 * torch.randn(2, G.n_latent, 32), input_is_w=True)
     args = parse("--steps", 8)
     autocast, _ = model.make_autocast(args, torch.device("cpu"))
-    logits, _, encoder_logits, _ = invert.invert(G, E, percept, images, [21, 22], args, autocast)
+    result = invert.invert(G, E, percept, images, [21, 22], args, autocast)
+    logits, encoder_logits = result.mask_logits, result.encoder_logits
     for k in range(2):
         want = reference_inversion(G, E, percept, images[k:k + 1], 21 + k, 8)[0]
         moved = (want - encoder_logits[k]).abs().max().item()
         # Adam normalises each coordinate's step, so float rounding in near-zero gradients grows over the steps
         # (the same image alone and in a batch differ by as much): a bound relative to how far the logits moved
         assert moved > 0.5 and (logits[k] - want).abs().max().item() < 0.02 * moved, k
+
+
+def test_with_the_noise_fixed_only_w_plus_moves_as_in_the_loop_without_noise_in_the_optimiser(bundle):
+    G, E, _ = model.load_bundle(bundle)
+    percept = losses.Perceptual("random")
+    torch.manual_seed(4)
+    with torch.no_grad():
+        images, _ = G(G.mean_latent(64) + 0.8 * torch.randn(2, G.n_latent, 32), input_is_w=True)
+    args = parse("--steps", 8, "--no-optimize-noise")
+    autocast, _ = model.make_autocast(args, torch.device("cpu"))
+    result = invert.invert(G, E, percept, images, [21, 22], args, autocast)
+    for k in range(2):
+        want = reference_inversion(G, E, percept, images[k:k + 1], 21 + k, 8, optimize_noise=False)[0]
+        optimised_noise = reference_inversion(G, E, percept, images[k:k + 1], 21 + k, 8)[0]
+        moved = (want - result.encoder_logits[k]).abs().max().item()
+        assert moved > 0.5 and (result.mask_logits[k] - want).abs().max().item() < 0.02 * moved, k
+        assert (optimised_noise - want).abs().max().item() > 0.1 * moved, k  # fixing the noise matters
 
 
 def test_a_mask_does_not_depend_on_its_batch_mates_nor_on_the_order_of_the_files(bundle, tmp_path):
@@ -542,4 +580,5 @@ def test_files_that_differ_only_in_their_extension_keep_it_and_webp_is_read(bund
     assert sorted(r["name"] for r in rows) == ["scene0.jpg", "scene0.png", "scene1"]  # both scored on scene0's mask
     (tmp_path / "split.txt").write_text("scene0\n")
     run(tmp_path / "in", "--split", tmp_path / "split.txt", "--model", bundle, "--out", tmp_path / "o2", "--steps", 0)
-    assert sorted(p for p in os.listdir(tmp_path / "o2") if "_" not in p) == ["scene0.jpg.png", "scene0.png.png"]
+    assert sorted(p for p in os.listdir(tmp_path / "o2") if p.endswith(".png") and "_" not in p) == \
+        ["scene0.jpg.png", "scene0.png.png"]

@@ -6,10 +6,12 @@ import json
 import math
 import os
 import signal
+import sys
 
 import pytest
 import torch
 
+import data
 import losses
 import model
 import train_encoder
@@ -73,6 +75,49 @@ def test_a_short_run_writes_its_outputs_and_leaves_the_generator_as_it_was(stage
     torch.testing.assert_close(E.latent_avg, bundle["mean_latent"])
 
 
+def test_model_pt_holds_the_encoders_reconstruction_errors_of_the_labeled_images(stage1, eight_steps):
+    """What invert.py flags images against: per labeled training image (the --labels 8, unaugmented), LPIPS and
+    MSE between x and G_x(E(x)) clamped to [-1, 1], E in eval mode as invert.py runs it, G's fixed noise."""
+    args, _ = train_encoder.parse_args(["--ckpt", str(stage1)] + STAGE2)
+    labeled, _, _ = data.build_datasets(args, augment=False)
+    percept = losses.Perceptual("random")
+    for name in ("model.pt", "best.pt"):
+        G, E, bundle = model.load_bundle(str(eight_steps / name))
+        stored = bundle["labeled_errors"]
+        assert stored["lpips_net"] == "random" and len(stored["lpips"]) == len(stored["mse"]) == len(labeled) == 8
+        for i in range(len(labeled)):
+            image = labeled[i][0][None]
+            with torch.no_grad():
+                reconstruction = G(E(image), input_is_w=True, randomize_noise=False)[0].clamp(-1, 1)
+            assert stored["mse"][i] == pytest.approx(((reconstruction - image) ** 2).mean().item(), rel=1e-4), i
+            assert stored["lpips"][i] == pytest.approx(percept(reconstruction, image).item(), rel=1e-4), i
+
+
+def test_tensorboard_gets_the_logged_numbers_the_validation_and_the_grids(stage1, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(stage1, tmp_path, "--iter", "4", "--snap-every", "2", "--val-every", "2", "--tensorboard")
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    for key in ("L_u", "L_s", "dice", "val_miou", "elapsed"):
+        logged = {r["step"]: r[key] for r in records if key in r}
+        assert logged and {e.step: e.value for e in events.Scalars(key)} == pytest.approx(logged, rel=1e-6), key
+    assert [e.step for e in events.Images("samples")] == [2, 4]
+
+
+def test_tensorboard_without_the_package_is_one_line(stage1, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # an import of either now fails, as when not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(SystemExit) as exit:
+        run(stage1, tmp_path, "--iter", "2", "--tensorboard")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --tensorboard needs the tensorboard package: pip install tensorboard"]
+    assert not list(tmp_path.glob("checkpoint-*")) and not list(tmp_path.glob("events.*"))
+
+
 def test_stage1_data_options_are_inherited_and_can_be_overridden(stage1):
     args, _ = train_encoder.parse_args(["--ckpt", str(stage1.parent)] + STAGE2)  # a folder: its latest checkpoint
     assert args.ckpt == str(stage1)
@@ -97,10 +142,15 @@ def test_resume_continues_exactly(stage1, eight_steps, tmp_path, monkeypatch, ca
     assert stopped.value.code == 130 and not (tmp_path / "checkpoint-00000008.pt").exists()
     monkeypatch.setattr(train_gan, "save_checkpoint", save)
     capsys.readouterr()
+    stopped = load(tmp_path / "checkpoint-00000004.pt")
+    stopped["elapsed"] = 1000.0  # as if the first four steps had taken 1000 s: the resumed run counts on from there
+    torch.save(stopped, tmp_path / "checkpoint-00000004.pt")
     run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4", "--resume", "auto")
     # a resume, not a restart that would reach the same weights: it starts at the saved step and runs 5-8 only
     assert f"resumed from {tmp_path / 'checkpoint-00000004.pt'} at step 4" in capsys.readouterr().out
-    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 9))
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(r["elapsed"] < 1000 for r in records[:4]) and all(1000 < r["elapsed"] < 1300 for r in records[4:])
     resumed, straight = load(tmp_path / "checkpoint-00000008.pt"), load(eight_steps / "checkpoint-00000008.pt")
     for key in straight["E"]:
         assert torch.equal(resumed["E"][key], straight["E"][key]), key

@@ -1,6 +1,8 @@
 """train_gan.py end to end on the demo data at 32 px with narrow networks: a short run, an exact resume,
 crash-safe checkpoints, a diverged run, bad input, and two processes under torchrun (gloo)."""
+import datetime
 import errno
+import io
 import json
 import math
 import os
@@ -63,6 +65,9 @@ def test_twenty_steps_finish_with_finite_losses_a_grid_and_a_checkpoint(twenty_s
 def test_resume_continues_exactly(twenty_steps, tmp_path):
     run(tmp_path, "--iter", "10", "--snap-kimg", "0.02")
     assert (tmp_path / "checkpoint-00000010.pt").exists() and not (tmp_path / "checkpoint-00000020.pt").exists()
+    stopped = load(tmp_path / "checkpoint-00000010.pt")
+    stopped["elapsed"] = 1000.0  # as if the first ten steps had taken 1000 s: the resumed run counts on from there
+    torch.save(stopped, tmp_path / "checkpoint-00000010.pt")
     run(tmp_path, "--iter", "20", "--snap-kimg", "0.02", "--resume", "auto")
     resumed, straight = load(tmp_path / "checkpoint-00000020.pt"), load(twenty_steps / "checkpoint-00000020.pt")
     for net in ("G", "G_ema", "D_r", "D_m"):
@@ -70,9 +75,52 @@ def test_resume_continues_exactly(twenty_steps, tmp_path):
             torch.testing.assert_close(resumed[net][name], value, rtol=1e-5, atol=1e-6, msg=f"{net}.{name}")
     torch.testing.assert_close(resumed["mean_path_length"], straight["mean_path_length"])
     assert resumed["labeled_stream"] == straight["labeled_stream"]
-    # and the resumed run logged from step 11 on
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
-    assert steps == list(range(1, 21))
+    # and the resumed run logged from step 11 on, its elapsed seconds continuing the checkpoint's
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert all(r["elapsed"] < 1000 for r in records[:10]) and all(1000 < r["elapsed"] < 1300 for r in records[10:])
+    assert resumed["elapsed"] > records[-1]["elapsed"]
+
+
+def test_every_record_has_the_wall_clock_time_and_the_elapsed_seconds(twenty_steps):
+    records = [json.loads(line) for line in open(twenty_steps / "log.jsonl")]
+    stamps = [datetime.datetime.fromisoformat(r["time"]) for r in records]  # ISO 8601 with the UTC offset
+    assert all(s.utcoffset() is not None for s in stamps) and stamps == sorted(stamps)
+    written = datetime.datetime.fromtimestamp(os.path.getmtime(twenty_steps / "log.jsonl"), datetime.timezone.utc)
+    assert abs((written - stamps[-1]).total_seconds()) < 2  # the time of the last record: when it was written
+    elapsed = [r["elapsed"] for r in records]
+    assert 0 < elapsed[0] and elapsed == sorted(elapsed)
+    # elapsed is the time since the start: between two records as much as the clock says (stamps to the second)
+    assert elapsed[-1] - elapsed[0] == pytest.approx((stamps[-1] - stamps[0]).total_seconds(), abs=1.01)
+    assert load(twenty_steps / "checkpoint-00000020.pt")["elapsed"] >= elapsed[-1]
+
+
+def test_tensorboard_gets_the_logged_numbers_and_the_sample_grids(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, "--iter", "4", "--snap-kimg", "0.004", "--tensorboard")  # a snapshot every 2 steps
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    for key in ("D_r", "G", "R1_D_r", "mask_area", "img_per_s", "elapsed"):
+        logged = {r["step"]: r[key] for r in records if key in r}
+        assert logged and {e.step: e.value for e in events.Scalars(key)} == pytest.approx(logged, rel=1e-6), key
+    grids = events.Images("samples")
+    assert [e.step for e in grids] == [2, 4]
+    shown = np.asarray(Image.open(io.BytesIO(grids[-1].encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(shown, np.asarray(Image.open(tmp_path / "samples-00000004.png").convert("RGB")))
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # an import of either now fails, as when not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path, "--iter", "2", "--tensorboard")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --tensorboard needs the tensorboard package: pip install tensorboard"]
+    assert not list(tmp_path.glob("checkpoint-*")) and not list(tmp_path.glob("events.*"))
 
 
 def test_a_checkpoint_write_killed_half_way_leaves_the_previous_one(tmp_path, monkeypatch):
@@ -541,9 +589,12 @@ def test_mask_statistics_by_hand():
     maps[0, 5:, 5:] = 1  # class 1: two regions, 4 + 9 pixels
     maps[1, 4, :] = 1  # one region, 8 pixels
     maps[2, 1:3, 1:3] = 2  # class 2 only here, 4 pixels, one region
-    area, parts = train_gan.mask_statistics(maps, 4)
-    torch.testing.assert_close(area, torch.tensor([21 / 192, 4 / 192, 0.0]))
-    assert parts[:2].tolist() == [1.5, 1.0] and math.isnan(parts[2])  # class 3 occurs nowhere
+    maps[2, 4:8, 3:8] = 3
+    maps[2, 5, 4] = maps[2, 6, 6] = 0  # two holes in class 3: the background has three regions there
+    area, parts, background = train_gan.mask_statistics(maps, 5)
+    torch.testing.assert_close(area, torch.tensor([21 / 192, 4 / 192, 18 / 192, 0.0]))
+    assert parts[:3].tolist() == [1.5, 1.0, 1.0] and math.isnan(parts[3])  # class 4 occurs nowhere
+    assert background == pytest.approx((1 + 2 + 3) / 3)  # the bar of mask 1 cuts its background in two
 
 
 def test_mask_quality_is_one_against_the_generators_own_masks_and_follows_a_shrinking_mask():
@@ -553,14 +604,14 @@ def test_mask_quality_is_one_against_the_generators_own_masks_and_follows_a_shri
         maps = model.mask_classes(G(latents, randomize_noise=False)[1])
     own = train_gan.mask_statistics(maps, 3)
     quality = train_gan.mask_quality(G, latents, 5, own)  # in chunks of 5: the same masks
-    assert quality["mask_area"].item() == pytest.approx(1.0) and quality["mask_parts"].item() == pytest.approx(1.0)
-    doubled = (own[0] * 2, own[1] / 3)  # labels twice as large and in a third of the regions
+    assert [quality[k].item() for k in ("mask_area", "mask_parts", "mask_holes")] == pytest.approx([1, 1, 1])
+    doubled = (own[0] * 2, own[1] / 3, own[2] / 4)  # labels twice as large, in a third of the regions, fewer holes
     quality = train_gan.mask_quality(G, latents, 12, doubled)
-    assert quality["mask_area"].item() == pytest.approx(0.5) and quality["mask_parts"].item() == pytest.approx(3.0)
+    assert [quality[k].item() for k in ("mask_area", "mask_parts", "mask_holes")] == pytest.approx([0.5, 3, 4])
 
 
 def test_mask_quality_is_logged_at_every_snapshot(twenty_steps):
     records = [json.loads(line) for line in open(twenty_steps / "log.jsonl")]
-    logged = {r["step"]: (r["mask_area"], r["mask_parts"]) for r in records if "mask_area" in r}
+    logged = {r["step"]: (r["mask_area"], r["mask_parts"], r["mask_holes"]) for r in records if "mask_area" in r}
     assert sorted(logged) == [10, 20]
-    assert all(math.isfinite(a) and a >= 0 and math.isfinite(p) and p >= 0 for a, p in logged.values())
+    assert all(math.isfinite(v) and v >= 0 for values in logged.values() for v in values)
