@@ -370,24 +370,37 @@ class Scores:
         return out
 
 
+def summary_rows(results, class_names, steps):
+    """The summary table as data, for print_table and the report: (column titles, rows of (label, values)),
+    a DICE and a Jaccard column for the optimised masks and for the encoder alone; None where a row has
+    no Jaccard (mIoU, DICE per patient)."""
+    kinds = [k for k in ("optimised", "encoder_only") if k in results]
+    titles = {"optimised": f"{steps} steps", "encoder_only": "encoder"}
+    columns = [f"{metric} {titles[k]}" for k in kinds for metric in ("DICE", "Jaccard")]
+    rows = []
+    for name in class_names[1:] + ["mean"]:
+        rows.append((name, [v for k in kinds for v in
+                            ((results[k]["mean_dice"], results[k]["mean_jaccard"]) if name == "mean"
+                             else (results[k]["dice"][name], results[k]["jaccard"][name]))]))
+    rows.append(("mIoU", [v for k in kinds for v in (results[k]["miou"], None)]))
+    if "dice_per_patient" in results[kinds[0]]:
+        rows.append((f"DICE per patient ({results[kinds[0]]['patients']} patients)",
+                     [v for k in kinds for v in (results[k]["dice_per_patient"], None)]))
+    return columns, rows
+
+
 def print_table(results, class_names, steps):
     """Per foreground class DICE and Jaccard, their mean, mIoU and DICE per patient; a column pair for the
     optimised masks and one for the encoder alone."""
-    kinds = [k for k in ("optimised", "encoder_only") if k in results]
-    titles = {"optimised": f"{steps} steps", "encoder_only": "encoder"}
+    columns, rows = summary_rows(results, class_names, steps)
     width = max(14, max(len(n) for n in class_names))
-    print(f"{'':<{width}}" + "".join(f"{'DICE ' + titles[k]:>18}{'Jaccard ' + titles[k]:>21}" for k in kinds))
-    for name in class_names[1:] + ["mean"]:
-        cells = ""
-        for k in kinds:
-            dice = results[k]["mean_dice"] if name == "mean" else results[k]["dice"][name]
-            jaccard = results[k]["mean_jaccard"] if name == "mean" else results[k]["jaccard"][name]
-            cells += f"{dice:>18.4f}{jaccard:>21.4f}"
-        print(f"{name:<{width}}{cells}")
-    print(f"{'mIoU':<{width}}" + "".join(f"{results[k]['miou']:>18.4f}{'':>21}" for k in kinds))
-    if "dice_per_patient" in results[kinds[0]]:
-        print(f"{'DICE/patient':<{width}}" + "".join(f"{results[k]['dice_per_patient']:>18.4f}{'':>21}" for k in kinds)
-              + f"  ({results[kinds[0]]['patients']} patients)")
+    print(f"{'':<{width}}" + "".join(f"{c:>{18 if c.startswith('DICE') else 21}}" for c in columns))
+    for name, values in rows:
+        label, patients = name, ""
+        if name.startswith("DICE per patient"):  # the patient count after the row, to keep the columns narrow
+            label, patients = "DICE/patient", "  " + name[len("DICE per patient "):]
+        cells = "".join(f"{'' if v is None else f'{v:.4f}':>{18 if i % 2 == 0 else 21}}" for i, v in enumerate(values))
+        print(f"{label:<{width}}{cells}{patients}")
 
 
 def write_metrics(out, scores, results, class_names, argv, model_path, steps, images):
@@ -533,22 +546,11 @@ def worst_first(rows, scores):
 
 def summary_html(results, class_names, steps):
     """The table print_table prints, as HTML."""
-    kinds = [k for k in ("optimised", "encoder_only") if k in results]
-    titles = {"optimised": f"{steps} steps", "encoder_only": "encoder"}
-    lines = ["<tr><th></th>" + "".join(f"<th>DICE {titles[k]}</th><th>Jaccard {titles[k]}</th>" for k in kinds)
-             + "</tr>"]
-    for name in class_names[1:] + ["mean"]:
-        cells = ""
-        for k in kinds:
-            dice = results[k]["mean_dice"] if name == "mean" else results[k]["dice"][name]
-            jaccard = results[k]["mean_jaccard"] if name == "mean" else results[k]["jaccard"][name]
-            cells += f"<td>{dice:.4f}</td><td>{jaccard:.4f}</td>"
+    columns, rows = summary_rows(results, class_names, steps)
+    lines = ["<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
+    for name, values in rows:
+        cells = "".join("<td></td>" if v is None else f"<td>{v:.4f}</td>" for v in values)
         lines.append(f"<tr><td class='text'>{html.escape(name)}</td>{cells}</tr>")
-    lines.append("<tr><td class='text'>mIoU</td>" + "".join(f"<td>{results[k]['miou']:.4f}</td><td></td>"
-                                                            for k in kinds) + "</tr>")
-    if "dice_per_patient" in results[kinds[0]]:
-        lines.append(f"<tr><td class='text'>DICE per patient ({results[kinds[0]]['patients']} patients)</td>"
-                     + "".join(f"<td>{results[k]['dice_per_patient']:.4f}</td><td></td>" for k in kinds) + "</tr>")
     return "<table>\n" + "\n".join(lines) + "\n</table>"
 
 
