@@ -66,6 +66,16 @@ def d_hinge_loss(real_outputs, fake_outputs):
     return sum(losses) / len(losses) / 2
 
 
+def d_hinge_loss_mismatched(real_outputs, fake_outputs, mismatched_outputs):
+    """L_Dm with a second kind of fake (ours, train_gan.py --dm-mismatched): real images paired with another
+    labeled image's mask. Their fake hinge and the generated pairs' share the fake half, as the mismatched
+    text of a matching-aware discriminator does (GAN-CLS, Reed et al. 2016):
+    (real hinge + (generated hinge + mismatched hinge) / 2) / 2, averaged over the scales."""
+    losses = [F.relu(1 - real[-1]).mean() + (F.relu(1 + fake[-1]).mean() + F.relu(1 + mismatched[-1]).mean()) / 2
+              for real, fake, mismatched in zip(real_outputs, fake_outputs, mismatched_outputs)]
+    return sum(losses) / len(losses) / 2
+
+
 def g_hinge_loss(fake_outputs):
     """The generator's part of L_Dm: -D_m(G(z)) averaged over patches and scales."""
     return sum(-fake[-1].mean() for fake in fake_outputs) / len(fake_outputs)

@@ -9,6 +9,8 @@ Every iteration (the official schedule, rosinality/stylegan2-pytorch as extended
  1. D_r step   L_Dr on real images (labeled and unlabeled alike) against generated images.
  2. D_m step   L_Dm on labeled pairs against generated pairs; by default as the official code, the real
                mask one-hot in {-1, +1} and the generated one as raw logits (--dm-mask).
+               Ours, --dm-mismatched: each real image with another labeled image's mask is a second kind
+               of fake (losses.d_hinge_loss_mismatched), so D_m must judge whether a mask fits its image.
                Steps 1 and 2 share one generator forward: G is frozen in both, so one batch of fakes serves
                (--no-shared-fakes draws a second batch for step 2, as the official code does).
  3. R1         every 16 steps on D_r and on D_m (gamma 10), scaled by 16 (lazy regularisation); D_m's in
@@ -161,6 +163,17 @@ def sample_z(batch, style_dim, mixing, device):
     return [torch.randn(batch, style_dim, device=device)]
 
 
+@torch.no_grad()
+def mismatched_logits_for_the_log(D_m, images, masks):
+    """D_m's outputs for each real image with the next one's mask, in eval mode: spectral norm's power
+    iteration does not advance, so measuring leaves training exactly as it was."""
+    net = unwrap(D_m)
+    net.eval()
+    outputs = _float(net(images, masks.roll(1, 0)))
+    net.train()
+    return outputs
+
+
 def train_step(step, nets, optimizers, batch, args, state, autocast):
     """One iteration of the schedule in the module docstring. Returns the losses (detached tensors)."""
     G, D_r, D_m = nets
@@ -194,11 +207,25 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
             fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
     with autocast():
         fake_pair = model.generated_pair(fake_images, fake_masks, args.dm_mask)
-        loss = losses.d_hinge_loss(_float(D_m(labeled_images, real_pair_mask)), _float(D_m(*fake_pair)))
+        real_outputs, fake_outputs = _float(D_m(labeled_images, real_pair_mask)), _float(D_m(*fake_pair))
+        if args.dm_mismatched:
+            # each real image with the next one's mask: a pair whose image is real and whose mask does not
+            # fit it, so D_m cannot tell real pairs from generated ones by the image alone
+            mismatched_outputs = _float(D_m(labeled_images, real_pair_mask.roll(1, 0)))
+            loss = losses.d_hinge_loss_mismatched(real_outputs, fake_outputs, mismatched_outputs)
+        else:
+            loss = losses.d_hinge_loss(real_outputs, fake_outputs)
+            mismatched_outputs = mismatched_logits_for_the_log(D_m, labeled_images, real_pair_mask) \
+                if step % args.r1_every == 0 else None
     opt_D_m.zero_grad(set_to_none=True)
     loss.backward()
     opt_D_m.step()
     out["D_m"] = loss.detach()
+    if mismatched_outputs is not None:
+        # does D_m care whether a mask fits its image? Its mean logit on the real pairs minus on the same
+        # images with the next one's mask, averaged over its scales: about 0 when it judges the images alone
+        out["D_m_fit"] = ((losses.d_m_score(real_outputs) - losses.d_m_score(mismatched_outputs))
+                          / len(real_outputs)).detach()
 
     # 3. lazy R1 on both discriminators. D_r's runs in fp32 whatever --precision says: under bf16 its weight
     # gradient (a double backward) is 46% off fp32's at trained weights, more than one batch differs from the
@@ -1008,6 +1035,9 @@ def build_parser():
     g.add_argument("--dm-r1", choices=["official", "per-sample"], default="official",
                    help="D_m's R1: the official score (batch-mean logits, 1/B^2 of a per-sample R1) or a "
                         "per-sample R1 with the full gamma, as D_r's")
+    g.add_argument("--dm-mismatched", action="store_true",
+                   help="ours: D_m also learns real images with another labeled image's mask as fakes, so that "
+                        "it judges whether a mask fits its image (README, issue 21)")
     g.add_argument("--shared-fakes", action=argparse.BooleanOptionalAction, default=True,
                    help="one generator forward serves the D_r and the D_m step (the official code runs two)")
     g.add_argument("--pl-mean-sync", action=argparse.BooleanOptionalAction, default=True,
@@ -1052,6 +1082,9 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.kimg is not None:
         args.iter = max(1, round(args.kimg * 1000 / (args.batch * int(os.environ.get("WORLD_SIZE", 1)))))
+    if args.dm_mismatched and args.batch < 2:
+        sys.exit("error: --dm-mismatched pairs each labeled image with another one's mask, so it needs --batch 2 "
+                 "or more (per process)")
     return args
 
 

@@ -31,6 +31,16 @@ def test_hinge_losses_by_hand():
     assert losses.g_hinge_loss(fake).item() == pytest.approx((1.5 + -0.5) / 2)
 
 
+def test_mismatched_hinge_loss_by_hand():
+    real = [[torch.tensor([0.5, 2.0])], [torch.tensor([-1.0])]]
+    fake = [[torch.tensor([-3.0, 0.0])], [torch.tensor([0.5])]]
+    mismatched = [[torch.tensor([1.0, -0.5])], [torch.tensor([-2.0])]]
+    # per scale: relu(1 - real) mean + (relu(1 + fake) mean + relu(1 + mismatched) mean) / 2
+    scale0 = (0.5 + 0.0) / 2 + ((0.0 + 1.0) / 2 + (2.0 + 0.5) / 2) / 2
+    scale1 = 2.0 + (1.5 + 0.0) / 2
+    assert losses.d_hinge_loss_mismatched(real, fake, mismatched).item() == pytest.approx((scale0 + scale1) / 2 / 2)
+
+
 def test_feature_matching_by_hand():
     real = [[torch.tensor([1.0, 2.0]), torch.tensor([[0.0, 0.0]]), torch.tensor([9.0])]]
     fake = [[torch.tensor([1.5, 1.0]), torch.tensor([[2.0, -2.0]]), torch.tensor([-9.0])]]  # logits ignored

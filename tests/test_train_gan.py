@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import losses
 import model
 import train_gan
 
@@ -246,6 +247,7 @@ def one_step(step, *extra, classes=3):
     D_m.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].detach()))
     batch = (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randint(0, classes, (2, 32, 32)))
     out = train_gan.train_step(step, (G, D_r, D_m), optimizers, batch, args, state, autocast)
+    one_step.nets = (G, D_r, D_m)
     return out, generated, seen, batch[2]
 
 
@@ -264,6 +266,38 @@ def test_d_m_is_fed_as_asked_from_one_or_two_generator_forwards(dm_mask, shared)
     assert torch.equal(real.argmax(1), masks)
     if dm_mask == "logits":
         assert fake_d.min() < 0  # raw logits, not probabilities
+
+
+@pytest.mark.parametrize("dm_mask", ["logits", "probabilities"])
+def test_dm_mismatched_shows_d_m_each_real_image_with_the_next_ones_mask_as_a_fake(dm_mask, monkeypatch):
+    judged = []
+    monkeypatch.setattr(losses, "d_hinge_loss_mismatched",
+                        lambda real, fake, mismatched: judged.append((real, fake, mismatched)) or torch.zeros((), requires_grad=True))
+    out, _, seen, masks = one_step(1, "--dm-mask", dm_mask, "--dm-mismatched")
+    real, fake_d, mismatched = seen[:3]  # D step: real, generated, then the mismatched pairs
+    assert torch.equal(mismatched, real.roll(1, 0)) and not torch.equal(mismatched, real)
+    assert torch.equal(mismatched.argmax(1), masks.roll(1, 0))
+    assert len(judged) == 1 and out["D_m"] == 0  # the D_m step's loss is the mismatched one, fed D_m's outputs
+    real_outputs, _, mismatched_outputs = judged[0]
+    assert len(real_outputs) == len(mismatched_outputs) == 3  # all of D_m's scales
+
+
+    # D_m_fit, logged: the mean logit of the real pairs minus the mismatched ones', averaged over the scales
+    fit = (losses.d_m_score(real_outputs) - losses.d_m_score(mismatched_outputs)) / 3
+    torch.testing.assert_close(out["D_m_fit"], fit)
+
+
+def test_without_dm_mismatched_d_m_sees_no_third_pair_and_d_m_fit_is_measured_without_changing_training(monkeypatch):
+    _, _, seen, _ = one_step(1)
+    assert len(seen) == 4  # D step: real, generated; G step: generated, real
+    out, _, seen, masks = one_step(4)  # an R1 step: D_m_fit is measured on the mismatched pairs
+    assert len(seen) == 6 and torch.equal(seen[2].argmax(1), masks.roll(1, 0)) and torch.isfinite(out["D_m_fit"])
+    measured = {k: v.clone() for k, v in one_step.nets[2].state_dict().items()}  # spectral norm's vectors too
+    monkeypatch.setattr(train_gan, "mismatched_logits_for_the_log", lambda *args: None)
+    out, _, _, _ = one_step(4)
+    assert "D_m_fit" not in out
+    for name, value in one_step.nets[2].state_dict().items():
+        assert torch.equal(value, measured[name]), name
 
 
 @pytest.mark.parametrize("binary", ["sigmoid", "softmax"])
