@@ -251,7 +251,7 @@ def test_one_seg_step_skips_d_r_and_the_path_length():
     autocast, _ = model.make_autocast(args, torch.device("cpu"))
     state = {"G_ema": G_ema, "mean_path_length": torch.zeros(())}
     out = train_gan.train_step(0, (G, D_r, D_m), optimizers, batch, args, state, autocast)
-    assert set(out) == {"D_m", "R1_D_m", "G", "G_m", "G_fm"} and not calls
+    assert set(out) == {"D_m", "D_m_fit", "R1_D_m", "G", "G_m", "G_fm"} and not calls
     # no gradient was even computed for a frozen parameter: the G step's backward stops at tSeg
     assert [n for n, p in G.named_parameters() if p.grad is not None and not n.startswith("t_seg.")] == []
     assert all(p.grad is None for p in D_r.parameters())
