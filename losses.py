@@ -70,10 +70,9 @@ def d_hinge_loss_mismatched(real_outputs, fake_outputs, mismatched_outputs):
     """L_Dm with a second kind of fake (ours, train_gan.py --dm-mismatched): real images paired with another
     labeled image's mask. Their fake hinge and the generated pairs' share the fake half, as the mismatched
     text of a matching-aware discriminator does (GAN-CLS, Reed et al. 2016):
-    (real hinge + (generated hinge + mismatched hinge) / 2) / 2, averaged over the scales."""
-    losses = [F.relu(1 - real[-1]).mean() + (F.relu(1 + fake[-1]).mean() + F.relu(1 + mismatched[-1]).mean()) / 2
-              for real, fake, mismatched in zip(real_outputs, fake_outputs, mismatched_outputs)]
-    return sum(losses) / len(losses) / 2
+    (real hinge + (generated hinge + mismatched hinge) / 2) / 2, averaged over the scales: the mean of
+    d_hinge_loss against either kind."""
+    return (d_hinge_loss(real_outputs, fake_outputs) + d_hinge_loss(real_outputs, mismatched_outputs)) / 2
 
 
 def g_hinge_loss(fake_outputs):

@@ -280,8 +280,6 @@ def test_dm_mismatched_shows_d_m_each_real_image_with_the_next_ones_mask_as_a_fa
     assert len(judged) == 1 and out["D_m"] == 0  # the D_m step's loss is the mismatched one, fed D_m's outputs
     real_outputs, _, mismatched_outputs = judged[0]
     assert len(real_outputs) == len(mismatched_outputs) == 3  # all of D_m's scales
-
-
     # D_m_fit, logged: the mean logit of the real pairs minus the mismatched ones', averaged over the scales
     fit = (losses.d_m_score(real_outputs) - losses.d_m_score(mismatched_outputs)) / 3
     torch.testing.assert_close(out["D_m_fit"], fit)
