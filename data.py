@@ -86,6 +86,7 @@ import signal
 import statistics
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -419,10 +420,11 @@ def list_images(folder, exclude=(), others=None):
     return found
 
 
-def files_by_name(folder):
-    """{NAME: path} for the images under `folder`; NAME is the path inside it without the extension."""
+def files_by_name(folder, exclude=()):
+    """{NAME: path} for the images under `folder` (minus the `exclude` folders); NAME is the path inside it
+    without the extension."""
     by_name = {}
-    for path in list_images(folder):
+    for path in list_images(folder, exclude):
         name = path.relative_to(folder).with_suffix("").as_posix()
         if name in by_name:
             raise DataError(f"{path}: two files named {name} ({by_name[name].name} and {path.name}); "
@@ -475,7 +477,9 @@ def read_split_file(path):
     if not file.is_file():
         raise DataError(f"{file}: split file not found; write one NAME per line, or make one with "
                         "`python data.py split`")
-    names = [line.split("#")[0].strip() for line in file.read_text().splitlines()]
+    # surrogateescape: the names are file names, whatever bytes they hold (data.py split writes them so)
+    text = file.read_text(encoding="utf-8", errors="surrogateescape")
+    names = [line.split("#")[0].strip() for line in text.splitlines()]
     names = [re.sub(r"\.(png|jpe?g|bmp|tiff?)$", "", n, flags=re.IGNORECASE) for n in names if n]
     if not names:
         raise DataError(f"{file}: split file lists no names")
@@ -1101,6 +1105,9 @@ class InfiniteLoader:
     ranks by DistributedSampler, incomplete batches dropped; a dataset smaller than one global batch is
     repeated (as the official code does), so that --labels 9 with batch 16 works.
 
+    `indices` are the dataset indices of the batch last yielded: a dataset smaller than a global batch
+    repeats its samples, and the indices tell which ones are the same image.
+
     state_dict() is (epoch, batch within the epoch); a loader given it yields the very batches an
     uninterrupted one would have yielded next. Batches are collated by the default collate: labeled
     datasets give (images [B, C, R, R], masks [B, R, R]), unlabeled ones images [B, C, R, R].
@@ -1125,7 +1132,8 @@ class InfiniteLoader:
         self.workers = default_workers(world_size) if workers is None else workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.epoch, self.batch = 0, 0
-        self.batches = None
+        self.batches = self.keys = None
+        self.indices = None  # the dataset indices of the last batch: which samples are the same image
 
     def __iter__(self):
         return self
@@ -1141,6 +1149,8 @@ class InfiniteLoader:
                                            pin_memory=self.pin_memory, generator=torch.Generator(),
                                            collate_fn=collate_replaced if self.replaces else None,
                                            worker_init_fn=leave_signals_to_the_main_process))
+            self.keys = iter(KeyBatches(self.dataset_length, self.length, self.batch_size, self.seed, self.rank,
+                                        self.world_size, self.epoch, self.batch))  # the same keys, in order
         try:
             batch, message = next(self.batches), None
         except DataError as error:  # from a worker it comes wrapped in a traceback: keep the one line
@@ -1157,6 +1167,7 @@ class InfiniteLoader:
         if message is not None:  # raised out here, so that no traceback keeps the workers alive
             self.close()
             raise DataError(message)
+        self.indices = torch.tensor([index for index, _ in next(self.keys)])
         self.batch += 1
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
@@ -1164,7 +1175,7 @@ class InfiniteLoader:
 
     def close(self):
         """Stop the worker processes (the next batch starts new ones where the stream stands)."""
-        self.batches = None
+        self.batches = self.keys = None
 
     def new_unreadable(self):
         """[(path, reason)] of the files replaced since the last call (called every step: cheap when none)."""
@@ -1218,11 +1229,32 @@ def image_to_uint8(image):
 def save_png(pixels, path):
     """An image (uint8 array or Pillow image) as PNG, written to a temporary name and then renamed: a run
     killed mid-write never leaves a truncated file under the final name, which a resumed run would take
-    for a finished one."""
+    for a finished one. The temporary name is short and hidden, so that it neither outgrows the file
+    system's name limit before the final name does nor is read as an image."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    (pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)).save(partial, format="PNG")
-    os.replace(partial, path)
+    partial = path.with_name(f".{uuid.uuid4().hex[:12]}.partial")
+    try:
+        (pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)).save(partial, format="PNG")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs beside inputs: the checks every command that writes makes, so that none writes over what it reads
+
+
+def inside(path, folder):
+    """True when `path` is `folder` or lies under it, symlinks followed."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def printable(text):
+    """A file name as text that prints and goes into UTF-8 files: bytes that are not UTF-8 (Python holds
+    them as surrogates, PEP 383) are shown as \\xNN."""
+    return os.fsencode(str(text)).decode("utf-8", "backslashreplace")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1273,6 +1305,11 @@ class Checked(Dataset):
 def command_show(args):
     """A grid: per sample the image, the image with its mask laid over it, and the mask."""
     args.augment = args.augment and args.show_augmented
+    if Path(args.out).exists():
+        raise DataError(f"--out {args.out} exists; pass another file name (or remove it)")
+    if args.data != "demo" and inside(args.out, args.data):
+        raise DataError(f"--out {args.out} lies inside --data, where the grid would be read as an image; pass a "
+                        "file outside the data")
     labeled, unlabeled, info = build_datasets(args, augment=None if args.show_augmented else False)
     rows = []
     if labeled is not None:
@@ -1335,9 +1372,13 @@ def command_split(args):
     parts = {"test": order[:test_count], "val": order[test_count:test_count + val_count],
              "train": order[test_count + val_count:]}
     out = Path(args.out)
+    existing = [out / f"{part}.txt" for part in parts if (out / f"{part}.txt").exists()]
+    if existing:  # runs may name it: a split is never redrawn under their feet
+        raise DataError(f"{existing[0]} exists; pass another --out (or remove the old split files first)")
     out.mkdir(parents=True, exist_ok=True)
     for part, chosen in parts.items():
-        (out / f"{part}.txt").write_text("".join(f"{n}\n" for n in sorted(chosen)))
+        (out / f"{part}.txt").write_text("".join(f"{n}\n" for n in sorted(chosen)), encoding="utf-8",
+                                         errors="surrogateescape")
     print(f"wrote {out}/train.txt ({len(parts['train'])}), val.txt ({len(parts['val'])}), "
           f"test.txt ({len(parts['test'])}) from {len(names)} pairs, seed {args.seed}")
 
@@ -1347,6 +1388,8 @@ def command_demo(args):
     training never saw, to segment and score."""
     demo = DemoDataset(args.resolution, args.channels, args.num_classes, args.count, args.seed)
     out = Path(args.out)
+    if any(any((out / part).iterdir()) for part in ("images", "masks") if (out / part).is_dir()):
+        raise DataError(f"{out} already holds a data set; pass a new or empty folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for index in range(args.count):

@@ -6,7 +6,9 @@ G_ema draws image/mask pairs; they are written in the folder format of data.py (
 masks/NAME.png, pixel = class), so that any segmentation network can train on them, this project's
 included. Pair i comes from its own seed (--seed and i): its latent z and its noise maps, so a pair does not
 depend on the batch it was drawn in, and a stopped run continues where it stopped (pairs whose two files
-exist are skipped). --truncation 0.7 pulls every w towards the mean latent (typical, cleaner pairs);
+exist are skipped); OUT/generate.json records the generator (a checksum of its weights), the seed and the
+truncation, and a run with others into the same OUT is refused, as is an OUT with images of another origin.
+--truncation 0.7 pulls every w towards the mean latent (typical, cleaner pairs);
 --truncation 1 keeps G's full diversity. The mask is the argmax of the mask logits (one class: logit > 0).
 
 Needs: model.py (the networks, reading a checkpoint or model.pt) and data.py (writing PNGs); never the
@@ -14,6 +16,8 @@ training scripts.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,7 +30,11 @@ import model
 
 
 def load_any_generator(path, device):
-    """G_ema of a stage-1 checkpoint, of a model.pt, or of an official SemanticGAN checkpoint."""
+    """G_ema of a stage-1 checkpoint, of a model.pt, or of an official SemanticGAN checkpoint; `path` may be a
+    run folder: a train_encoder.py one (its model.pt) or a train_gan.py one (its latest checkpoint)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt") if os.path.isfile(os.path.join(path, "model.pt")) \
+            else model.resolve_checkpoint(path)
     if not os.path.isfile(path):
         raise model.CheckpointError(f"{path}: no such file; pass --ckpt a train_gan.py checkpoint or a model.pt")
     ckpt = model.load_checkpoint(path, "pass --ckpt a complete train_gan.py checkpoint or a model.pt")
@@ -59,10 +67,44 @@ def image_pixels(image):
     return pixels[..., 0] if pixels.shape[2] == 1 else pixels
 
 
+def fingerprint(G):
+    """A checksum of the generator's weights: the same generator whatever file it was read from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(G.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_settings(out, settings):
+    """OUT holds the pairs of one setting (generator, seed, truncation): a run continues a folder that
+    OUT/generate.json says was drawn with the same, and refuses one drawn with another, or one whose images
+    or masks generate.py did not write (no generate.json): continuing it would mix two data sets."""
+    record = out / "generate.json"
+    if record.is_file():
+        try:
+            earlier = json.loads(record.read_text())
+        except ValueError:
+            raise data.DataError(f"{record} is not a settings file of generate.py; pass another --out") from None
+        different = [f"{k} {earlier.get(k)}, not {v}" for k, v in settings.items() if k != "ckpt" and earlier.get(k) != v]
+        if different:
+            raise data.DataError(f"--out {out} holds pairs drawn with other settings ({'; '.join(different)}; "
+                                 f"{record}): pass the same to continue them, or another --out")
+    elif any(any((out / part).iterdir()) for part in ("images", "masks") if (out / part).is_dir()):
+        raise data.DataError(f"--out {out} holds images or masks that generate.py did not write (no {record.name}): "
+                             "pass a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def generate(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    G = load_any_generator(args.ckpt, device)
     out = Path(args.out)
+    if data.inside(args.ckpt, out):
+        raise data.DataError(f"--out {out} holds --ckpt {args.ckpt}; pass an --out that does not")
+    G = load_any_generator(args.ckpt, device)
+    check_settings(out, {"generator": fingerprint(G), "seed": args.seed, "truncation": args.truncation,
+                         "mean_samples": args.mean_samples, "ckpt": data.printable(args.ckpt)})
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     name = lambda i: f"{i:06d}.png"  # noqa: E731
@@ -88,8 +130,8 @@ def generate(args):
 def build_parser():
     p = data.ArgumentParser(description="Write image/mask pairs drawn from G_ema in the folder format.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a train_gan.py checkpoint, a model.pt, or a checkpoint of the "
-                   "official train_seg_gan.py")
+    p.add_argument("--ckpt", required=True, help="a train_gan.py checkpoint or run folder (its latest checkpoint), a "
+                   "model.pt or train_encoder.py run folder, or a checkpoint of the official train_seg_gan.py")
     p.add_argument("--n", type=data.POSITIVE_INT, default=20000, help="pairs")
     p.add_argument("--truncation", type=data.NON_NEGATIVE, default=0.7,
                    help="1 = no truncation (the most diverse pairs), 0 = the mean latent's pair")
@@ -106,7 +148,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         generate(args)
-    except model.CheckpointError as e:
+    except (model.CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OSError as e:  # disk full, --out not writable

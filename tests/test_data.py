@@ -588,3 +588,34 @@ def test_colour_mask_background_black_classes_distinct_and_cycling():
     assert len({tuple(c) for c in flat[1:20]}) == 19               # 19 distinct colours for classes 1..19
     assert not (flat[1:] == 0).all(axis=1).any()                  # no foreground class is black
     assert (flat[20:39] == flat[1:20]).all()                      # then they repeat, 20 after 19
+
+
+# ----------------------------------------------------------------------------------------------------
+# The commands never write over what is there
+
+
+def test_split_keeps_names_that_are_not_utf8_and_never_redraws_a_split(tmp_path, capsys):
+    make_labeled(tmp_path / "lab", count=4, size=8)
+    odd = os.fsdecode(b"lung_\xe9")
+    for part in ("images", "masks"):
+        os.replace(tmp_path / "lab" / part / "img0.png", tmp_path / "lab" / part / f"{odd}.png")
+    code, _, err = run_main(capsys, ["split", "--data", tmp_path / "lab", "--out", tmp_path / "split", "--val", 0,
+                                     "--test", 0])
+    assert code == 0, err
+    assert data.read_split_file(tmp_path / "split" / "train.txt") == sorted([odd, "img1", "img2", "img3"])
+    labeled, _, _ = data.build_datasets(parse(["--data", tmp_path / "lab", "--split", tmp_path / "split/train.txt"]))
+    assert len(labeled) == 4
+    kept = (tmp_path / "split" / "train.txt").read_bytes()
+    code, _, err = run_main(capsys, ["split", "--data", tmp_path / "lab", "--out", tmp_path / "split", "--seed", 1])
+    assert code == 2 and ".txt exists; pass another --out" in err and (tmp_path / "split" / "train.txt").read_bytes() == kept
+
+
+def test_show_and_demo_never_write_over_a_file_nor_into_the_data(tmp_path, capsys):
+    make_labeled(tmp_path / "lab", count=2, size=8)
+    before = {p: p.read_bytes() for p in (tmp_path / "lab").rglob("*") if p.is_file()}
+    for out in (tmp_path / "lab" / "images" / "img0.png", tmp_path / "lab" / "grid.png"):
+        code, _, err = run_main(capsys, ["show", "--data", tmp_path / "lab", "--resolution", 8, "--out", out])
+        assert code == 2 and err.startswith("error: --out"), err
+    code, _, err = run_main(capsys, ["demo", tmp_path / "lab", "--count", 2, "--resolution", 8])
+    assert code == 2 and "already holds a data set" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "lab").rglob("*") if p.is_file()} == before

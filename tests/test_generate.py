@@ -82,9 +82,51 @@ def test_a_run_killed_mid_write_leaves_no_truncated_pair(stage1, tmp_path, monke
     with pytest.raises(SystemExit) as stop:
         generate.main(["--ckpt", stage1, "--n", "3", "--batch", "3", "--out", str(tmp_path)])
     assert stop.value.code == 130 and "run the same command again" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "masks")) == ["000000.png", "000001.png.partial"]
+    assert sorted(os.listdir(tmp_path / "masks")) == ["000000.png"]  # and no partial file left
     monkeypatch.undo()
     generate.main(["--ckpt", stage1, "--n", "3", "--batch", "3", "--out", str(tmp_path)])
     assert "generating 2 of 3 pairs" in capsys.readouterr().out  # pair 1 was not taken for finished
     for i in range(3):
         data.load_mask(tmp_path / f"masks/{i:06d}.png")  # every mask decodes
+
+
+def test_a_run_folder_is_taken_as_every_other_script_takes_it(stage1, tmp_path):
+    run_folder = os.path.dirname(stage1)
+    generate.main(["--ckpt", run_folder, "--n", "2", "--out", str(tmp_path / "from_folder")])
+    generate.main(["--ckpt", stage1, "--n", "2", "--out", str(tmp_path / "from_file")])
+    for part in ("images", "masks"):
+        for name in ("000000.png", "000001.png"):
+            assert (tmp_path / "from_folder" / part / name).read_bytes() == \
+                (tmp_path / "from_file" / part / name).read_bytes()
+
+
+def one_line(capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        generate.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_an_out_of_other_settings_or_other_files_is_refused_and_left_as_it_is(stage1, tmp_path, capsys):
+    out = tmp_path / "synth"
+    generate.main(["--ckpt", stage1, "--n", "2", "--out", str(out), "--truncation", "0.7"])
+    before = {p: p.read_bytes() for p in out.rglob("*.png")}
+    for other in (["--truncation", "1"], ["--seed", "5"]):
+        line = one_line(capsys, ["--ckpt", stage1, "--n", "3", "--out", str(out)] + other)
+        assert "other settings" in line and "generate.json" in line
+    other_generator = tmp_path / "other" / "checkpoint-00000001.pt"
+    other_generator.parent.mkdir()
+    ckpt = torch.load(stage1, weights_only=True)
+    ckpt["G_ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["G_ema"].items()}
+    torch.save(ckpt, other_generator)
+    assert "generator" in one_line(capsys, ["--ckpt", str(other_generator), "--n", "3", "--out", str(out)])
+    assert {p: p.read_bytes() for p in out.rglob("*.png")} == before
+    generate.main(["--ckpt", stage1, "--n", "3", "--out", str(out)])  # the same settings: it continues
+    assert "generating 1 of 3 pairs" in capsys.readouterr().out
+    # a labeled folder of the user's: not generate.py's
+    labeled = tmp_path / "mine"
+    (labeled / "images").mkdir(parents=True)
+    (labeled / "images" / "000000.png").write_bytes(before[out / "images" / "000000.png"])
+    assert "did not write" in one_line(capsys, ["--ckpt", stage1, "--n", "2", "--out", str(labeled)])
+    assert "holds --ckpt" in one_line(capsys, ["--ckpt", stage1, "--n", "2", "--out", os.path.dirname(stage1)])
