@@ -18,6 +18,13 @@ line counts them. A release without any mask is written as an unlabeled set. An 
 keeps its size (or goes onto its mask's grid where the two differ) unless --size N squares both at N px
 (--fit, as in data.py; masks with nearest neighbours).
 
+What is read is checked to be the release named, so that another set in SRC is refused rather than
+converted into nonsense: a binary mask (the chest X-ray and skin sets) holds 0 and one other value, with
+at most 1% of its pixels in between (an anti-aliased edge); a chest X-ray is grey; ChestX-ray14 takes only
+files named like its own. OUT must be a new or empty folder, apart from SRC: an OUT that is SRC or inside
+it, an OUT/images or OUT/masks that SRC lies in, or an OUT that already holds images or masks is refused
+before anything is written, since the writer would replace files it did not create.
+
 The releases (NAME), and the layout each expects under SRC (its converter's docstring says more):
 
   celebamask    CelebAMask-HQ (Lee et al., CVPR 2020), original release: CelebA-HQ-img/N.jpg and
@@ -36,7 +43,7 @@ The releases (NAME), and the layout each expects under SRC (its converter's docs
   nih           NIH chest X-rays with lung masks (Tang et al., XLSor, 2019): **/images/NAME.png and
                 **/masks/NAME.png (or NAME_mask.png); lungs = class 1
   chestxray14   ChestX-ray14 (Wang et al. 2017), the unlabeled X-ray pool: the PNGs of images_0XX.tar.gz
-                anywhere under SRC
+                (NNNNNNNN_NNN.png) anywhere under SRC; other PNGs are left out and counted
   isic2018      ISIC 2018 task 1 (Codella et al. 2019): **/ISIC_N.jpg and **/ISIC_N_segmentation.png;
                 lesion = class 1
   ph2           PH2 (Mendonca et al. 2013): **/IMDn/IMDn_Dermoscopic_Image/IMDn.bmp and
@@ -157,18 +164,44 @@ def skipped_note(no_mask, no_image, extra=""):
     return f"; left out {', '.join(parts)}" if parts else ""
 
 
+def release_image(path, channels, what):
+    """An image of release `what` as data.load_image reads it. A grey release (channels 1: the chest X-ray
+    sets) refuses a colour image rather than turn it grey: colour means SRC holds another set (faces, skin)."""
+    if channels == 1 and not data.looks_grayscale(path):
+        raise data.DataError(f"{path}: a colour image; chest X-rays are grey: is SRC the {what} release?")
+    return data.load_image(path, channels)
+
+
+def release_binary_mask(path, what, class_name):
+    """A binary mask of release `what` as bool [H, W], any non-zero pixel = the class (as data.binary_mask).
+    A released binary mask holds 0 and one other value (255 or 1), with at most a thin anti-aliased edge
+    in between; more in-between pixels than 1% mean a class-index map of another set (a face's 19 parts),
+    which would otherwise become one big foreground, so it is refused."""
+    image = data.decode(data.open_image_file(path), path)
+    if image.mode in ("P", "PA"):  # through the palette's colours: in a GIF black need not be index 0
+        image = image.convert("L")
+    values = data.mask_values(image, path)
+    top = int(values.max()) if values.size else 0
+    if np.count_nonzero((values > 0) & (values < top)) > 0.01 * values.size:
+        found = np.unique(values)  # only on the way out: the check above is the cheap one
+        raise data.DataError(f"{path}: holds {found.size} values {found[0]}..{found[-1]}; a {class_name} mask of "
+                             f"the {what} release has two values (0 and 255 or 1); is SRC the {what} release?")
+    return values > 0
+
+
 def write_binary_set(src, out, options, images, masks, what, layout, channels, class_name):
-    """The common case: images and binary masks (any non-zero pixel = class 1) matched by name."""
+    """The common case: images and binary masks (any non-zero pixel = class 1) matched by name, each
+    checked to be what the release holds (release_image, release_binary_mask)."""
     writer = DatasetWriter(out, options.size, options.fit)
     pairs, no_mask, no_image = match_pairs(images, masks, src, what, layout)
     if pairs is None:
         for name in sorted(images):
-            writer.image(name, data.load_image(images[name], channels))
+            writer.image(name, release_image(images[name], channels, what))
         return writer.summary(what, " (no masks found: an unlabeled set)")
     writer.classes(["background", class_name])
     for name, image_path, mask_source in pairs:
-        mask = mask_source() if callable(mask_source) else data.binary_mask(mask_source)
-        writer.pair(name, data.load_image(image_path, channels), mask)
+        mask = mask_source() if callable(mask_source) else release_binary_mask(mask_source, what, class_name)
+        writer.pair(name, release_image(image_path, channels, what), mask)
     return writer.summary(what, skipped_note(no_mask, no_image))
 
 
@@ -341,7 +374,7 @@ def convert_jsrt(src, out, options):
                 missing = "right" if "left lung" in files else "left"
                 raise data.DataError(f"{next(iter(files.values()))}: no {missing}-lung mask of the same name; "
                                      "re-download SCR")
-            left, right = (data.binary_mask(files[s]) for s in ("left lung", "right lung"))
+            left, right = (release_binary_mask(files[s], "jsrt", "lung") for s in ("left lung", "right lung"))
             return left | right
         return union
 
@@ -387,7 +420,7 @@ def convert_montgomery(src, out, options):
             sides.setdefault(path.stem, {})[side] = path
 
     def union(files):
-        return lambda: np.logical_or.reduce([data.binary_mask(p) for p in files.values()])
+        return lambda: np.logical_or.reduce([release_binary_mask(p, "montgomery", "lung") for p in files.values()])
 
     masks = {name: union(files) for name, files in sides.items()}
     layout = "SRC/**/CXR_png/NAME.png and SRC/**/ManualMask/leftMask|rightMask/NAME.png"
@@ -418,21 +451,39 @@ convert_nih.__doc__ = """NIH chest X-rays with lung masks (the ChestX-ray8 image
     by name (NAME.png or NAME_mask.png). Lungs become class 1."""
 
 
+# ChestX-ray14's file names: patient number, underscore, follow-up number (00000001_000.png).
+CHESTXRAY14_NAME = re.compile(r"\d{8}_\d{3}")
+
+
+def chestxray14_pngs(src):
+    """The PNGs under SRC named like ChestX-ray14's, and how many other PNGs were left out: the pool takes
+    every file it finds, so a labeled folder's masks (or another set) must not slip into it."""
+    pngs = find(src, lambda p: p.suffix.lower() == ".png")
+    if not pngs:
+        raise data.DataError(f"{src}: no PNG images found; extract images_0XX.tar.gz under it first")
+    named = [p for p in pngs if CHESTXRAY14_NAME.fullmatch(p.stem)]
+    if not named:
+        raise data.DataError(f"{pngs[0]}: not named like ChestX-ray14's NNNNNNNN_NNN.png (e.g. 00000001_000.png), "
+                             f"nor is any of the {len(pngs)} PNGs under SRC; is this the ChestX-ray14 release?")
+    return named, len(pngs) - len(named)
+
+
 def convert_chestxray14(src, out, options):
     """ChestX-ray14 (NIH, Wang et al. 2017) as the unlabeled pool: the PNGs of images_001.tar.gz ...
-    images_012.tar.gz, extracted anywhere under SRC (images/00000001_000.png, 1024 x 1024). Written as
+    images_012.tar.gz, extracted anywhere under SRC (images/00000001_000.png, 1024 x 1024). Only PNGs
+    named NNNNNNNN_NNN.png are taken (the others are counted), and a colour one is refused. Written as
     8-bit grey (a few of them are RGBA: alpha is dropped). No masks."""
+    named, others = chestxray14_pngs(src)
     images = {}
-    for path in find(src, lambda p: p.suffix.lower() == ".png"):
+    for path in named:
         if path.stem in images:
             raise data.DataError(f"{path}: a second file named {path.name} (also {images[path.stem]}); remove one")
         images[path.stem] = path
-    if not images:
-        raise data.DataError(f"{src}: no PNG images found; extract images_0XX.tar.gz under it first")
     writer = DatasetWriter(out, options.size, options.fit)
     for name in sorted(images):
-        writer.image(name, data.load_image(images[name], 1))
-    return writer.summary("chestxray14")
+        writer.image(name, release_image(images[name], 1, "chestxray14"))
+    note = f"{others} PNGs not named like ChestX-ray14's NNNNNNNN_NNN.png" if others else ""
+    return writer.summary("chestxray14", skipped_note(0, 0, note))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -754,12 +805,34 @@ CONVERTERS = {
 # The command
 
 
+def check_out(src, out):
+    """Refuse an OUT the writer would write release files over, before anything is written: SRC itself or
+    a folder inside it, an OUT/images or OUT/masks that SRC lies in, or an OUT that already holds a data
+    set (the writer replaces files of the same name it did not create). Paths are compared resolved, so a
+    symlink to SRC is SRC."""
+    if data.inside(out, src):
+        raise data.DataError(f"{out}: OUT is SRC ({src}) or inside it; converting would write into the release: "
+                             "pass an OUT outside SRC")
+    for folder in ("images", "masks"):
+        if data.inside(src, out / folder):
+            raise data.DataError(f"{src}: SRC lies in {out / folder}, where the converter writes; pass an OUT "
+                                 "elsewhere")
+    if out.exists() and not out.is_dir():
+        raise data.DataError(f"{out}: OUT is a file; pass a new or empty folder")
+    for folder in ("images", "masks"):
+        count = sum(1 for p in (out / folder).rglob("*") if p.is_file())
+        if count:
+            raise data.DataError(f"{out}: OUT already holds a data set ({count} files in {out / folder}); pass a "
+                                 "new or empty folder")
+
+
 def convert(args):
     """Run the converter of release `args.name` on the folder `args.src`, writing `args.out`; print its summary."""
-    src = Path(args.src)
+    src, out = Path(args.src), Path(args.out)
     if not src.is_dir():
         raise data.DataError(f"{src}: no such folder; pass the folder the {args.name} release was extracted to")
-    print(CONVERTERS[args.name](src, Path(args.out), args))
+    check_out(src, out)
+    print(CONVERTERS[args.name](src, out, args))
 
 
 def parse_window(text):

@@ -4,6 +4,7 @@ Also the JSRT .IMG reader on files this test writes byte by byte, and the NIfTI 
 liver sets, written here with nibabel and pydicom in other orientations than the canonical one. Those two
 packages are optional (only the lits and chaos converters need them): the tests that write volumes skip
 themselves without them, the others run."""
+import hashlib
 import sys
 
 import numpy as np
@@ -191,6 +192,74 @@ def test_chestxray14_writes_grey_images_from_nested_folders(capsys, tmp_path):
     assert Image.open(out / "images/00000002_001.png").mode == "L"
     labeled, unlabeled, info = data.build_datasets(_args(out))
     assert labeled is None and len(unlabeled) == 2 and info["channels"] == 1
+
+
+def test_chestxray14_refuses_a_labeled_folder_named_otherwise(capsys, tmp_path):
+    src = tmp_path / "JSRT"  # a labeled folder: its masks must not become X-rays of the pool
+    save(src / "images/JPCLN001.png", np.full((8, 8), 77, np.uint8))
+    save(src / "masks/JPCLN001.png", blob_mask((8, 8), 2, 2, 4, 4) // 255)
+    code, _, err = run_prepare(capsys, ["chestxray14", src, tmp_path / "out"])
+    assert_one_error_line(code, err, "JPCLN001.png", "NNNNNNNN_NNN.png", "is this the ChestX-ray14 release?")
+    assert not (tmp_path / "out").exists()
+
+
+def test_chestxray14_takes_only_its_names_and_counts_the_others(capsys, tmp_path):
+    src, out = tmp_path / "cxr14", tmp_path / "out"
+    save(src / "images/00000001_000.png", np.full((8, 8), 77, np.uint8))
+    save(src / "images/00000001_000_mask.png", blob_mask((8, 8), 2, 2, 4, 4))
+    save(src / "images/0000001_000.png", np.full((8, 8), 9, np.uint8))  # 7 digits
+    save(src / "other/JPCLN001.png", np.full((8, 8), 5, np.uint8))
+    stdout = convert(capsys, "chestxray14", src, out)
+    assert written(out) == ["00000001_000"]
+    assert "1 unlabeled images" in stdout and "left out 3 PNGs not named like ChestX-ray14's NNNNNNNN_NNN.png" in stdout
+    save(src / "images/00000002_000.png", rgb_noise(8, 0))  # a colour image among them
+    code, _, err = run_prepare(capsys, ["chestxray14", src, tmp_path / "out2"])
+    assert_one_error_line(code, err, "00000002_000.png", "a colour image; chest X-rays are grey")
+
+
+def face_like(src, image, mask):
+    """A folder in the nih layout holding `image` and `mask` for two names."""
+    for name in ("0", "1"):
+        save(src / f"images/{name}.png", image)
+        save(src / f"masks/{name}.png", mask)
+    return src
+
+
+def test_nih_refuses_face_images_and_class_index_masks(capsys, tmp_path):
+    face_mask = (np.arange(19 * 19) % 19).astype(np.uint8).reshape(19, 19)  # values 0..18, a face's parts
+    grey, binary = np.full((19, 19), 90, np.uint8), blob_mask((19, 19), 4, 4, 9, 9)
+    faces = face_like(tmp_path / "faces", rgb_noise(19, 0), face_mask)
+    grey_faces = face_like(tmp_path / "grey", grey, face_mask)
+    colour_lungs = face_like(tmp_path / "colour", rgb_noise(19, 1), binary)
+    for src, expected in ((faces, ["is SRC the nih release?"]),
+                          (grey_faces, ["0.png", "holds 19 values 0..18", "a lung mask of the nih release has two"]),
+                          (colour_lungs, ["0.png", "a colour image; chest X-rays are grey: is SRC the nih release?"])):
+        code, _, err = run_prepare(capsys, ["nih", src, tmp_path / "out"])
+        assert_one_error_line(code, err, *expected)
+        assert not (tmp_path / "out/images").exists()  # refused before the first image is written
+    save(tmp_path / "unlabeled/images/0.png", rgb_noise(19, 2))
+    code, _, err = run_prepare(capsys, ["nih", tmp_path / "unlabeled", tmp_path / "out"])
+    assert_one_error_line(code, err, "0.png", "a colour image")
+    jsrt = tmp_path / "jsrt"  # jsrt's GIF masks get the same check
+    write_jsrt(jsrt / "JPCLN001.IMG", np.zeros((38, 38)))
+    save(jsrt / "left lung/JPCLN001.gif", face_mask)
+    save(jsrt / "right lung/JPCLN001.gif", face_mask)
+    code, _, err = run_prepare(capsys, ["jsrt", jsrt, tmp_path / "out"])
+    assert_one_error_line(code, err, "JPCLN001.gif", "holds 19 values 0..18", "is SRC the jsrt release?")
+
+
+def test_binary_mask_with_an_anti_aliased_edge_is_accepted(capsys, tmp_path):
+    src, out = tmp_path / "NIH", tmp_path / "out"
+    mask = blob_mask((20, 20), 5, 5, 10, 10)
+    mask[4, 5:9] = 128  # 4 of 400 pixels (1%) between 0 and 255
+    save(src / "images/00000001_000.png", np.full((20, 20), 50, np.uint8))
+    save(src / "masks/00000001_000.png", mask)
+    convert(capsys, "nih", src, out)
+    assert np.array_equal(read(out / "masks/00000001_000.png"), (mask > 0).astype(np.uint8))
+    mask[4, 9] = 128  # one more: 5 pixels, over 1%
+    save(src / "masks/00000001_000.png", mask)
+    code, _, err = run_prepare(capsys, ["nih", src, tmp_path / "out2"])
+    assert_one_error_line(code, err, "00000001_000.png", "holds 3 values 0..255")
 
 
 def _args(folder, *extra):
@@ -444,21 +513,21 @@ def test_chaos_pairs_in_acquisition_order_numbers_by_position_keeps_liver_only(c
 
 
 def test_chaos_without_positions_keeps_acquisition_order(capsys, tmp_path):
-    t1 = tmp_path / "MR/1/T1DUAL"
+    t1 = tmp_path / "src/MR/1/T1DUAL"
     for k in range(3):
         write_dicom(t1 / f"DICOM_anon/InPhase/IMG-{9 - k}.dcm", np.full((2, 3), 10 * k, np.uint16), k + 1,
                     orientation=None)
-    stdout = convert(capsys, "chaos", tmp_path, tmp_path / "out", "--phase", "in")
+    stdout = convert(capsys, "chaos", tmp_path / "src", tmp_path / "out", "--phase", "in")
     assert "unlabeled" in stdout
     values = [read(tmp_path / f"out/images/chaos1-in_z{k:03d}.png")[0, 0] for k in range(3)]
     assert values[0] < values[1] < values[2]
 
 
 def test_chaos_without_pydicom_says_what_to_install(capsys, tmp_path, monkeypatch):
-    (tmp_path / "MR/1/T1DUAL/DICOM_anon/InPhase").mkdir(parents=True)
-    (tmp_path / "MR/1/T1DUAL/DICOM_anon/InPhase/a.dcm").write_bytes(b"a slice")  # never read
+    (tmp_path / "src/MR/1/T1DUAL/DICOM_anon/InPhase").mkdir(parents=True)
+    (tmp_path / "src/MR/1/T1DUAL/DICOM_anon/InPhase/a.dcm").write_bytes(b"a slice")  # never read
     monkeypatch.setitem(sys.modules, "pydicom", None)
-    code, _, err = run_prepare(capsys, ["chaos", tmp_path, tmp_path / "out"])
+    code, _, err = run_prepare(capsys, ["chaos", tmp_path / "src", tmp_path / "out"])
     assert_one_error_line(code, err, "pydicom", "pip install 'pydicom>=3'")
 
 
@@ -479,3 +548,43 @@ def test_prepare_errors_are_one_line(capsys, tmp_path):
     (tmp_path / "bad/masks/a_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     code, _, err = run_prepare(capsys, ["shenzhen", tmp_path / "bad", tmp_path / "out"])
     assert_one_error_line(code, err, "a_mask.png", "not a readable image")
+
+
+def md5s(folder):
+    """{relative path: md5} of every file under `folder`: any file written, replaced or added shows."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def nih_release(src):
+    save(src / "images/00000001_000.png", np.full((6, 6), 50, np.uint8))
+    save(src / "masks/00000001_000.png", blob_mask((6, 6), 2, 2, 2, 2))
+    return src
+
+
+def test_prepare_never_writes_into_its_source(capsys, tmp_path):
+    src = nih_release(tmp_path / "NIH")
+    (tmp_path / "link").symlink_to(src)
+    before = md5s(src)
+    for out in (src, src / "converted", tmp_path / "link", tmp_path / "link/converted"):
+        code, _, err = run_prepare(capsys, ["nih", src, out, "--size", 4])
+        assert_one_error_line(code, err, str(out), "OUT is SRC", "pass an OUT outside SRC")
+        assert md5s(src) == before
+    inner = nih_release(tmp_path / "out/images/NIH")
+    before = md5s(tmp_path / "out")
+    code, _, err = run_prepare(capsys, ["nih", inner, tmp_path / "out", "--size", 4])
+    assert_one_error_line(code, err, "SRC lies in", "where the converter writes")
+    assert md5s(tmp_path / "out") == before
+
+
+def test_prepare_refuses_an_out_that_holds_a_data_set(capsys, tmp_path):
+    src, out = nih_release(tmp_path / "NIH"), tmp_path / "out"
+    (out / "images").mkdir(parents=True)  # an empty folder is fine
+    convert(capsys, "nih", src, out)
+    before = md5s(out)
+    code, _, err = run_prepare(capsys, ["nih", src, out, "--size", 4])
+    assert_one_error_line(code, err, "OUT already holds a data set (1 files in", "pass a new or empty folder")
+    assert md5s(out) == before
+    save(tmp_path / "theirs/masks/a.png", np.zeros((4, 4), np.uint8))
+    code, _, err = run_prepare(capsys, ["nih", src, tmp_path / "theirs"])
+    assert_one_error_line(code, err, "theirs", "OUT already holds a data set (1 files in", "masks")
