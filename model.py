@@ -673,10 +673,18 @@ def load_checkpoint(path, advice="delete it to resume from the one before, or pa
     only holds attributes). A missing or unreadable file, or one that needs code to unpickle, is a
     CheckpointError ending in `advice`."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist: pass an existing file or --resume auto") from None
+    except OSError as e:  # a folder, no permission
+        raise CheckpointError(f"checkpoint {path} cannot be read ({short_error(e)}); {advice}") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a zip (torch.save), or a pickle (older)
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is not a file torch.save wrote (it starts with "
+                              f"{head!r}); {advice}")
+    try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist: pass an existing file or --resume auto")
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if needs:  # torch's message runs over several lines: name the class instead
@@ -1033,7 +1041,22 @@ def read_networks(path, advice):
     path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path, advice)
     tensors = official_tensors(ckpt, path)
-    return checkpoint_source(ckpt), tensors, official_shapes(tensors, path)
+    shapes = official_shapes(tensors, path)
+    shapes["dm_mask"] = trained_dm_mask(ckpt)
+    return checkpoint_source(ckpt), tensors, shapes
+
+
+def trained_dm_mask(ckpt):
+    """What the D_m of a file's training saw of a mask ('logits' or 'probabilities'), for which its mask
+    branch learnt its logits; None for a StyleGAN2 generator without one. The official code's is logits
+    (unless export_official wrote another); this project's checkpoints from before the option, probabilities."""
+    source = checkpoint_source(ckpt)
+    if source == "official":
+        return getattr(ckpt.get("args"), "dm_mask", "logits")
+    if source != "semanticgan":
+        return None
+    trained = ckpt.get("stage1_args") if ckpt.get("format") == BUNDLE_FORMAT else ckpt.get("args")
+    return (trained or {}).get("dm_mask", "probabilities")
 
 
 def build_official(tensors, shapes, key, path):
@@ -1050,8 +1073,8 @@ def build_official(tensors, shapes, key, path):
 
 def as_stage1(ckpt, path):
     """A checkpoint as stage 2 and generate.py read it: one of this project as it is; an official SemanticGAN
-    checkpoint as a stage-1 checkpoint holding its G_ema, with the arguments read from its tensors (its D_m saw
-    raw logits: dm_mask 'logits'). A StyleGAN2 generator without a mask branch is a CheckpointError."""
+    checkpoint as a stage-1 checkpoint holding its G_ema, with the arguments read from its tensors and the D_m
+    input it was trained with (trained_dm_mask: the official logits unless the file says). A StyleGAN2 generator without a mask branch is a CheckpointError."""
     source = checkpoint_source(ckpt)
     if source in (None, "semanticgan"):
         return ckpt
@@ -1062,7 +1085,7 @@ def as_stage1(ckpt, path):
     config = official_shapes(tensors, path)["generator"]
     G = build_official(tensors, {"generator": config}, "g_ema", path)
     args = {k: config[k] for k in ("resolution", "style_dim", "n_mlp", "channel_multiplier", "max_channels")}
-    args.update(dm_mask="logits", binary="sigmoid" if config["num_classes"] == 1 else "softmax", init=path)
+    args.update(dm_mask=trained_dm_mask(ckpt), binary="sigmoid" if config["num_classes"] == 1 else "softmax", init=path)
     return {"G_ema": G.state_dict(), "args": args, "num_classes": max(config["num_classes"], 2),
             "image_channels": config["image_channels"], "mask_channels": config["num_classes"], "source": "official"}
 
@@ -1085,9 +1108,12 @@ def export_official(ckpt, path, image_only=False):
         out["args"] = argparse.Namespace(size=g["resolution"], latent=g["style_dim"], n_mlp=g["n_mlp"],
                                          channel_multiplier=g["channel_multiplier"])
         return out
+    # dm_mask is ours (the official code reads only the fields it knows): what D_m saw decides stage 2's mask
+    # temperatures when the file is read back (as_stage1)
     out["args"] = argparse.Namespace(size=g["resolution"], latent=g["style_dim"], n_mlp=g["n_mlp"],
                                      seg_dim=g["num_classes"], image_mode="RGB" if g["image_channels"] == 3 else "L",
-                                     channel_multiplier=g["channel_multiplier"])
+                                     channel_multiplier=g["channel_multiplier"],
+                                     dm_mask=trained_dm_mask(ckpt))
     return out
 
 
@@ -1178,6 +1204,8 @@ def build_export_parser():
     parser.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a train_gan.py checkpoint, or its --out folder "
                         "(the latest checkpoint)")
     parser.add_argument("out", metavar="OUT.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.pt (never the checkpoint "
+                        "exported)")
     parser.add_argument("--image-only", action="store_true", help="rosinality/stylegan2-pytorch's layout (g, g_ema, "
                         "d, args) without the mask branch and D_m: the image generator alone, for --init")
     return parser
@@ -1188,6 +1216,10 @@ def export_main(argv):
     tmp = f"{args.out}.tmp-{os.getpid()}"
     try:
         path = resolve_checkpoint(args.checkpoint)
+        if os.path.exists(args.out) and os.path.samefile(args.out, path):
+            raise CheckpointError(f"{args.out} is the checkpoint exported: pass another OUT.pt")
+        if os.path.exists(args.out) and not args.overwrite:
+            raise CheckpointError(f"{args.out} exists: pass another OUT.pt, or --overwrite to replace it")
         exported = export_official(load_checkpoint(path, "pass a complete train_gan.py checkpoint"), path,
                                    args.image_only)
         torch.save(exported, tmp)
@@ -1201,9 +1233,8 @@ def export_main(argv):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    layout = "rosinality/stylegan2-pytorch (g, g_ema, d; no mask branch)" if args.image_only else \
-        "the official SemanticGAN code (g, g_ema, d_img, d_seg)"
-    print(f"wrote {args.out}: {path} in the layout of {layout}")
+    layout = "rosinality/stylegan2-pytorch" if args.image_only else "the official SemanticGAN code"
+    print(f"wrote {args.out}: {path} in the layout of {layout} ({', '.join(exported)})")
 
 
 if __name__ == "__main__":

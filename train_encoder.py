@@ -315,7 +315,9 @@ def _train(args, ckpt, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial encoder on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    train_gan.check_out_apart(args.out, ("--data", args.data), ("--labeled", args.labeled), ("--val", args.val))
     train_gan.writable_folder(args.out)
+    resume = train_gan.find_resume(args)  # also: never a fresh run among another run's checkpoints
     G = model.load_generator(ckpt, args.ckpt, device)
     labeled, unlabeled, info = data.build_datasets(args, replace_unreadable=True)
     if labeled is None:
@@ -343,10 +345,9 @@ def _train(args, ckpt, rank, world, device):
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise
     random.seed(args.seed + rank)
 
-    resume = train_gan.find_resume(args)
     if resume:
         state = model.load_checkpoint(resume)
-        if state.get("stage") != "encoder":
+        if not isinstance(state, dict) or state.get("stage") != "encoder":
             raise TrainingError(f"{resume} is not a checkpoint of train_encoder.py; pass another --resume")
         saved = dict(state["args"])
         if isinstance(saved.get("encoder_units"), str):  # checkpoints before the option was parsed: "3,4,14,3"
@@ -369,6 +370,9 @@ def _train(args, ckpt, rank, world, device):
         if rank == 0:
             fresh = " with fresh data streams (--new-data)" if args.new_data else ""
             print(f"resumed from {resume} at step {step}{fresh}", flush=True)
+            aside = train_gan.set_aside_later_snapshots(args.out, step, also=("model.pt", "best.pt"))
+            if aside:
+                print(f"rolled back: the later snapshots of {args.out} moved to {aside}", flush=True)
 
     net = E
     if world > 1:
@@ -399,6 +403,7 @@ def _train(args, ckpt, rank, world, device):
     stopper, agree = train_gan.StopOnSignal(), train_gan.Agreement(world, device, 2)
     try:
         while step < args.iter:
+            stopper.step_started()
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, args)
@@ -417,7 +422,7 @@ def _train(args, ckpt, rank, world, device):
                 validated = validate(E, G, validation, args.batch, device, autocast)  # every rank: same numbers
                 if args.own_samples:
                     validated.update(own_sample_score(E, G, args.own_samples, args.batch, device, autocast))
-                progress.add({k: torch.tensor(v) for k, v in validated.items()})
+                progress.add({k: torch.tensor(v) for k, v in validated.items()}, measured=True)
             snapshot = step % args.snap_every == 0 or step == args.iter or stop
             if snapshot or validated or log_due:
                 progress.report(step, rank, world, {"unreadable_images": len(unlabeled_stream.unreadable)})

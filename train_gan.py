@@ -47,7 +47,9 @@ rising.
 Checkpoints (written atomically: a temporary file, then os.replace) hold state_dicts and plain data only
 and are read with torch.load(weights_only=True) (model.load_checkpoint); `--resume auto` continues the
 latest one in --out, with the optimisers, the path-length mean, the data streams' positions and every RNG,
-so a resumed run continues exactly as if it had not stopped.
+so a resumed run continues exactly as if it had not stopped. A run never writes among another run's
+checkpoints (find_resume), and a resume from an earlier snapshot than the latest moves the later ones aside
+(set_aside_later_snapshots), so that --resume auto follows the run that goes on.
 
 Long runs on shared clusters: SIGTERM (what SLURM and Kubernetes send before killing a job) or Ctrl-C
 ends the current step, writes a checkpoint and exits (status 128 + the signal), every rank at the same
@@ -163,13 +165,28 @@ def sample_z(batch, style_dim, mixing, device):
     return [torch.randn(batch, style_dim, device=device)]
 
 
+def mismatched_partners(identities):
+    """For each labeled sample of a batch, the position of another image to take the mask of: the nearest
+    before it (cyclically; with no image twice, the batch rolled by one) that is another labeled image, or -1
+    where the batch holds no other. By identity, not position: with fewer labels than batch x processes the
+    stream repeats images, and an image with its own mask is a true pair, not a mismatched one."""
+    ids, B = identities.tolist(), len(identities)
+    return torch.tensor([next(((i - k) % B for k in range(1, B) if ids[(i - k) % B] != ids[i]), -1)
+                         for i in range(B)], dtype=torch.long)
+
+
+def rows_of(outputs, rows):
+    """D_m's outputs (per scale, per layer) of the samples `rows` only."""
+    return [[t[rows] for t in scale] for scale in outputs]
+
+
 @torch.no_grad()
 def mismatched_logits_for_the_log(D_m, images, masks):
-    """D_m's outputs for each real image with the next one's mask, in eval mode: spectral norm's power
-    iteration does not advance, so measuring leaves training exactly as it was."""
+    """D_m's outputs for real images with other images' masks, in eval mode: spectral norm's power iteration
+    does not advance, so measuring leaves training exactly as it was."""
     net = unwrap(D_m)
     net.eval()
-    outputs = _float(net(images, masks.roll(1, 0)))
+    outputs = _float(net(images, masks))
     net.train()
     return outputs
 
@@ -178,7 +195,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     """One iteration of the schedule in the module docstring. Returns the losses (detached tensors)."""
     G, D_r, D_m = nets
     opt_G, opt_D_r, opt_D_m = optimizers
-    real_images, labeled_images, labeled_masks = batch
+    real_images, labeled_images, labeled_masks, *identities = batch  # identities: labeled_stream.indices
     B = real_images.shape[0]
     style_dim = unwrap(G).style_dim
     num_classes = unwrap(G).num_classes
@@ -205,26 +222,30 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     if not args.shared_fakes:
         with torch.no_grad(), autocast():
             fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
+    # mismatched pairs: each real image with another labeled image's mask, a pair whose image is real and
+    # whose mask does not fit it (a batch of one image repeated has none)
+    partners = mismatched_partners(identities[0] if identities else torch.arange(len(labeled_images)))
+    paired = (partners >= 0).nonzero()[:, 0].to(labeled_images.device)
+    partners = partners[partners >= 0].to(labeled_images.device)
     with autocast():
         fake_pair = model.generated_pair(fake_images, fake_masks, args.dm_mask)
         real_outputs, fake_outputs = _float(D_m(labeled_images, real_pair_mask)), _float(D_m(*fake_pair))
-        if args.dm_mismatched:
-            # each real image with the next one's mask: a pair whose image is real and whose mask does not
-            # fit it, so D_m cannot tell real pairs from generated ones by the image alone
-            mismatched_outputs = _float(D_m(labeled_images, real_pair_mask.roll(1, 0)))
+        mismatched_outputs = None
+        if args.dm_mismatched and len(paired):  # a second kind of fake: D_m cannot judge by the image alone
+            mismatched_outputs = _float(D_m(labeled_images[paired], real_pair_mask[partners]))
             loss = losses.d_hinge_loss_mismatched(real_outputs, fake_outputs, mismatched_outputs)
         else:
             loss = losses.d_hinge_loss(real_outputs, fake_outputs)
-            mismatched_outputs = mismatched_logits_for_the_log(D_m, labeled_images, real_pair_mask) \
-                if step % args.r1_every == 0 else None
+        if mismatched_outputs is None and len(paired) and step % args.r1_every == 0:  # only for the log
+            mismatched_outputs = mismatched_logits_for_the_log(D_m, labeled_images[paired], real_pair_mask[partners])
     opt_D_m.zero_grad(set_to_none=True)
     loss.backward()
     opt_D_m.step()
     out["D_m"] = loss.detach()
-    if mismatched_outputs is not None:
+    if mismatched_outputs is not None and step % args.r1_every == 0:
         # does D_m care whether a mask fits its image? Its mean logit on the real pairs minus on the same
-        # images with the next one's mask, averaged over its scales: about 0 when it judges the images alone
-        out["D_m_fit"] = ((losses.d_m_score(real_outputs) - losses.d_m_score(mismatched_outputs))
+        # images with another's mask, averaged over its scales: about 0 when it judges the images alone
+        out["D_m_fit"] = ((losses.d_m_score(rows_of(real_outputs, paired)) - losses.d_m_score(mismatched_outputs))
                           / len(real_outputs)).detach()
 
     # 3. lazy R1 on both discriminators. D_r's runs in fp32 whatever --precision says: under bf16 its weight
@@ -335,9 +356,9 @@ def mask_parts(masks):
 
 def mask_statistics(class_maps, num_labels):
     """(area [L-1], parts [L-1], background parts) of class maps [N, H, W]: for each foreground class, its
-    mean share of the pixels and its mean number of regions over the masks that contain it (NaN where none
-    does); and the background's mean number of regions, which counts holes: a hole in a lung is a
-    background region of its own."""
+    mean share of the pixels and its mean number of regions over the masks that contain it (0 where none
+    does: a collapsed mask branch has no region of the class); and the background's mean number of regions,
+    which counts holes: a hole in a lung is a background region of its own."""
     if class_maps.shape[-1] > MASK_STATS_SIZE:
         class_maps = torch.nn.functional.interpolate(class_maps[:, None].float(), size=MASK_STATS_SIZE)[:, 0].long()
     area, parts = [], []
@@ -345,7 +366,7 @@ def mask_statistics(class_maps, num_labels):
         present = class_maps == c
         area.append(present.float().mean().item())
         counted = mask_parts(present[present.flatten(1).any(1)])
-        parts.append(counted.float().mean().item() if len(counted) else float("nan"))
+        parts.append(counted.float().mean().item() if len(counted) else 0.0)
     background = mask_parts(class_maps == 0).float().mean().item()
     return torch.tensor(area), torch.tensor(parts), background
 
@@ -361,7 +382,7 @@ def mask_quality(G_ema, latents, batch, reference):
     area, parts, background = mask_statistics(maps, losses.label_count(G_ema.num_classes))
     known = reference[0] > 0
     return {"mask_area": torch.tensor((area[known] / reference[0][known]).mean().item()),
-            "mask_parts": torch.tensor((parts[known] / reference[1][known]).nanmean().item()),
+            "mask_parts": torch.tensor((parts[known] / reference[1][known]).mean().item()),
             "mask_holes": torch.tensor(background / max(reference[2], 1e-12))}
 
 
@@ -489,46 +510,56 @@ class StopOnSignal:
     leaves them running until the checkpoint is written.
 
     A step that cannot end (a data loader that never delivers, a wait that never returns) must not make
-    the process deaf: after the first signal a watchdog thread waits for the loop, and when no step has
-    ended for GRACE seconds (or 3 times the longest step so far, if that is longer) it interrupts the main
-    thread, which stops with Stopped and no checkpoint. The loop calls step_ended() after every step and
-    disarm() once it has agreed to stop (writing the checkpoint may take its time)."""
+    the process deaf: after the first signal a watchdog thread watches the steps, and when one has run on
+    for GRACE seconds since the signal (or 3 times the longest step so far, if that is longer) it interrupts
+    the main thread,
+    which stops with Stopped and no checkpoint. It watches the steps only, between step_started() and
+    step_ended(), never what the loop does between them (validation, checkpoints, grids: a snapshot that
+    takes its time is written whole), and the interrupt acts only if, when it arrives, a step is still
+    under way and the watchdog still armed; disarm() once the loop has agreed to stop. What it cannot do:
+    a wait inside C code (a collective whose peer died, a read from a hung file system) runs on until it
+    returns, since Python acts on a signal only between its own instructions."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     GRACE = 60.0
 
     def __init__(self):
         self.signum, self.previous, self.pid = None, {}, os.getpid()
-        self.signalled_at = self.last_step_end = time.monotonic()
-        self.longest_step, self.disarmed, self.expired = 0.0, False, None
+        self.signalled_at = self.step_start = time.monotonic()
+        self.in_step = False
+        self.longest_step, self.disarmed, self.expired, self.fired = 0.0, False, None, False
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             self.previous = {s: signal.signal(s, self.handler) for s in self.SIGNALS}
 
     def handler(self, signum, frame):
         if os.getpid() != self.pid:  # a loader worker (it inherited the handler): the main process decides
             return
-        if self.expired is not None:  # the watchdog's interrupt: the step under way will not end
-            raise Stopped(self.signum, waited=self.expired)
+        if self.fired:  # the watchdog's interrupt: act only if the step is still under way
+            self.fired = False
+            if self.in_step and not self.disarmed:
+                raise Stopped(self.signum, waited=self.expired)
+            return
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if self.signum is None:  # nothing printed here: the handler may interrupt a print
             self.signum, self.signalled_at = signum, time.monotonic()
             threading.Thread(target=self.watch, daemon=True).start()
 
+    def step_started(self):
+        self.step_start, self.in_step = time.monotonic(), True
+
     def step_ended(self):
         """Record the end of a step; returns the signal received so far, or None."""
-        now = time.monotonic()
-        self.longest_step = max(self.longest_step, now - self.last_step_end)
-        self.last_step_end = now
+        self.in_step = False
+        self.longest_step = max(self.longest_step, time.monotonic() - self.step_start)
         return self.signum
 
     def watch(self):
         while not self.disarmed:
-            waited = time.monotonic() - max(self.signalled_at, self.last_step_end)
-            if waited > max(self.GRACE, 3 * self.longest_step):
-                self.expired = waited
-                _thread.interrupt_main()  # SIGINT's handler (this one) runs in the main thread and raises
-                return
+            waited = time.monotonic() - max(self.signalled_at, self.step_start)
+            if self.in_step and not self.fired and waited > max(self.GRACE, 3 * self.longest_step):
+                self.expired, self.fired = waited, True
+                _thread.interrupt_main()  # SIGINT's handler (this one) runs in the main thread
             time.sleep(0.1)
 
     def disarm(self):
@@ -609,17 +640,22 @@ class Progress:
 
     def __init__(self, path, global_batch, total_steps, start_step, device, elapsed=0.0, tensorboard=None):
         self.path, self.global_batch, self.total_steps, self.device = path, global_batch, total_steps, device
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self.measured = {}, {}, set()
         self.last_time, self.last_step = time.time(), start_step
         self.started, self.tensorboard = self.last_time - elapsed, tensorboard
 
     def elapsed(self):
         return time.time() - self.started
 
-    def add(self, values):
+    def add(self, values, measured=False):
+        """Losses, or with `measured` numbers that measure the run (the masks' quality, validation scores):
+        a loss that is not finite stops the run, a measurement is logged (null in log.jsonl) and the run
+        goes on: a collapsed mask branch is what mask_parts exists to report, not a reason to stop."""
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0) + v.float()
             self.counts[k] = self.counts.get(k, 0) + 1
+            if measured:
+                self.measured.add(k)
 
     def averages(self):
         """The mean of each loss since the last report. Synchronises with the device."""
@@ -635,7 +671,7 @@ class Progress:
             dist.all_reduce(t)
             means = dict(zip(names, (t[:len(names)] / world).tolist()))
             counts = {n: int(v) for n, v in zip(count_names, t[len(names):].tolist())}
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        bad = [k for k, v in means.items() if not math.isfinite(v) and k not in self.measured]
         if bad:
             raise TrainingError(f"the loss {', '.join(bad)} became {means[bad[0]]} by step {step}: training diverged. "
                                 f"The last good checkpoint is untouched; resume from it with a lower --lr or a larger --r1")
@@ -647,8 +683,8 @@ class Progress:
                   "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   "elapsed": now - self.started, "img_per_s": img_per_s,
                   "sec_per_kimg": 1000 / max(img_per_s, 1e-9),
-                  "eta_hours": (self.total_steps - step) * self.global_batch / max(img_per_s, 1e-9) / 3600, **means,
-                  **counts}
+                  "eta_hours": (self.total_steps - step) * self.global_batch / max(img_per_s, 1e-9) / 3600,
+                  **{k: v if math.isfinite(v) else None for k, v in means.items()}, **counts}
         if self.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if rank == 0:
@@ -661,7 +697,7 @@ class Progress:
                 f.write(json.dumps(record) + "\n")
             if self.tensorboard is not None:
                 for key, value in record.items():
-                    if key not in ("step", "time"):
+                    if key not in ("step", "time") and value is not None:
                         self.tensorboard.add_scalar(key, value, step)
                 self.tensorboard.flush()
         self.sums, self.counts = {}, {}
@@ -696,15 +732,94 @@ def open_streams(args, labeled, unlabeled, rank, world, seed):
 
 
 def find_resume(args):
-    """The checkpoint to resume from: --resume, the latest in --out for 'auto', or None (a fresh start)."""
+    """The checkpoint to resume from: --resume, the latest in --out for 'auto', or None (a fresh start). A
+    run never writes its checkpoints among another run's (rotation would remove them, --resume auto would
+    mix the two): a fresh start into an --out that holds checkpoints, or a resume from a checkpoint of
+    another folder into one, is a TrainingError."""
+    found = list_checkpoints(args.out)
     resume = args.resume
     if resume == "auto":
-        found = list_checkpoints(args.out)
         resume = found[-1] if found else None
+    elsewhere = resume and os.path.isfile(resume) and not os.path.samefile(os.path.dirname(os.path.abspath(resume)),
+                                                                         args.out)
+    if found and (not resume or elsewhere):
+        raise TrainingError(f"--out {args.out} holds the checkpoints of another run (the latest {found[-1]}): "
+                            "continue it with --resume auto (or one of its checkpoints), or pass another --out")
     if args.new_data and not resume:
         raise TrainingError("--new-data continues a run over changed data: pass it with --resume (no checkpoint "
                             f"found in {args.out})")
     return resume
+
+
+def checkpoint_step(path):
+    return int(re.search(r"-(\d{8})\.\w+$", path)[1])
+
+
+def set_aside_later_snapshots(out, step, also=()):
+    """Resuming from a checkpoint older than the latest in --out (rolling back) makes the later snapshots
+    another run's: they move to OUT/abandoned-after-STEP/ (checkpoints, grids, the log's later records, and
+    the files of `also`, e.g. model.pt, when they were written later), so that rotation and --resume auto
+    follow the run that goes on and nothing is lost. Returns that folder, or None when there was none."""
+    later = [p for p in list_checkpoints(out) if checkpoint_step(p) > step]
+    if not later:
+        return None
+    aside, n = os.path.join(out, f"abandoned-after-{step:08d}"), 1
+    while os.path.exists(aside):
+        n += 1
+        aside = os.path.join(out, f"abandoned-after-{step:08d}-{n}")
+    os.makedirs(aside)
+    grids = [p for p in glob.glob(os.path.join(out, "samples-*.png"))
+             if re.fullmatch(r"samples-\d{8}\.png", os.path.basename(p)) and checkpoint_step(p) > step]
+    written_later = [os.path.join(out, name) for name in also
+                     if os.path.isfile(os.path.join(out, name))
+                     and model.load_checkpoint(os.path.join(out, name)).get("step", 0) > step]
+    for path in later + grids + written_later:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    log = os.path.join(out, "log.jsonl")
+    if os.path.isfile(log):
+        with open(log) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        with open(os.path.join(aside, "log.jsonl"), "w") as f:
+            f.writelines(line for line in lines if json.loads(line).get("step", 0) > step)
+        with open(log + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log + ".tmp", log)
+    return aside
+
+
+def check_resumable(ckpt, path):
+    """A CheckpointError (one line, pointing to --init where that is what was meant) unless `ckpt` is a
+    stage-1 checkpoint of train_gan.py, which alone holds what --resume continues: the optimisers, the
+    step, the data streams, the RNGs."""
+    source = model.checkpoint_source(ckpt)
+    if isinstance(ckpt, dict) and ckpt.get("stage") == "encoder":
+        raise model.CheckpointError(f"{path} is a checkpoint of train_encoder.py: resume it with train_encoder.py "
+                                    "--resume")
+    if isinstance(ckpt, dict) and ckpt.get("format") == model.BUNDLE_FORMAT:
+        what = "a model.pt of train_encoder.py"
+    elif source in ("official", "rosinality"):
+        what = f"a checkpoint of {model.SOURCES[source]}"
+    elif not isinstance(ckpt, dict) or not RESUMED <= set(ckpt) or not isinstance(ckpt["args"], dict):
+        what = f"not a checkpoint of train_gan.py ({type(ckpt).__name__} without {', '.join(sorted(RESUMED))})"
+    else:
+        return ckpt
+    raise model.CheckpointError(f"{path} is {what}: --resume continues a train_gan.py run; to start a new run "
+                                f"from its weights pass --init {path}")
+
+
+# What a stage-1 checkpoint must hold for --resume to continue it.
+RESUMED = {"G", "G_ema", "D_r", "D_m", "opt_G", "opt_D_r", "opt_D_m", "step", "mean_path_length", "labeled_stream",
+           "unlabeled_stream", "rng", "image_channels", "num_classes", "args"}
+
+
+def check_out_apart(out, *folders):
+    """--out must not lie inside the data (its sample grids would become training images) nor be a folder the
+    run reads from."""
+    for option, folder in folders:
+        if folder and folder != "demo" and os.path.isdir(folder) and data.inside(out, folder):
+            raise TrainingError(f"--out {out} lies inside {option} {folder}: the sample grids written there would "
+                                "be read as images; pass an --out outside the data")
 
 
 def resumed_streams(args, saved, labeled, unlabeled, rank, world):
@@ -764,6 +879,10 @@ def start_from(init, G, G_ema, D_r, D_m, args):
     that says what came from where."""
     tensors, path, saved = init["tensors"], init["path"], init["shapes"]["generator"]["num_classes"]
     other_classes = saved != G.num_classes
+    trained = init["shapes"].get("dm_mask")  # what the file's D_m saw of a mask, and its tSeg learnt to give it
+    if trained and not other_classes and trained != args.dm_mask:
+        raise TrainingError(f"--init {path} learnt its masks for a D_m that saw {trained}, this run gives D_m "
+                            f"{args.dm_mask}: pass --dm-mask {trained}")
     # --train seg learns tSeg on the generator that is used afterwards, G_ema ("g" holds the last iterate)
     g = "g" if "g" in tensors and args.train == "all" else "g_ema"
     model.load_official(G, tensors[g], path, g, fresh=r"t_seg\." if other_classes else None)
@@ -797,15 +916,20 @@ def _train(args, rank, world, device):
         # mapping network); bf16 autocast, the default here, runs both in bf16 anyway
         torch.backends.cudnn.benchmark = True
 
+    check_out_apart(args.out, ("--data", args.data), ("--labeled", args.labeled))
     writable_folder(args.out)
-    if args.train == "seg" and not args.init and not find_resume(args):
+    resume = find_resume(args)
+    if args.train == "seg" and not args.init and not resume:
         raise TrainingError("--train seg trains the mask branch of an existing generator: pass --init with a "
                             "checkpoint of this project, of the official SemanticGAN code or a rosinality StyleGAN2")
-    init = read_init(args, find_resume(args)) if args.init else None  # before the data: it decides the resolution
+    init = read_init(args, resume) if args.init else None  # before the data: it decides the resolution
     labeled, unlabeled, info = data.build_datasets(args, replace_unreadable=True)
     if labeled is None:
         raise TrainingError("D_m needs labeled pairs: pass a folder with images/ and masks/ via --labeled "
                             "(or as --data), or --data demo")
+    if args.dm_mismatched and info["labeled_count"] < 2:
+        raise TrainingError("--dm-mismatched pairs labeled images with other labeled images' masks: it needs 2 "
+                            "labeled pairs or more")
     image_channels, num_classes = info["channels"], info["num_classes"]
     if init:
         check_image_channels(init, image_channels)
@@ -818,9 +942,8 @@ def _train(args, rank, world, device):
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own latents and noise
     random.seed(args.seed + rank)
 
-    resume = find_resume(args)
     if resume:
-        ckpt = model.load_checkpoint(resume)
+        ckpt = check_resumable(model.load_checkpoint(resume), resume)
         for key in ARCHITECTURE_ARGS:
             if ckpt["args"].get(key) != getattr(args, key):
                 raise TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
@@ -856,6 +979,9 @@ def _train(args, rank, world, device):
         if rank == 0:
             fresh = " with fresh data streams (--new-data)" if args.new_data else ""
             print(f"resumed from {resume} at step {step}{fresh}", flush=True)
+            aside = set_aside_later_snapshots(args.out, step)
+            if aside:
+                print(f"rolled back: the later snapshots of {args.out} moved to {aside}", flush=True)
     elif init:
         taken = start_from(init, G, G_ema, D_r, D_m, args)
         if rank == 0:
@@ -900,11 +1026,12 @@ def _train(args, rank, world, device):
     stopper, agree = StopOnSignal(), Agreement(world, device, 2)
     try:
         while step < total_steps:
+            stopper.step_started()
             real_images = next(unlabeled_iter)
             warn_unreadable(unlabeled_stream)
             labeled_images, labeled_masks = next(labeled_iter)
             batch = (real_images.to(device, non_blocking=True), labeled_images.to(device, non_blocking=True),
-                     labeled_masks.to(device, non_blocking=True))
+                     labeled_masks.to(device, non_blocking=True), labeled_stream.indices)
             if args.channels_last and device.type == "cuda":
                 batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t for t in batch)
             progress.add(train_step(step, nets, (opt_G, opt_D_r, opt_D_m), batch, args, state, autocast))
@@ -915,7 +1042,7 @@ def _train(args, rank, world, device):
                 stopper.disarm()  # the step ended: what is left is the checkpoint
             snapshot = step % snapshot_every == 0 or step == total_steps or stop
             if snapshot:  # every rank the same numbers (the same G_ema and latents)
-                progress.add(mask_quality(G_ema, quality_latents, args.batch, label_statistics))
+                progress.add(mask_quality(G_ema, quality_latents, args.batch, label_statistics), measured=True)
             if snapshot or log_due:
                 # raises on NaN before anything is written
                 progress.report(step, rank, world, {"unreadable_images": len(unlabeled_stream.unreadable)})

@@ -403,3 +403,57 @@ def test_options_that_do_not_fit_the_init_file_end_in_one_line(tiny, tmp_path, c
     assert {"grey data": "generates RGB images (3 channels), the data is grey (1): pass --channels 3",
             "another resolution": "holds a generator with --resolution 32, not 64",
             "seg without init": "--train seg trains the mask branch of an existing generator"}[case] in line, line
+
+
+# ----------------------------------------------------------------------------------------------------
+# export-official never writes over what it reads, and keeps what stage 2 needs to know
+
+
+def test_export_never_writes_over_its_source_nor_an_existing_file_unasked(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    source = save(stage1(tiny_networks()), run / "checkpoint-00000004.pt")
+    kept = Path(source).read_bytes()
+    for argv in ([str(run), source], [source, source], [source, source, "--overwrite"]):
+        line = one_line(capsys, model.export_main, argv)
+        assert "is the checkpoint exported" in line
+    assert Path(source).read_bytes() == kept
+    other = tmp_path / "mine.pt"
+    other.write_bytes(b"someone's file")
+    assert "--overwrite" in one_line(capsys, model.export_main, [source, str(other)])
+    assert other.read_bytes() == b"someone's file"
+    model.export_main([source, str(other), "--overwrite"])
+    assert model.checkpoint_source(model.load_checkpoint(str(other))) == "official"
+
+
+def test_the_export_says_what_it_wrote(tmp_path, capsys):
+    nets = tiny_networks()
+    bundle = {"format": model.BUNDLE_FORMAT, "G_ema": nets[1].state_dict(), "args": {},
+              "stage1_args": stage1(nets)["args"]}
+    path = save(bundle, tmp_path / "model.pt")
+    model.export_main([path, str(tmp_path / "official.pt")])
+    printed = capsys.readouterr().out
+    assert "(g_ema, args)" in printed and "d_img" not in printed and "d_seg" not in printed
+    assert set(model.load_checkpoint(str(tmp_path / "official.pt"))) == {"g_ema", "args"}
+
+
+def test_a_probabilities_generator_keeps_its_d_m_input_through_an_export(tmp_path, capsys):
+    nets = tiny_networks()
+    ckpt = stage1(nets)
+    ckpt["args"]["dm_mask"] = "probabilities"
+    exported = save(model.export_official(ckpt, "x"), tmp_path / "official.pt")
+    args, read_back = train_encoder.parse_args(["--ckpt", exported, "--out", str(tmp_path / "enc"), "--data", "demo"])
+    assert read_back["args"]["dm_mask"] == "probabilities"
+    assert train_encoder.mask_temperatures(train_encoder.build_parser().parse_args([]), read_back["args"], 3) == (1, 1)
+    # --init with the other D_m input: refused, since its tSeg and D_m learnt that one
+    line = one_line(capsys, train_gan.main, DATA + ["--init", exported, "--out", str(tmp_path / "a"), "--dm-mask",
+                                                    "logits"])
+    assert "--dm-mask probabilities" in line
+    train_gan.main(DATA + ["--init", exported, "--out", str(tmp_path / "b"), "--dm-mask", "probabilities"])
+
+
+def test_init_with_a_text_file_says_what_it_is(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    line = one_line(capsys, train_gan.main, DATA + ["--init", str(tmp_path / "notes.txt"), "--out",
+                                                    str(tmp_path / "a")])
+    assert "not a file torch.save wrote" in line and "KeyError" not in line

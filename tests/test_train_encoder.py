@@ -3,6 +3,7 @@ short run and its outputs, the frozen generator, learning (against a detached en
 resume, the learning-rate schedule, and bad input. LPIPS runs with --lpips random: nothing is downloaded."""
 import contextlib
 import json
+import shutil
 import math
 import os
 import signal
@@ -512,3 +513,28 @@ def test_own_sample_score_is_one_for_a_perfect_encoder_and_the_hand_score_for_a_
         assert set(score) == {"own_miou"}
     assert 0 < expected < 1
     assert abs(next(iter(score.values())) - expected) < 1e-9
+
+
+def test_a_rolled_back_run_moves_the_later_checkpoints_and_model_pt_aside(stage1, eight_steps, tmp_path, capsys):
+    shutil.copytree(eight_steps, tmp_path / "run")
+    out = tmp_path / "run"
+    later = {name: (out / name).read_bytes() for name in ("checkpoint-00000008.pt", "model.pt")}
+    best_step = load(out / "best.pt")["step"]
+    run(stage1, out, "--iter", "6", "--snap-every", "4", "--val-every", "4", "--resume",
+        str(out / "checkpoint-00000004.pt"))
+    aside = out / "abandoned-after-00000004"
+    assert f"moved to {aside}" in capsys.readouterr().out
+    assert {name: (aside / name).read_bytes() for name in later} == later
+    assert (aside / "best.pt").exists() == (best_step > 4)
+    assert train_gan.list_checkpoints(str(out)) == [str(out / "checkpoint-00000004.pt"),
+                                                    str(out / "checkpoint-00000006.pt")]
+    assert load(out / "model.pt")["step"] == 6
+
+
+def test_resume_with_a_file_of_another_kind_and_an_out_of_another_run_are_one_line(stage1, tmp_path, capsys):
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
+    line = one_error_line(capsys, ["--ckpt", str(stage1), "--out", str(tmp_path / "enc"), "--resume",
+                                   str(tmp_path / "tensor.pt")] + STAGE2)
+    assert "tensor.pt is not a checkpoint of train_encoder.py" in line
+    line = one_error_line(capsys, ["--ckpt", str(stage1), "--out", str(stage1.parent)] + STAGE2)
+    assert "holds the checkpoints of another run" in line

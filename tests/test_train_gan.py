@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import losses
 import model
 import train_gan
@@ -232,7 +233,7 @@ def test_kimg_budget_counts_global_images():
 # One step, looked into: what D_m is fed, how many generator forwards, which R1
 
 
-def one_step(step, *extra, classes=3):
+def one_step(step, *extra, classes=3, batch=None):
     """train_step on tiny networks from a fixed seed; returns (losses, G's mask outputs, D_m's mask inputs)."""
     args = train_gan.parse_args(TINY + list(extra))
     torch.manual_seed(0)
@@ -245,7 +246,9 @@ def one_step(step, *extra, classes=3):
     generated, seen = [], []
     G.register_forward_hook(lambda module, inputs, output: generated.append(output[1].detach()))
     D_m.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].detach()))
-    batch = (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randint(0, classes, (2, 32, 32)))
+    one_step.images = []
+    D_m.register_forward_pre_hook(lambda module, inputs: one_step.images.append(inputs[0].detach()))
+    batch = batch or (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randint(0, classes, (2, 32, 32)))
     out = train_gan.train_step(step, (G, D_r, D_m), optimizers, batch, args, state, autocast)
     one_step.nets = (G, D_r, D_m)
     return out, generated, seen, batch[2]
@@ -269,20 +272,68 @@ def test_d_m_is_fed_as_asked_from_one_or_two_generator_forwards(dm_mask, shared)
 
 
 @pytest.mark.parametrize("dm_mask", ["logits", "probabilities"])
-def test_dm_mismatched_shows_d_m_each_real_image_with_the_next_ones_mask_as_a_fake(dm_mask, monkeypatch):
+def test_dm_mismatched_shows_d_m_each_real_image_with_another_ones_mask_as_a_fake(dm_mask, monkeypatch):
     judged = []
     monkeypatch.setattr(losses, "d_hinge_loss_mismatched",
                         lambda real, fake, mismatched: judged.append((real, fake, mismatched)) or torch.zeros((), requires_grad=True))
-    out, _, seen, masks = one_step(1, "--dm-mask", dm_mask, "--dm-mismatched")
+    out, _, seen, masks = one_step(4, "--dm-mask", dm_mask, "--dm-mismatched")  # an R1 step: D_m_fit logged
     real, fake_d, mismatched = seen[:3]  # D step: real, generated, then the mismatched pairs
-    assert torch.equal(mismatched, real.roll(1, 0)) and not torch.equal(mismatched, real)
+    assert torch.equal(mismatched, real.roll(1, 0)) and not torch.equal(mismatched, real)  # two images: swapped
     assert torch.equal(mismatched.argmax(1), masks.roll(1, 0))
     assert len(judged) == 1 and out["D_m"] == 0  # the D_m step's loss is the mismatched one, fed D_m's outputs
     real_outputs, _, mismatched_outputs = judged[0]
     assert len(real_outputs) == len(mismatched_outputs) == 3  # all of D_m's scales
-    # D_m_fit, logged: the mean logit of the real pairs minus the mismatched ones', averaged over the scales
+    # D_m_fit, logged every --r1-every steps: the mean logit of the real pairs minus the mismatched ones',
+    # averaged over the scales
     fit = (losses.d_m_score(real_outputs) - losses.d_m_score(mismatched_outputs)) / 3
     torch.testing.assert_close(out["D_m_fit"], fit)
+    out, _, _, _ = one_step(1, "--dm-mask", dm_mask, "--dm-mismatched")
+    assert "D_m_fit" not in out
+
+
+def test_mismatched_partners_are_other_images_by_identity():
+    assert train_gan.mismatched_partners(torch.tensor([5, 5, 7, 7])).tolist() == [3, 3, 1, 1]
+    assert train_gan.mismatched_partners(torch.tensor([3, 4, 5, 6])).tolist() == [3, 0, 1, 2]  # rolled by one
+    assert train_gan.mismatched_partners(torch.tensor([2, 2, 2])).tolist() == [-1, -1, -1]
+    assert train_gan.mismatched_partners(torch.tensor([9])).tolist() == [-1]
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Labeled pair i: an image of constant value i / 10 and a mask of class i % 3 everywhere but one pixel
+    per image (so that each pair's mask is its own)."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, (tuple, list)) else key
+        mask = torch.full((32, 32), i % 3, dtype=torch.long)
+        mask[0, i] = (i + 1) % 3
+        return torch.full((3, 32, 32), i / 10), mask
+
+
+def test_with_4_labels_at_batch_16_no_mismatched_pair_is_an_image_with_its_own_mask():
+    stream = data.InfiniteLoader(Numbered(4), 16, seed=0, workers=0)
+    images, masks = next(stream)
+    ids = stream.indices
+    assert len(ids) == 16 and set(ids.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(images[:, 0, 0, 0], ids.float() / 10)  # the indices are the images'
+    batch = (torch.randn(16, 3, 32, 32), images, masks, ids)
+    out, _, seen, _ = one_step(4, "--dm-mismatched", "--batch", "16", batch=batch)
+    mismatched_images, mismatched_masks = one_step.images[2], seen[2].argmax(1)
+    assert len(mismatched_images) == 16  # every image has a partner
+    for image, mask in zip(mismatched_images, mismatched_masks):
+        image_id = round(image[0, 0, 0].item() * 10)
+        mask_id = int(mask[0].ne(mask[0, -1]).nonzero()[0])  # the one pixel that names the mask's pair
+        assert image_id != mask_id
+    assert torch.isfinite(out["D_m_fit"])
+    # one image over the whole batch: no mismatched pair, so neither the term nor D_m_fit
+    same = (torch.randn(2, 3, 32, 32), images[:1].repeat(2, 1, 1, 1), masks[:1].repeat(2, 1, 1), ids[:1].repeat(2))
+    out, _, seen, _ = one_step(4, "--dm-mismatched", batch=same)
+    assert "D_m_fit" not in out and len(seen) == 2 + 1 + 2  # D step: real, fake; R1; G step: fake, real
 
 
 def test_without_dm_mismatched_d_m_sees_no_third_pair_and_d_m_fit_is_measured_without_changing_training(monkeypatch):
@@ -625,7 +676,7 @@ def test_mask_statistics_by_hand():
     maps[2, 5, 4] = maps[2, 6, 6] = 0  # two holes in class 3: the background has three regions there
     area, parts, background = train_gan.mask_statistics(maps, 5)
     torch.testing.assert_close(area, torch.tensor([21 / 192, 4 / 192, 18 / 192, 0.0]))
-    assert parts[:3].tolist() == [1.5, 1.0, 1.0] and math.isnan(parts[3])  # class 4 occurs nowhere
+    assert parts.tolist() == [1.5, 1.0, 1.0, 0.0]  # class 4 occurs nowhere: no region
     assert background == pytest.approx((1 + 2 + 3) / 3)  # the bar of mask 1 cuts its background in two
 
 
@@ -647,3 +698,140 @@ def test_mask_quality_is_logged_at_every_snapshot(twenty_steps):
     logged = {r["step"]: (r["mask_area"], r["mask_parts"], r["mask_holes"]) for r in records if "mask_area" in r}
     assert sorted(logged) == [10, 20]
     assert all(math.isfinite(v) and v >= 0 for values in logged.values() for v in values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nothing a user types loses a checkpoint
+
+
+def test_a_collapsed_mask_branch_is_logged_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """No labeled class in any generated mask: mask_parts is 0 (no region), not NaN, and neither it nor any
+    measurement stops the run or the checkpoint a SIGTERM asks for."""
+    monkeypatch.setattr(model, "mask_classes", lambda logits: torch.zeros(logits.shape[0], *logits.shape[2:],
+                                                                         dtype=torch.long, device=logits.device))
+    signal_after(monkeypatch, 5, signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "--iter", "20", "--snap-kimg", "0.008")
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "checkpoint" in capsys.readouterr().err and (tmp_path / "checkpoint-00000006.pt").is_file()
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    collapsed = [r for r in records if "mask_area" in r]
+    assert [r["step"] for r in collapsed] == [4, 6] and all(r["mask_area"] == 0 and r["mask_parts"] == 0
+                                                            for r in collapsed)
+
+
+def test_a_measurement_that_is_not_finite_is_logged_as_null_and_a_loss_still_stops(tmp_path):
+    progress = train_gan.Progress(str(tmp_path / "log.jsonl"), 2, 10, 0, torch.device("cpu"))
+    progress.add({"D_r": torch.tensor(0.5)})
+    progress.add({"mask_parts": torch.tensor(float("nan"))}, measured=True)
+    progress.report(1, 0, 1)
+    record = json.loads(open(tmp_path / "log.jsonl").read())
+    assert record["mask_parts"] is None and record["D_r"] == 0.5
+    progress.add({"D_r": torch.tensor(float("nan"))})
+    with pytest.raises(train_gan.TrainingError, match="D_r became nan"):
+        progress.report(2, 0, 1)
+
+
+def test_the_watchdog_never_fires_inside_a_snapshot(tmp_path, monkeypatch, capsys):
+    """SIGTERM during a slow regular snapshot (longer than the watchdog's grace): the snapshot is written
+    whole, and the run stops with a checkpoint at the end of the next step."""
+    monkeypatch.setattr(train_gan.StopOnSignal, "GRACE", 0.3)
+    real_save = train_gan.save_checkpoint
+
+    def slow_save(payload, path, keep):
+        if payload["step"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.5)  # five times the grace, inside the write
+        real_save(payload, path, keep)
+
+    monkeypatch.setattr(train_gan, "save_checkpoint", slow_save)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "--iter", "20", "--snap-kimg", "0.008")
+    assert stop.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"stopped by SIGTERM at step 5: checkpoint {tmp_path / 'checkpoint-00000005.pt'} written; "
+                   "continue with --resume auto"]
+    assert load(tmp_path / "checkpoint-00000004.pt")["step"] == 4
+
+
+def test_the_watchdogs_interrupt_acts_only_while_a_step_is_under_way():
+    stopper = train_gan.StopOnSignal()
+    try:
+        stopper.GRACE = 0.2
+        stopper.handler(signal.SIGTERM, None)  # the signal: the watchdog starts
+        stopper.step_started()
+        stopper.step_ended()  # the step ended before the watchdog's interrupt arrived: ignored
+        stopper.fired = True
+        stopper.handler(signal.SIGINT, None)
+        stopper.step_started()
+        with pytest.raises(train_gan.Stopped, match="the step under way had not ended"):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        stopper.restore()
+
+
+def test_a_rolled_back_run_is_followed_by_resume_auto_and_the_later_snapshots_are_kept_aside(tmp_path, capsys):
+    run(tmp_path, "--iter", "6", "--snap-kimg", "0.004", "--keep", "2")  # checkpoints at 2, 4, 6; 4 and 6 kept
+    abandoned = (tmp_path / "checkpoint-00000006.pt").read_bytes()
+    run(tmp_path, "--iter", "6", "--snap-kimg", "0.002", "--keep", "2", "--resume",
+        str(tmp_path / "checkpoint-00000004.pt"))  # back to 4, a checkpoint every step
+    out = capsys.readouterr().out
+    aside = tmp_path / "abandoned-after-00000004"
+    assert f"moved to {aside}" in out
+    assert (aside / "checkpoint-00000006.pt").read_bytes() == abandoned and (aside / "samples-00000006.png").is_file()
+    assert [json.loads(line)["step"] for line in open(aside / "log.jsonl")] == [5, 6]
+    assert train_gan.list_checkpoints(str(tmp_path)) == [str(tmp_path / f"checkpoint-0000000{s}.pt") for s in (5, 6)]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 7))
+    # --resume auto continues the run that went on, not the abandoned one
+    run(tmp_path, "--iter", "7", "--snap-kimg", "0.002", "--keep", "2", "--resume", "auto")
+    assert "resumed from " + str(tmp_path / "checkpoint-00000006.pt") in capsys.readouterr().out
+    assert load(tmp_path / "checkpoint-00000007.pt")["step"] == 7
+
+
+def test_a_fresh_run_never_writes_among_another_runs_checkpoints(tmp_path, capsys):
+    run(tmp_path / "a", "--iter", "2", "--snap-kimg", "0.004")
+    kept = (tmp_path / "a" / "checkpoint-00000002.pt").read_bytes()
+    for extra in ([], ["--resume", str(tmp_path / "a" / "checkpoint-00000002.pt")]):
+        target = tmp_path / "a" if not extra else tmp_path / "b"
+        if extra:
+            run(tmp_path / "b", "--iter", "2", "--snap-kimg", "0.004")
+        with pytest.raises(SystemExit) as refused:
+            run(target, "--iter", "4", "--snap-kimg", "0.004", *extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert refused.value.code == 2 and len(err) == 1 and "holds the checkpoints of another run" in err[0], err
+    assert (tmp_path / "a" / "checkpoint-00000002.pt").read_bytes() == kept
+
+
+@pytest.mark.parametrize("kind", ["official", "image-only export", "model.pt", "a tensor", "an encoder checkpoint"])
+def test_resume_with_a_file_that_is_not_a_stage1_checkpoint_is_one_line(tmp_path, capsys, kind):
+    run(tmp_path / "run", "--iter", "2", "--snap-kimg", "0.004")
+    ckpt = load(tmp_path / "run" / "checkpoint-00000002.pt")
+    path = tmp_path / "file.pt"
+    if kind == "official":
+        torch.save(model.export_official(ckpt, "x"), path)
+    elif kind == "image-only export":
+        torch.save(model.export_official(ckpt, "x", image_only=True), path)
+    elif kind == "model.pt":
+        torch.save({"format": model.BUNDLE_FORMAT, "G_ema": ckpt["G_ema"], "args": {}, "stage1_args": ckpt["args"]},
+                   path)
+    elif kind == "a tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        torch.save({"stage": "encoder", "E": {}, "args": {}}, path)
+    with pytest.raises(SystemExit) as refused:
+        run(tmp_path / "new", "--iter", "4", "--resume", str(path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2 and len(err) == 1 and str(path) in err[0], err
+    assert ("train_encoder.py --resume" if kind == "an encoder checkpoint" else f"--init {path}") in err[0]
+    assert "--style-dim" not in err[0]
+
+
+def test_out_inside_the_data_is_refused(folders, tmp_path, capsys):
+    pool, labeled = folders
+    for out in (pool / "run", labeled / "run", labeled):
+        with pytest.raises(SystemExit) as refused:
+            train_gan.main(folder_args(folders, out, "--iter", "2"))
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and "lies inside" in err and not (pool / "run").exists(), err
