@@ -35,7 +35,11 @@ batch-mates, the batch size or the order of the files.
 
 Outputs, in --out and keeping the inputs' sub-folders: NAME.png, the class-index mask (pixel = class, the
 folder format's mask), NAME_color.png, NAME_overlay.png, and with --save-reconstruction NAME_recon.png, G_x(w+*).
-Files whose names differ only in their extension (scan.png, scan.jpg) keep it: scan.png.png, scan.jpg.png.
+Inputs whose outputs would share a name (scan.png and scan.jpg; scan.png and scan_color.png) keep their
+extension in it: scan.png.png, scan.jpg.png. The run never writes over what it reads or what it did not
+write: --out may not be or hold an input (it may lie inside an input folder, which is then searched without
+it), and every file written is listed in OUT/written.jsonl, so that --overwrite replaces an earlier run whole
+and nothing else (class Written).
 With --eval MASKS: per-image DICE and Jaccard of each foreground class (an empty prediction of an absent
 class scores 1), the data set's mIoU (intersections and unions summed over the images, background
 included, as the official validation), and DICE per patient (volumetric, for slices named PATIENT_zSLICE),
@@ -90,16 +94,20 @@ class Input:
         self.path, self.name, self.key, self.image, self.size = path, name, name, None, None
 
 
-def collect_inputs(specs):
+def collect_inputs(specs, out):
     """Files, folders (searched recursively; names keep the sub-folders) and globs, in that order, each file
-    once. Files that differ only in their extension (scan.png, scan.jpg) keep it in their names (outputs
-    scan.png.png, scan.jpg.png), and the run says so. A path that does not exist, a folder without images,
-    or two files of the same name in different places is a DataError."""
+    once. Nothing inside `out` is an input: a folder that holds --out is searched without it (a second run
+    into IMAGES/seg does not segment the first run's masks), glob matches there are left out, and a file or
+    folder named inside --out is a DataError. A path that does not exist or a folder without images is a
+    DataError too."""
     found, others = [], []
     for spec in specs:
         path = Path(spec)
+        if path.exists() and data.inside(path, out):
+            raise data.DataError(f"{path}: an input inside --out {out}, where the masks are written; pass an --out "
+                                 "that holds none of the inputs (a new folder, or one inside the input folder)")
         if path.is_dir():
-            files = data.list_images(path, others=others)
+            files = data.list_images(path, exclude=[out], others=others)
             if not files:
                 raise data.DataError(f"{path}: no images in this folder (looked for {', '.join(data.IMAGE_EXTENSIONS)}, "
                                      "recursively)")
@@ -107,38 +115,80 @@ def collect_inputs(specs):
         elif path.is_file():
             found.append((path, path.stem))
         elif glob.has_magic(spec):
-            files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+            files = sorted(Path(f) for f in glob.glob(spec, recursive=True)
+                           if Path(f).is_file() and not data.inside(f, out))
             if not files:
-                raise data.DataError(f"{spec}: the pattern matches no file")
+                raise data.DataError(f"{spec}: the pattern matches no file (outside --out)")
             found += [(f, f.stem) for f in files]
         else:
             raise data.DataError(f"{spec}: no such file or folder; pass image files, folders or globs")
     if others:
         print(f"note: {len(others)} file(s) in the input folders are not images of a known kind "
-              f"({', '.join(data.IMAGE_EXTENSIONS)}) and are left out, the first {others[0]}", flush=True)
-    inputs, seen, by_name = [], set(), {}
+              f"({', '.join(data.IMAGE_EXTENSIONS)}) and are left out, the first {data.printable(others[0])}",
+              flush=True)
+    inputs, seen = [], set()
     for path, name in found:
         if path.resolve() not in seen:
             seen.add(path.resolve())
             inputs.append(Input(path, name))
-            by_name.setdefault(name, []).append(inputs[-1])
-    renamed = [items for items in by_name.values() if len(items) > 1]
-    for items in renamed:
-        for item in items:
-            item.name = item.name + item.path.suffix
-    names = {}
-    for item in inputs:
-        if item.name in names:
-            raise data.DataError(f"{item.path}: its output name {item.name} is also that of {names[item.name]}; "
-                                 "segment them in separate runs (or pass their folder, whose sub-folders keep the "
-                                 "names apart)")
-        names[item.name] = item.path
-    if renamed:
-        example = ", ".join(item.path.name for item in renamed[0])
-        print(f"note: {sum(len(items) for items in renamed)} files differ from another only in their extension "
-              f"({example}{' ...' if len(renamed) > 1 else ''}): their outputs keep it, as in "
-              f"{renamed[0][0].name}.png", flush=True)
     return inputs
+
+
+OUTPUT_SUFFIXES = {"mask": "", "color": "_color", "overlay": "_overlay", "recon": "_recon"}
+
+
+def output_paths(out, name, reconstruction):
+    """{kind: OUT/NAME{suffix}.png} of one input; the reconstruction only when it is saved."""
+    base = Path(out) / name
+    return {kind: base.with_name(base.name + suffix + ".png") for kind, suffix in OUTPUT_SUFFIXES.items()
+            if kind != "recon" or reconstruction}
+
+
+def name_outputs(inputs):
+    """Give every input output names no other input's share. Where two would (scan.png and scan.jpg; or
+    scan.png, whose colour image is scan_color.png, and an input scan_color.png), each input involved keeps
+    its extension in its name (scan.png.png, scan.jpg.png; scan_color.png.png), and the run says so; a
+    clash left after that (two files of one name in different places) is a DataError."""
+    renamed = []
+    for attempt in range(2):
+        owners = collections.defaultdict(set)
+        for k, item in enumerate(inputs):
+            for suffix in OUTPUT_SUFFIXES.values():
+                owners[item.name + suffix].add(k)
+        clashing = sorted({k for ks in owners.values() if len(ks) > 1 for k in ks})
+        if not clashing:
+            break
+        if attempt == 1:
+            first, second = (inputs[k].path for k in clashing[:2])
+            raise data.DataError(f"{first}: its outputs would have the names of those of {second}; segment them in "
+                                 "separate runs (or pass their folder, whose sub-folders keep the names apart)")
+        for k in clashing:
+            inputs[k].name = inputs[k].key + inputs[k].path.suffix
+        renamed = [inputs[k] for k in clashing]
+    if renamed:
+        example = ", ".join(data.printable(item.path.name) for item in renamed[:3])
+        print(f"note: {len(renamed)} inputs would share output names ({example}{' ...' if len(renamed) > 3 else ''}): "
+              f"their outputs keep the extension, as in {data.printable(renamed[0].name)}.png", flush=True)
+    return inputs
+
+
+def check_name_lengths(inputs, out):
+    """Every output name must fit the file system's limit on a name (255 bytes on most): checked before the
+    first image is segmented, not found out half way."""
+    folder = Path(out)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf: its limit
+        limit = 255
+    longest = max(OUTPUT_SUFFIXES.values(), key=len) + ".png"
+    for item in inputs:
+        name = os.fsencode(Path(item.name).name + longest)
+        if len(name) > limit:
+            raise data.DataError(f"{item.path}: its output {Path(item.name).name}{longest} would be a name of "
+                                 f"{len(name)} bytes, more than the file system takes ({limit}); give the image a "
+                                 "shorter name")
 
 
 def load_input(item, preprocessing):
@@ -181,8 +231,9 @@ def to_input_geometry(mask_logits, size, fit):
 
 
 def image_seed(seed, name):
-    """A seed of the image's own: the run's --seed and a checksum of its name."""
-    return (seed * 1000003 + zlib.crc32(name.encode())) % 2 ** 63
+    """A seed of the image's own: the run's --seed and a checksum of its name (its key: without the extension
+    that a clash of output names adds, so that a mask does not depend on which other files a run has)."""
+    return (seed * 1000003 + zlib.crc32(os.fsencode(name))) % 2 ** 63
 
 
 def make_noise(G, seeds, device):
@@ -282,16 +333,64 @@ def invert(G, E, percept, images, seeds, args, autocast, trace=None):
 # Outputs
 
 
-def output_paths(out, name, reconstruction):
-    base = Path(out) / name
-    paths = {"mask": base.with_name(base.name + ".png"), "color": base.with_name(base.name + "_color.png"),
-             "overlay": base.with_name(base.name + "_overlay.png")}
-    if reconstruction:
-        paths["recon"] = base.with_name(base.name + "_recon.png")
-    return paths
+REPORT_FILES = ("index.html", "segmentations.csv", "metrics.csv", "metrics.json")
 
 
-def save_outputs(item, classes, reconstruction, paths):
+class Written:
+    """The files invert.py writes into --out, each listed in OUT/written.jsonl (a JSON string per line, its
+    path inside OUT) before it is written, so that a run stopped half way is listed too. A later run into
+    the same OUT replaces exactly what an earlier one listed (with --overwrite, which removes those files
+    first, so that no earlier mask or metrics.json stays beside the new report) and never a file that is
+    not listed: this tool did not write it."""
+
+    LIST = "written.jsonl"
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.list = self.out / self.LIST
+        self.earlier = set()
+        if self.list.is_file():
+            try:
+                with open(self.list, encoding="utf-8") as f:
+                    self.earlier = {json.loads(line) for line in f if line.strip()}
+            except ValueError:  # not JSON, not UTF-8: not ours
+                raise data.DataError(f"{self.list} is not the list of files invert.py keeps; pass another "
+                                     "--out") from None
+
+    def start(self, planned, overwrite):
+        """Check the run's `planned` paths against what is there, remove the earlier run's files (with
+        `overwrite`, else refuse) and start the list afresh. Returns a note, or ''."""
+        if self.out.exists() and not self.out.is_dir():
+            raise data.DataError(f"--out {self.out} is a file; pass a folder (it is created if need be)")
+        foreign = [p for p in planned if p.exists() and self.inside(p) not in self.earlier]
+        if foreign:
+            raise data.DataError(f"{foreign[0]} exists and was not written by invert.py (not in {self.list}); "
+                                 "it is never replaced: pass another --out")
+        present = sorted(n for n in self.earlier if (self.out / n).is_file())
+        if present and not overwrite:
+            raise data.DataError(f"--out {self.out} holds an earlier run's {len(present)} files (listed in "
+                                 f"{self.list}): pass --overwrite to replace that run (its files are removed "
+                                 "first), or another --out")
+        for name in present:
+            os.remove(self.out / name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.list.write_text("", encoding="utf-8")
+        return f"removed the earlier run's {len(present)} files from {data.printable(self.out)} (--overwrite)" \
+            if present else ""
+
+    def inside(self, path):
+        return Path(path).relative_to(self.out).as_posix()
+
+    def add(self, path):
+        """List `path`; call before writing it."""
+        with open(self.list, "a", encoding="utf-8") as f:
+            f.write(json.dumps(self.inside(path)) + "\n")
+        return path
+
+
+def save_outputs(item, classes, reconstruction, paths, written):
+    for path in paths.values():
+        written.add(path)
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
     data.save_png(Image.fromarray(classes, "L"), paths["mask"])
     coloured = data.colour_mask(classes)
@@ -307,14 +406,15 @@ def save_outputs(item, classes, reconstruction, paths):
 # Ground truth and scores
 
 
-def find_masks(inputs, source, lut, num_labels):
-    """{name: ground-truth class map} for every input, from a folder of masks or a labeled folder."""
+def find_masks(inputs, source, lut, num_labels, out):
+    """{name: ground-truth class map} for every input, from a folder of masks or a labeled folder (--out,
+    when it lies inside, left out)."""
     folder = Path(source)
     if (folder / "masks").is_dir():
         folder = folder / "masks"
     if not folder.is_dir():
         raise data.DataError(f"{source}: no such folder; pass --eval a folder of masks or a labeled folder")
-    by_name = data.files_by_name(folder)
+    by_name = data.files_by_name(folder, exclude=[out])
     masks = {}
     for item in inputs:
         path = by_name.get(item.key) or by_name.get(Path(item.key).name)
@@ -403,22 +503,29 @@ def print_table(results, class_names, steps):
         print(f"{label:<{width}}{cells}{patients}")
 
 
-def write_metrics(out, scores, results, class_names, argv, model_path, steps, images):
-    with open(Path(out) / "metrics.csv", "w", newline="") as f:
+def spreadsheet_cell(text):
+    """A name as a CSV cell that a spreadsheet shows as text: one that starts with =, +, -, @, a tab or a
+    carriage return would be read as a formula, so it gets a leading ' (OWASP's advice on CSV injection)."""
+    text = data.printable(text)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def write_metrics(out, scores, results, class_names, argv, model_path, steps, images, written):
+    with open(written.add(Path(out) / "metrics.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         kinds = [(k, prefix) for k, prefix in (("optimised", ""), ("encoder_only", "encoder_")) if k in scores]
         header = ["name", "patient"] + [f"{prefix}{metric}_{class_names[c]}" for _, prefix in kinds
                                         for c in range(1, len(class_names)) for metric in ("dice", "jaccard")]
         writer.writerow(header)
         for name in scores["optimised"].rows:
-            row = [name, data.patient_id(name) or ""]
+            row = [spreadsheet_cell(name), spreadsheet_cell(data.patient_id(name) or "")]
             for kind, _ in kinds:
                 for c in range(1, len(class_names)):
                     row += [f"{v:.6f}" for v in scores[kind].rows[name][c]]
             writer.writerow(row)
-    summary = {"command": " ".join(argv), "model": str(model_path), "steps": steps, "images": images,
-               "classes": class_names, **results}
-    with open(Path(out) / "metrics.json", "w") as f:
+    summary = {"command": data.printable(" ".join(argv)), "model": data.printable(model_path), "steps": steps,
+               "images": images, "classes": class_names, **results}
+    with open(written.add(Path(out) / "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
 
 
@@ -487,15 +594,15 @@ def flag_summary(rows, reference, why_not, factor):
 SIGNALS = ("error_ratio", "encoder_lpips", "encoder_mse", "lpips", "mse", "agreement_miou")
 
 
-def write_segmentations(out, rows, class_names):
+def write_segmentations(out, rows, class_names, written):
     """OUT/segmentations.csv: a row per image in the order segmented; flagged 1 or 0 (empty, like
     error_ratio, when the model holds no reference)."""
-    with open(Path(out) / "segmentations.csv", "w", newline="") as f:
+    with open(written.add(Path(out) / "segmentations.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["name", "flagged", *SIGNALS] + [f"area_{n}" for n in class_names[1:]])
         for row in rows:
             flagged = "" if row["flagged"] is None else int(row["flagged"])
-            writer.writerow([row["name"], flagged] + ["" if row[k] is None else f"{row[k]:.6f}" for k in SIGNALS]
+            writer.writerow([spreadsheet_cell(row["name"]), flagged] + ["" if row[k] is None else f"{row[k]:.6f}" for k in SIGNALS]
                             + [f"{a:.6f}" for a in row["areas"]])
 
 
@@ -529,7 +636,7 @@ def link(path, out):
         relative = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
     except ValueError:
         return Path(os.path.abspath(path)).as_uri()
-    return urllib.parse.quote(Path(relative).as_posix())
+    return urllib.parse.quote(os.fsencode(Path(relative).as_posix()))  # bytes: a name that is not UTF-8 too
 
 
 def worst_first(rows, scores):
@@ -574,11 +681,11 @@ def number_cell(key, value):
 
 
 def picture_cell(path, out, what, name):
-    url, alt = html.escape(link(path, out), quote=True), html.escape(f"{what} of {name}", quote=True)
+    url, alt = html.escape(link(path, out), quote=True), html.escape(f"{what} of {data.printable(name)}", quote=True)
     return f"<td class='picture'><a href='{url}'><img src='{url}' alt='{alt}' loading='lazy'></a></td>"
 
 
-def write_report(out, rows, files, scores, class_names, settings, summary, steps):
+def write_report(out, rows, files, scores, class_names, settings, summary, steps, written):
     """OUT/index.html: the settings and the summary table at the top, then a row per image, worst first:
     input | overlay | reconstruction (when saved), with --eval each class's DICE of the optimised mask and of
     the encoder's, then the trust signals; flagged rows marked. `files`: {name: (input path, output paths)}."""
@@ -596,7 +703,7 @@ def write_report(out, rows, files, scores, class_names, settings, summary, steps
              + "</tr>"]
     for position, row in enumerate(rows, start=1):
         name, (source, paths) = row["name"], files[row["name"]]
-        cells = [f"<td>{position}</td>", f"<td class='text' data-key='name'>{html.escape(name)}</td>",
+        cells = [f"<td>{position}</td>", f"<td class='text' data-key='name'>{html.escape(data.printable(name))}</td>",
                  picture_cell(source, out, "input", name), picture_cell(paths["overlay"], out, "overlay", name)]
         if recon:
             cells.append(picture_cell(paths["recon"], out, "reconstruction", name) if "recon" in paths else "<td></td>")
@@ -608,18 +715,19 @@ def write_report(out, rows, files, scores, class_names, settings, summary, steps
         cells += [number_cell(key, row[key]) for key in SIGNALS]
         cells += [number_cell(f"area_{c}", a) for c, a in zip(foreground, row["areas"])]
         marked = " class='flagged'" if row["flagged"] else ""
-        lines.append(f"<tr{marked} data-name='{html.escape(name, quote=True)}'>" + "".join(cells) + "</tr>")
+        lines.append(f"<tr{marked} data-name='{html.escape(data.printable(name), quote=True)}'>" + "".join(cells)
+                     + "</tr>")
     page = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
-            f"<title>Segmentations in {html.escape(str(out))}</title><style>{REPORT_STYLE}</style></head><body>",
+            f"<title>Segmentations in {html.escape(data.printable(out))}</title><style>{REPORT_STYLE}</style></head><body>",
             f"<h1>Segmentations: {len(rows)} images</h1>", "<table>"]
-    page += [f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(v)}</td></tr>"
+    page += [f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(data.printable(v))}</td></tr>"
              for k, v in settings]
     page.append("</table>")
     if summary:
         page += ["<h2>Scores</h2>", summary]
     page += [f"<h2>Per image, worst first (by {order})</h2>", f"<p>{REPORT_LEGEND}</p>", "<table>"] + lines
     page += ["</table>", "</body></html>"]
-    with open(Path(out) / "index.html", "w", encoding="utf-8") as f:
+    with open(written.add(Path(out) / "index.html"), "w", encoding="utf-8") as f:
         f.write("\n".join(page) + "\n")
 
 
@@ -635,11 +743,22 @@ def newest_model(root="runs"):
     return max(found, key=os.path.getmtime)
 
 
+def check_outputs_apart(args, model_path):
+    """--out must hold none of the files the run reads: the model, the ground truth, the split file (the
+    images are checked as they are collected)."""
+    for option, path in (("--model", model_path), ("--eval", args.eval), ("--split", args.split)):
+        if path and data.inside(path, args.out):
+            raise data.DataError(f"--out {args.out} holds {option} {path}; pass an --out that holds none of the "
+                                 "inputs")
+
+
 def run(args, argv):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path = args.model or newest_model()
     if not args.model:
-        print(f"using {model_path} (the newest model.pt under runs/; pass --model to choose)", flush=True)
+        print(f"using {data.printable(model_path)} (the newest model.pt under runs/; pass --model to choose)",
+              flush=True)
+    check_outputs_apart(args, model_path)
     G, E, bundle = model.load_bundle(model_path, device)
     num_labels = losses.label_count(bundle["num_classes"])
     class_names = bundle.get("class_names") or ["background"] + [f"class{c}" for c in range(1, num_labels)]
@@ -649,7 +768,7 @@ def run(args, argv):
     percept = losses.Perceptual(lpips_net).to(device)  # also with --steps 0: the trust signals need it
     autocast, precision = model.make_autocast(args, device)
 
-    inputs = collect_inputs(args.inputs)
+    inputs = collect_inputs(args.inputs, args.out)
     if args.split:  # the images a split file names (data.py split's test.txt), matched by name
         wanted = data.read_split_file(args.split)
         by_key = {}
@@ -660,89 +779,122 @@ def run(args, argv):
             raise data.DataError(f"{args.split}: names {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
                                  "which is not among the input images; pass the folder that holds them")
         inputs = [item for n in wanted for item in by_key[n]]
+    inputs = name_outputs(inputs)
+    check_name_lengths(inputs, args.out)
     lut = data.lookup_table(data.parse_class_map(args.class_map)[0]) if args.class_map else None
-    truth = find_masks(inputs, args.eval, lut, num_labels) if args.eval else None
-    existing = [p for item in inputs for p in output_paths(args.out, item.name, args.save_reconstruction).values()
-                if p.exists()]
-    if existing and not args.overwrite:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise data.DataError(f"{existing[0]} exists{more}: pass --overwrite to replace, or another --out")
+    truth = find_masks(inputs, args.eval, lut, num_labels, args.out) if args.eval else None
+    written = Written(args.out)
+    planned = [p for item in inputs for p in output_paths(args.out, item.name, args.save_reconstruction).values()]
+    removed = written.start(planned + [Path(args.out) / name for name in REPORT_FILES], args.overwrite)
+    if removed:
+        print(removed, flush=True)
     batch = args.batch or (16 if device.type == "cuda" else 4)
     note = " (an UNTRAINED backbone: the scores are not the paper's)" if lpips_net == "random" else ""
     print(f"semanticgan inversion: {len(inputs)} images, {args.steps} steps, batch {batch}, on {device.type} "
-          f"({precision}); model {model_path} ({bundle['preprocessing']['resolution']} px, {num_labels} classes); "
-          f"LPIPS {lpips_net}{note}", flush=True)
+          f"({precision}); model {data.printable(model_path)} ({bundle['preprocessing']['resolution']} px, "
+          f"{num_labels} classes); LPIPS {lpips_net}{note}", flush=True)
     reference, why_not = flag_reference(bundle, lpips_net, model_path)
     if why_not:
-        print(f"note: {why_not}: no image is flagged", flush=True)
+        print(f"note: {data.printable(why_not)}: no image is flagged", flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
     scores = {"optimised": Scores(num_labels)}
     if truth is not None and args.steps > 0:
         scores["encoder_only"] = Scores(num_labels)
-    done, skipped, start, rows, files = 0, [], time.time(), [], {}
-    fit = bundle["preprocessing"]["fit"]
+    done, skipped, start, rows, files, failed = 0, [], time.time(), [], {}, None
     for first in range(0, len(inputs), batch):
-        chunk = []
-        for item in inputs[first:first + batch]:
-            try:
-                chunk.append(load_input(item, bundle["preprocessing"]))
-            except data.DataError as error:
-                if args.strict or len(inputs) == 1:
-                    raise
-                skipped.append(item.path)
-                print(f"skipped: {error}", file=sys.stderr, flush=True)
+        chunk = load_chunk(inputs[first:first + batch], bundle["preprocessing"], args, skipped, len(inputs))
         if not chunk:
             continue
-        images = torch.stack([item.image for item in chunk]).to(device)
-        seeds = [image_seed(args.seed, item.name) for item in chunk]
-        result = invert(G, E, percept, images, seeds, args, autocast)
-        errors = torch.stack([*losses.reconstruction_errors(percept, result.reconstruction, images),
-                              *losses.reconstruction_errors(percept, result.encoder_reconstruction, images)], 1)
-        for k, item in enumerate(chunk):
-            classes = to_input_geometry(result.mask_logits[k], item.size, fit)
-            encoder_classes = (classes if args.steps == 0
-                               else to_input_geometry(result.encoder_logits[k], item.size, fit))
-            paths = output_paths(args.out, item.name, args.save_reconstruction)
-            save_outputs(item, classes, result.reconstruction[k], paths)
-            rows.append(trust_signals(item.name, classes, encoder_classes, errors[k].tolist(), num_labels, reference,
-                                      args.flag_factor))
-            files[item.name] = (item.path, paths)
-            if truth is not None:
-                path, values = truth[item.key]
-                if values.shape != classes.shape:
-                    raise data.DataError(f"{path}: mask is {values.shape[1]}x{values.shape[0]}, its image {item.path} "
-                                         f"{classes.shape[1]}x{classes.shape[0]}; save the mask at the image's size")
-                scores["optimised"].add(item.name, classes, values)
-                if "encoder_only" in scores:
-                    scores["encoder_only"].add(item.name, encoder_classes, values)
-            item.image = None  # the tensors are not needed any more
+        try:
+            segment_chunk(chunk, G, E, percept, args, autocast, bundle, reference, truth, scores, rows, files,
+                          written, num_labels)
+        except OSError as error:  # a full disk, a folder gone: keep what is done, and its report
+            failed = f"cannot write into {args.out} ({model.short_error(error)})"
+            break
         done += len(chunk)
         elapsed = time.time() - start
         rate = done / max(elapsed, 1e-9)
         left = len(inputs) - done - len(skipped)
         print(f"{done}/{len(inputs)} images  {rate:.2f} img/s  eta {left / max(rate, 1e-9):.0f} s", flush=True)
+    try:
+        summary = write_summaries(args, argv, model_path, bundle, lpips_net, precision, class_names, scores, rows,
+                                  files, written, reference, why_not, skipped, start)
+    except OSError as error:
+        failed, summary = failed or f"cannot write into {args.out} ({model.short_error(error)})", None
+    if failed:
+        raise data.DataError(f"{failed}: the {len(rows)} images before it are complete in {args.out}, "
+                             f"{'with' if summary else 'without'} their report; free space or fix the folder, then "
+                             "run again with --overwrite")
+    print(summary, flush=True)
+    return scores
 
-    summary = f"done: {done} images segmented into {args.out} in {time.time() - start:.1f} s"
+
+def load_chunk(items, preprocessing, args, skipped, total):
+    """The images of a batch that can be read; an unreadable one is skipped and named on stderr (--strict,
+    or a run of one image: a DataError)."""
+    chunk = []
+    for item in items:
+        try:
+            chunk.append(load_input(item, preprocessing))
+        except data.DataError as error:
+            if args.strict or total == 1:
+                raise
+            skipped.append(item.path)
+            print(f"skipped: {error}", file=sys.stderr, flush=True)
+    return chunk
+
+
+def segment_chunk(chunk, G, E, percept, args, autocast, bundle, reference, truth, scores, rows, files, written,
+                  num_labels):
+    """Invert a batch, write each image's outputs, and add its trust signals and scores."""
+    images = torch.stack([item.image for item in chunk]).to(G.constant.device)
+    seeds = [image_seed(args.seed, item.key) for item in chunk]  # the key: whatever other files the run has
+    result = invert(G, E, percept, images, seeds, args, autocast)
+    errors = torch.stack([*losses.reconstruction_errors(percept, result.reconstruction, images),
+                          *losses.reconstruction_errors(percept, result.encoder_reconstruction, images)], 1)
+    fit = bundle["preprocessing"]["fit"]
+    for k, item in enumerate(chunk):
+        classes = to_input_geometry(result.mask_logits[k], item.size, fit)
+        encoder_classes = classes if args.steps == 0 else to_input_geometry(result.encoder_logits[k], item.size, fit)
+        paths = output_paths(args.out, item.name, args.save_reconstruction)
+        save_outputs(item, classes, result.reconstruction[k], paths, written)
+        rows.append(trust_signals(item.name, classes, encoder_classes, errors[k].tolist(), num_labels, reference,
+                                  args.flag_factor))
+        files[item.name] = (item.path, paths)
+        if truth is not None:
+            path, values = truth[item.key]
+            if values.shape != classes.shape:
+                raise data.DataError(f"{path}: mask is {values.shape[1]}x{values.shape[0]}, its image {item.path} "
+                                     f"{classes.shape[1]}x{classes.shape[0]}; save the mask at the image's size")
+            scores["optimised"].add(item.name, classes, values)
+            if "encoder_only" in scores:
+                scores["encoder_only"].add(item.name, encoder_classes, values)
+        item.image = None  # the tensors are not needed any more
+
+
+def write_summaries(args, argv, model_path, bundle, lpips_net, precision, class_names, scores, rows, files, written,
+                    reference, why_not, skipped, start):
+    """The table, metrics.*, segmentations.csv and the report for the images done; returns the last line."""
+    done = len(rows)
+    summary = f"done: {done} images segmented into {data.printable(args.out)} in {time.time() - start:.1f} s"
     results = None
-    if truth is not None and done:
+    if scores["optimised"].rows:  # with --eval
         results = {k: s.summary(class_names) for k, s in scores.items()}
         print_table(results, class_names, args.steps)
-        write_metrics(args.out, scores, results, class_names, argv, model_path, args.steps, done)
+        write_metrics(args.out, scores, results, class_names, argv, model_path, args.steps, done, written)
         summary += "; metrics.csv and metrics.json written"
     if done:
         flags = flag_summary(rows, reference, why_not, args.flag_factor)
         if reference:
             print(flags, flush=True)
-        write_segmentations(args.out, rows, class_names)
+        write_segmentations(args.out, rows, class_names, written)
         settings = report_settings(args, argv, model_path, bundle, lpips_net, precision, done, skipped, flags)
         write_report(args.out, rows, files, scores if results else None, class_names, settings,
-                     summary_html(results, class_names, args.steps) if results else "", args.steps)
-        summary += f"; segmentations.csv and the report {Path(args.out) / 'index.html'} written"
+                     summary_html(results, class_names, args.steps) if results else "", args.steps, written)
+        summary += f"; segmentations.csv and the report {data.printable(Path(args.out) / 'index.html')} written"
     if skipped:
-        summary += f"; skipped {len(skipped)} unreadable file(s), the first {skipped[0]}"
-    print(summary, flush=True)
-    return scores
+        summary += f"; skipped {len(skipped)} unreadable file(s), the first {data.printable(skipped[0])}"
+    return summary
 
 
 def build_parser():
@@ -750,7 +902,8 @@ def build_parser():
                             "(and score the masks).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or globs")
     p.add_argument("--model", default=None, help="model.pt of train_encoder.py (default: the newest under runs/)")
-    p.add_argument("--out", default="segmentations", help="output folder")
+    p.add_argument("--out", default="segmentations", help="output folder; it may lie inside an input folder "
+                   "(it is not read as input), never hold an input")
     p.add_argument("--steps", type=data.COUNT, default=100, help="optimisation steps (0: the encoder alone)")
     p.add_argument("--lr", type=data.POSITIVE, default=0.1)
     p.add_argument("--mse-weight", type=data.NON_NEGATIVE, default=0.1, help="lambda3")
@@ -775,7 +928,9 @@ def build_parser():
     p.add_argument("--flag-factor", type=data.POSITIVE, default=1.5,
                    help="flag an image whose encoder reconstruction error (LPIPS or MSE) is above this many times "
                         "the largest of the labeled training images' (stored in model.pt)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out: the files it "
+                   "wrote (listed in OUT/written.jsonl) are removed first; a file this tool did not write is never "
+                   "replaced")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
                    help="fp32 as the official code (the optimisation follows small gradients); bf16 autocast, "

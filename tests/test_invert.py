@@ -2,9 +2,13 @@
 good model): the loss falls, --steps 0 is the encoder alone, batches equal one image at a time, masks map
 back to the input's geometry, the scores equal hand-computed ones, and bad input ends in one line."""
 import csv
+import errno
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ import model
 import train_encoder
 
 R = 32
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_bundle(path, fit="pad", num_classes=3, channels=3):
@@ -235,16 +240,91 @@ def test_an_unreadable_file_among_many_is_skipped_unless_strict(bundle, tmp_path
     assert "broken.png" in line
 
 
-def test_existing_outputs_are_not_overwritten_without_overwrite(bundle, tmp_path, capsys):
-    write_images(tmp_path / "in", count=1)
-    run(tmp_path / "in", "--model", bundle, "--out", tmp_path / "out", "--steps", 0)
-    mask = tmp_path / "out" / "scene0.png"
-    Image.fromarray(np.full((R, R), 7, np.uint8)).save(mask)  # a mask the user edited
-    line = one_error_line(capsys, tmp_path / "in", "--model", bundle, "--out", tmp_path / "out", "--steps", 0)
-    assert "scene0.png exists" in line and "--overwrite" in line
-    assert (read_mask(mask) == 7).all()
-    run(tmp_path / "in", "--model", bundle, "--out", tmp_path / "out", "--steps", 0, "--overwrite")
-    assert not (read_mask(mask) == 7).all()
+def listing(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_an_earlier_run_is_replaced_whole_with_overwrite_and_never_a_file_it_did_not_write(bundle, tmp_path, capsys):
+    write_images(tmp_path / "in" / "images", count=2, masks=tmp_path / "in" / "masks")
+    out = tmp_path / "out"
+    run(tmp_path / "in" / "images", "--model", bundle, "--out", out, "--steps", 0, "--eval", tmp_path / "in")
+    first = listing(out)
+    assert "metrics.json" in first and "written.jsonl" in first
+    line = one_error_line(capsys, tmp_path / "in" / "images", "--model", bundle, "--out", out, "--steps", 0)
+    assert "earlier run" in line and "--overwrite" in line
+    assert listing(out) == first
+    # with --overwrite the earlier run goes whole: no metrics.* of it beside the new report, no mask of an
+    # image this run does not segment
+    os.remove(tmp_path / "in" / "images" / "scene1.png")
+    capsys.readouterr()
+    run(tmp_path / "in" / "images", "--model", bundle, "--out", out, "--steps", 0, "--overwrite")
+    assert "removed the earlier run's" in capsys.readouterr().out
+    assert listing(out) == ["index.html", "scene0.png", "scene0_color.png", "scene0_overlay.png",
+                            "segmentations.csv", "written.jsonl"]
+    # a file this tool did not write is never replaced, --overwrite or not
+    os.remove(out / "scene0_color.png")
+    Image.fromarray(np.full((R, R), 7, np.uint8)).save(out / "scene0_color.png")  # the user's own file
+    listed = (out / "written.jsonl").read_text().replace('"scene0_color.png"\n', "")
+    (out / "written.jsonl").write_text(listed)
+    line = one_error_line(capsys, tmp_path / "in" / "images", "--model", bundle, "--out", out, "--steps", 0,
+                          "--overwrite")
+    assert "scene0_color.png exists and was not written by invert.py" in line
+    assert (read_mask(out / "scene0_color.png") == 7).all() and (out / "scene0.png").exists()
+
+
+def test_an_out_that_is_or_holds_an_input_is_refused_whatever_the_flags(bundle, tmp_path, capsys):
+    write_images(tmp_path / "in", count=2)
+    before = {p: p.read_bytes() for p in (tmp_path / "in").iterdir()}
+    for out in (tmp_path / "in", tmp_path):
+        for flags in ([], ["--overwrite"]):
+            line = one_error_line(capsys, tmp_path / "in", "--model", bundle, "--out", out, "--steps", 0, *flags)
+            assert "inside --out" in line
+    line = one_error_line(capsys, tmp_path / "in" / "scene0.png", "--model", bundle, "--out", tmp_path / "in",
+                          "--steps", 0)
+    assert "inside --out" in line
+    write_images(tmp_path / "other", count=1)
+    line = one_error_line(capsys, tmp_path / "other", "--model", bundle, "--eval", tmp_path / "in", "--out",
+                          tmp_path / "in", "--steps", 0)
+    assert "holds --eval" in line
+    line = one_error_line(capsys, tmp_path / "other", "--model", bundle, "--out", Path(bundle).parent, "--steps", 0)
+    assert "holds --model" in line
+    (tmp_path / "a_file").write_text("x")
+    assert "is a file" in one_error_line(capsys, tmp_path / "in", "--model", bundle, "--out", tmp_path / "a_file",
+                                         "--steps", 0)
+    assert {p: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
+
+
+def test_an_out_inside_the_input_folder_is_not_read_as_input(bundle, tmp_path, capsys):
+    write_images(tmp_path / "in" / "images", count=2, masks=tmp_path / "in" / "masks")
+    for _ in range(2):
+        run(tmp_path / "in" / "images", "--model", bundle, "--out", tmp_path / "in" / "images" / "seg", "--steps", 0,
+            "--overwrite", "--eval", tmp_path / "in" / "masks")
+        out = capsys.readouterr().out
+        assert "semanticgan inversion: 2 images" in out
+    assert len([p for p in listing(tmp_path / "in" / "images" / "seg") if p.endswith(".png")]) == 6
+    run(str(tmp_path / "in" / "images" / "**" / "*.png"), "--model", bundle, "--out",
+        tmp_path / "in" / "images" / "seg", "--steps", 0, "--overwrite")
+    assert "semanticgan inversion: 2 images" in capsys.readouterr().out
+
+
+def test_output_names_are_unique_per_input(bundle, tmp_path, capsys):
+    folder = tmp_path / "in"
+    write_images(folder, count=3)
+    for k, name in enumerate(("scan", "scan_color", "scan_overlay")):
+        os.replace(folder / f"scene{k}.png", folder / f"{name}.png")
+    run(folder, "--model", bundle, "--out", tmp_path / "out", "--steps", 0, "--save-reconstruction")
+    assert "keep the extension" in capsys.readouterr().out
+    written = listing(tmp_path / "out")
+    for name in ("scan", "scan_color", "scan_overlay"):  # every input: its own four files, none shared
+        for suffix in ("", "_color", "_overlay", "_recon"):
+            assert f"{name}.png{suffix}.png" in written
+    # each mask is its own input's: the inputs differ, so their masks do
+    masks = [read_mask(tmp_path / "out" / f"{name}.png.png") for name in ("scan", "scan_color", "scan_overlay")]
+    direct = tmp_path / "single"
+    run(folder / "scan_color.png", "--model", bundle, "--out", direct, "--steps", 0)
+    assert np.array_equal(read_mask(direct / "scan_color.png"), masks[1])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "segmentations.csv")))
+    assert sorted(r["name"] for r in rows) == ["scan.png", "scan_color.png", "scan_overlay.png"]
 
 
 def test_without_model_the_newest_under_runs_is_used(bundle, tmp_path, capsys, monkeypatch):
@@ -582,3 +662,66 @@ def test_files_that_differ_only_in_their_extension_keep_it_and_webp_is_read(bund
     run(tmp_path / "in", "--split", tmp_path / "split.txt", "--model", bundle, "--out", tmp_path / "o2", "--steps", 0)
     assert sorted(p for p in os.listdir(tmp_path / "o2") if p.endswith(".png") and "_" not in p) == \
         ["scene0.jpg.png", "scene0.png.png"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names as they come: not UTF-8, long, spreadsheet formulas; a disk that fills up half way
+
+
+def test_a_name_that_is_not_utf8_is_segmented_named_and_reported(bundle, tmp_path):
+    """In a subprocess, with a UTF-8 locale: Python's stdout is then strict, as a user's terminal is."""
+    write_images(tmp_path / "in", count=2)
+    odd = os.fsdecode(b"lung_\xe9")
+    os.replace(tmp_path / "in" / "scene1.png", tmp_path / "in" / f"{odd}.png")
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": ""}
+    env.pop("PYTHONUTF8", None)
+    done = subprocess.run([sys.executable, "invert.py", str(tmp_path / "in"), "--model", bundle, "--out",
+                           str(tmp_path / "out"), "--steps", "0", "--device", "cpu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, errors="replace")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "done: 2 images" in done.stdout
+    assert (tmp_path / "out" / f"{odd}.png").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "out" / "segmentations.csv", encoding="utf-8")))
+    assert sorted(r["name"] for r in rows) == ["lung_\\xe9", "scene0"]
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "lung_%E9.png" in page  # the link to the file, by its bytes
+
+
+def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_any_work(bundle, tmp_path, capsys):
+    write_images(tmp_path / "in", count=2)
+    long_stem = "x" * 248  # a legal name: 248 + ".png"; its overlay's name is not: 248 + "_overlay.png"
+    os.replace(tmp_path / "in" / "scene1.png", tmp_path / "in" / f"{long_stem}.png")
+    line = one_error_line(capsys, tmp_path / "in", "--model", bundle, "--out", tmp_path / "out", "--steps", 0)
+    assert f"{long_stem}_overlay.png" in line and "shorter name" in line
+    assert not (tmp_path / "out").exists() or listing(tmp_path / "out") in ([], ["written.jsonl"])
+
+
+def test_a_write_that_fails_half_way_keeps_the_images_done_and_their_report(bundle, tmp_path, capsys, monkeypatch):
+    write_images(tmp_path / "in", count=3)
+    real_save = data.save_png
+
+    def full_disk(pixels, path):
+        if Path(path).name.startswith("scene2"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(pixels, path)
+
+    monkeypatch.setattr(data, "save_png", full_disk)
+    line = one_error_line(capsys, tmp_path / "in", "--model", bundle, "--out", tmp_path / "out", "--steps", 0,
+                          "--batch", 1)
+    assert "No space left on device" in line and "the 2 images before it are complete" in line
+    rows = list(csv.DictReader(open(tmp_path / "out" / "segmentations.csv")))
+    assert [r["name"] for r in rows] == ["scene0", "scene1"]
+    assert (tmp_path / "out" / "scene1_overlay.png").is_file() and (tmp_path / "out" / "index.html").is_file()
+
+
+def test_names_that_a_spreadsheet_would_run_as_formulas_are_written_as_text(bundle, tmp_path):
+    images, masks = tmp_path / "in" / "images", tmp_path / "in" / "masks"
+    write_images(images, count=4, masks=masks)
+    names = ["=1+1", "+cmd", "-2", "@SUM(A1)"]
+    for k, name in enumerate(names):
+        for folder in (images, masks):
+            os.replace(folder / f"scene{k}.png", folder / f"{name}.png")
+    run(images, "--model", bundle, "--out", tmp_path / "out", "--steps", 0, "--eval", tmp_path / "in")
+    for table in ("segmentations.csv", "metrics.csv"):
+        cells = sorted(r["name"] for r in csv.DictReader(open(tmp_path / "out" / table)))
+        assert cells == sorted("'" + n for n in names), table
