@@ -51,7 +51,7 @@ What `build_datasets` makes of them
   the largest value in (up to 64) masks + 1. `--class-map` is a table name (`celebamask19to8`), a file of
   `SRC:DST` lines or inline `255:1,128:2`; values it does not list keep their value. K counts the
   background: a binary task has K = 2 (its generator then has one mask channel: model.mask_channels).
-* `--labels N` keeps N labeled pairs, chosen by a fixed seed (`--labels-seed`, default 0, independent of
+* `--num-labels N` keeps N labeled pairs, chosen by a fixed seed (`--labels-seed`, default 0, independent of
   the training `--seed`): the N pairs are the first N of one seeded permutation, so 9 of them are inside
   the 35, which are inside the 175; the masks of the other pairs are hidden, their images stay unlabeled.
 * `--split FILE` keeps the labeled pairs named in FILE (one name per line, extension optional);
@@ -490,8 +490,8 @@ def choose_labeled_subset(pairs, count, seed=0):
     """`count` pairs: the first `count` of one seeded permutation of the name-sorted pairs, so that a
     smaller subset is always inside a larger one. Returned in name order."""
     if count > len(pairs):
-        raise DataError(f"--labels {count}: only {len(pairs)} labeled pairs are there; pass at most "
-                        f"--labels {len(pairs)}")
+        raise DataError(f"--num-labels {count}: only {len(pairs)} labeled pairs are there; pass at most "
+                        f"--num-labels {len(pairs)}")
     order = np.random.default_rng(seed).permutation(len(pairs))[:count]
     return [pairs[i] for i in sorted(order)]
 
@@ -802,8 +802,8 @@ def add_data_args(parser, resolutions=None):
     scripts); otherwise any size of 4 pixels or more."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="PATH", help="a folder of images (searched recursively), a "
-                       "labeled folder (images/ + masks/; then it is also --labeled), or 'demo'")
-    group.add_argument("--labeled", metavar="DIR", help="a labeled folder (images/NAME.* + masks/NAME.png) "
+                       "labeled folder (images/ + masks/; then it is also --labeled-dir), or 'demo'")
+    group.add_argument("--labeled-dir", metavar="DIR", help="a labeled folder (images/NAME.* + masks/NAME.png) "
                        "when --data is the unlabeled pool")
     size = dict(type=int, choices=resolutions) if resolutions else dict(type=number(int, low=4))
     group.add_argument("--resolution", default=256, help="square size R (default 256)", **size)
@@ -813,9 +813,9 @@ def add_data_args(parser, resolutions=None):
                        help="classes including background; default: from --class-map, classes.txt or the masks")
     group.add_argument("--class-map", default=None, metavar="MAP", help="merge classes: "
                        f"{', '.join(CLASS_MAPS)}, a file of SRC:DST lines, or SRC:DST,SRC:DST")
-    group.add_argument("--labels", type=COUNT, default=None, metavar="N",
+    group.add_argument("--num-labels", type=COUNT, default=None, metavar="N",
                        help="keep N labeled pairs (a fixed seeded subset; smaller sets nest in larger ones)")
-    group.add_argument("--labels-seed", type=COUNT, default=0, help="seed of the --labels subset (default 0)")
+    group.add_argument("--labels-seed", type=COUNT, default=0, help="seed of the --num-labels subset (default 0)")
     group.add_argument("--split", metavar="FILE", help="keep the labeled pairs named in FILE (one per line)")
     group.add_argument("--fit", choices=FITS, default="pad",
                        help="non-square images: pad (default), centre crop, or stretch")
@@ -863,14 +863,14 @@ def build_datasets(args, augment=None, replace_unreadable=False):
         return build_demo(args, resolution, use_augment, evaluation=augment is False)
 
     data_folder = existing_folder(source, "--data")
-    labeled_folder = existing_folder(args.labeled, "--labeled") if option(args, "labeled") else None
+    labeled_folder = existing_folder(args.labeled_dir, "--labeled-dir") if option(args, "labeled_dir") else None
     if labeled_folder is None and is_labeled_folder(data_folder):
         labeled_folder = data_folder
     if labeled_folder is not None and not is_labeled_folder(labeled_folder):
         raise DataError(f"{labeled_folder}: not a labeled folder: expected {labeled_folder}/images and "
                         f"{labeled_folder}/masks")
 
-    # labeled pairs: the folder, then --split, then --labels
+    # labeled pairs: the folder, then --split, then --num-labels
     pairs, left_out = [], []
     if labeled_folder is not None:
         pairs = index_labeled_folder(labeled_folder, option(args, "skip_unpaired", False))
@@ -886,10 +886,10 @@ def build_datasets(args, augment=None, replace_unreadable=False):
             left_out = [p for p in pairs if p.name not in wanted]
             pairs = [p for p in pairs if p.name in wanted]
     labeled_total, all_pairs = len(pairs), pairs
-    labels = option(args, "labels")
+    labels = option(args, "num_labels")
     if labels is not None:
         if labels < 0:
-            raise DataError(f"--labels {labels}: give a count of labeled pairs (0 or more)")
+            raise DataError(f"--num-labels {labels}: give a count of labeled pairs (0 or more)")
         pairs = choose_labeled_subset(pairs, labels, option(args, "labels_seed", 0))
 
     # the unlabeled pool: every image, the labeled ones included, minus those --split left out
@@ -915,7 +915,7 @@ def build_datasets(args, augment=None, replace_unreadable=False):
     if option(args, "class_map"):
         class_map, class_names = parse_class_map(args.class_map)
     num_classes, classes_from = option(args, "num_classes"), "--num-classes"
-    if num_classes is None and all_pairs:  # from all pairs, so that --labels 9 cannot miss a rare class
+    if num_classes is None and all_pairs:  # from all pairs, so that --num-labels 9 cannot miss a rare class
         num_classes, classes_from, class_names = infer_num_classes(all_pairs, labeled_folder, class_map,
                                                                    class_names)
     if class_names is None and labeled_folder is not None and class_map is None:
@@ -943,15 +943,15 @@ def build_datasets(args, augment=None, replace_unreadable=False):
 
 
 def build_demo(args, resolution, use_augment, evaluation=False):
-    if option(args, "labeled") or option(args, "class_map") or option(args, "split"):
-        raise DataError("--data demo makes its own labels: leave out --labeled, --class-map and --split")
+    if option(args, "labeled_dir") or option(args, "class_map") or option(args, "split"):
+        raise DataError("--data demo makes its own labels: leave out --labeled-dir, --class-map and --split")
     channels = option(args, "channels") or 3
     num_classes = option(args, "num_classes") or 4
     length = option(args, "demo_length", 1000)
-    labels = option(args, "labels")
+    labels = option(args, "num_labels")
     labels = length if labels is None else labels
     if not 0 <= labels <= length:
-        raise DataError(f"--labels {labels}: the demo has {length} images (--demo-length)")
+        raise DataError(f"--num-labels {labels}: the demo has {length} images (--demo-length)")
     flip = option(args, "flip")
     flip = (channels == 3) if flip is None else flip
     flip_unlabeled = flip and not evaluation
@@ -971,23 +971,23 @@ def build_validation(args, source=None):
     """(dataset of (image, mask) pairs, where they come from) to validate on, never augmented, or (None, why).
 
     `source`: a labeled folder, or a split file naming pairs of the labeled folder (`data.py split`'s
-    val.txt). Without it: the labeled pairs that --labels left unused (their masks never reach training,
+    val.txt). Without it: the labeled pairs that --num-labels left unused (their masks never reach training,
     their images are in the unlabeled pool, as in the paper). Pairs that --split leaves out are never
     taken on their own: they may be the test set."""
     evaluation = argparse.Namespace(**vars(args))
-    evaluation.labels = None
+    evaluation.num_labels = None
     if source and Path(source).is_file():
         evaluation.split = source
         labeled = build_datasets(evaluation, augment=False)[0]
         return labeled, f"{source} ({len(labeled)} pairs)"
     if source:
-        evaluation.data, evaluation.labeled, evaluation.split = source, None, None
+        evaluation.data, evaluation.labeled_dir, evaluation.split = source, None, None
         if not is_labeled_folder(existing_folder(source, "--val")):
             raise DataError(f"{source}: --val needs a labeled folder (images/ + masks/) or a split file")
         labeled = build_datasets(evaluation, augment=False)[0]
         return labeled, f"{source} ({len(labeled)} pairs)"
-    if option(args, "labels") is None:
-        return None, "every labeled pair trains; pass --labels N to hold the others back, or --val"
+    if option(args, "num_labels") is None:
+        return None, "every labeled pair trains; pass --num-labels N to hold the others back, or --val"
     every = build_datasets(evaluation, augment=False)[0]
     chosen = build_datasets(args, augment=False)[0]
     if isinstance(every, DemoDataset):
@@ -996,8 +996,8 @@ def build_validation(args, source=None):
         names = set() if chosen is None else {p.name for p in chosen.pairs}
         held = [i for i, pair in enumerate(every.pairs) if pair.name not in names]
     if not held:
-        return None, "--labels keeps every labeled pair; pass --val"
-    return Subset(every, held), f"the {len(held)} labeled pairs that --labels {args.labels} leaves unused"
+        return None, "--num-labels keeps every labeled pair; pass --val"
+    return Subset(every, held), f"the {len(held)} labeled pairs that --num-labels {args.num_labels} leaves unused"
 
 
 def evenly_spaced(items, count):
@@ -1103,7 +1103,7 @@ def leave_signals_to_the_main_process(worker_id):
 class InfiniteLoader:
     """Batches of `dataset` forever: each epoch a new permutation (seed + epoch) split over `world_size`
     ranks by DistributedSampler, incomplete batches dropped; a dataset smaller than one global batch is
-    repeated (as the official code does), so that --labels 9 with batch 16 works.
+    repeated (as the official code does), so that --num-labels 9 with batch 16 works.
 
     `indices` are the dataset indices of the batch last yielded: a dataset smaller than a global batch
     repeats its samples, and the indices tell which ones are the same image.

@@ -11,8 +11,8 @@ truncation, and a run with others into the same OUT is refused, as is an OUT wit
 --truncation 0.7 pulls every w towards the mean latent (typical, cleaner pairs);
 --truncation 1 keeps G's full diversity. The mask is the argmax of the mask logits (one class: logit > 0).
 
-Needs: model.py (the networks, reading a checkpoint or model.pt) and data.py (writing PNGs); never the
-training scripts.
+Needs: model.py (the networks, reading a checkpoint or model.pt), weights.py (an official checkpoint) and
+data.py (writing PNGs); never the training scripts.
 """
 
 import argparse
@@ -27,6 +27,7 @@ import torch
 
 import data
 import model
+import weights
 
 
 def load_any_generator(path, device):
@@ -42,7 +43,7 @@ def load_any_generator(path, device):
         G = model.Generator(**ckpt["generator"])
         G.load_state_dict(ckpt["G_ema"])
         return G.to(device).eval().requires_grad_(False)
-    return model.load_generator(ckpt, path, device)
+    return model.load_generator(weights.as_stage1(ckpt, path), path, device)
 
 
 def pair_seed(seed, index):

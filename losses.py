@@ -21,8 +21,8 @@ stays the same. For D_m, R1 differentiates w.r.t. the image and the mask of the 
 official code differentiates: the sum over the three scales of the logits' mean over batch and patches
 (d_m_score). Each sample's gradient then carries a factor 1/B, so the penalty is 1/B^2 of the per-sample R1
 that D_r gets: at the official batch of 16 per GPU, gamma 10 amounts to 10 / 256 = 0.039 per sample (and
-it changes with --batch). `per_sample=True` multiplies the score by B, which gives the per-sample R1 of
-StyleGAN2 with the full gamma (B^2 = 256 times the official penalty at batch 16).
+it changes with --batch); StyleGAN2's per-sample R1 with the full gamma would be B^2 = 256 times the
+official penalty at batch 16 (tried: ragged masks, docs/mask-branch-stability.md).
 
 Masks (stage 2, train_encoder.py), as the official encoder training computes them: cross-entropy on
 logits / 0.1 (binary on logits / 0.3 for K = 1) and V-Net's squared Dice on sigmoid(logits / 0.3) per channel,
@@ -105,12 +105,10 @@ def r1_penalty(score, inputs):
     return sum(g.float().square().flatten(1).sum(1) for g in grads).mean()
 
 
-def d_m_score(outputs, per_sample=False):
+def d_m_score(outputs):
     """The D_m scalar R1 differentiates: the sum over scales of the mean logit over batch and patches (the
-    official train_seg_gan.py), or that times the batch size with `per_sample` (a per-sample gradient, as
-    for D_r). The module docstring says what each amounts to."""
-    score = sum(scale[-1].float().mean() for scale in outputs)
-    return score * outputs[0][-1].shape[0] if per_sample else score
+    official train_seg_gan.py). The module docstring says what it amounts to per sample."""
+    return sum(scale[-1].float().mean() for scale in outputs)
 
 
 def path_length_penalty(images, w_plus, mean_path_length, decay=0.01, sync=True):

@@ -49,7 +49,7 @@ Long runs behave as train_gan.py's: SIGTERM or Ctrl-C ends the step with a check
 rank at the same step), unreadable pool images are replaced and counted (--max-unreadable), `--resume
 auto --new-data` continues over changed data, and a checkpoint that cannot be written stops the run.
 
-Needs: train_gan.py (the data streams, checkpoints, stopping on a signal, the progress line), model.py (the
+Needs: training.py (the data streams, checkpoints, stopping on a signal, the progress line), model.py (the
 networks, reading checkpoints and model.pt), losses.py, data.py.
 """
 
@@ -58,20 +58,17 @@ import contextlib
 import math
 import os
 import random
-import sys
-import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
 import data
 import losses
 import model
-import train_gan
-from train_gan import TrainingError, unwrap
+import training
+import weights
 
 # ----------------------------------------------------------------------------------------------------
 # The frozen generator and the encoder
@@ -280,7 +277,7 @@ def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=Non
                 labeled_errors=None):
     """What invert.py needs and nothing else: state_dicts and plain data (weights_only=True loads it); the keys
     are listed at model.BUNDLE_FORMAT."""
-    E = unwrap(E)
+    E = training.unwrap(E)
     return {"format": model.BUNDLE_FORMAT, "G_ema": G.state_dict(), "generator": G.config, "E": E.state_dict(),
             "encoder": E.config, "mean_latent": E.latent_avg.detach().cpu().clone(),
             "preprocessing": {"resolution": G.resolution, "channels": G.image_channels, "fit": fit},
@@ -290,173 +287,145 @@ def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=Non
 
 
 def save_bundle(bundle, path):
-    train_gan.save_checkpoint(bundle, path, keep=None)
+    training.save_checkpoint(bundle, path, keep=None)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The training loop
 
 
-# Stage-1 options that stage 2 inherits unless given: the same data, the same labeled subset.
-INHERITED = ("data", "labeled", "resolution", "channels", "num_classes", "class_map", "labels", "labels_seed",
-             "split", "fit", "augment", "flip", "skip_unpaired", "demo_length")
+# Stage-1 options that stage 2 inherits unless given: the same data, the same labeled subset. Checkpoints of
+# before 2026-12-06 name two of them as the options were then called (OLD_NAMES).
+INHERITED = ("data", "labeled_dir", "resolution", "channels", "num_classes", "class_map", "num_labels",
+             "labels_seed", "split", "fit", "augment", "flip", "skip_unpaired", "demo_length")
+OLD_NAMES = {"labeled": "labeled_dir", "labels": "num_labels"}
 
 
-def train(args, ckpt):
-    rank, world, device = train_gan.setup_distributed()
-    try:
-        return _train(args, ckpt, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def check_fits(args, G, info, labeled):
+    """The data must be what G generates: its resolution, image channels and classes."""
+    if labeled is None:
+        raise training.TrainingError("stage 2 needs labeled pairs for the mask losses: pass --labeled-dir (or "
+                                     "--num-labels N > 0)")
+    if args.resolution != G.resolution:
+        raise training.TrainingError(f"{args.ckpt} generates {G.resolution} px images, not --resolution "
+                                     f"{args.resolution}: leave --resolution out (it is taken from the checkpoint) "
+                                     f"or pass {G.resolution}")
+    if info["channels"] != G.image_channels:
+        raise training.TrainingError(f"the data has {info['channels']} image channels, {args.ckpt} generates "
+                                     f"{G.image_channels}: pass --channels {G.image_channels} or the data stage 1 "
+                                     "trained on")
+    classes = losses.label_count(G.num_classes)
+    if info["num_classes"] != classes:
+        raise training.TrainingError(f"the data has {info['num_classes']} classes, {args.ckpt} generates masks of "
+                                     f"{classes}: pass --num-classes {classes} (or the stage-1 --class-map)")
+
+
+def restore(resume, args, G, E, optimizers):
+    """The encoder, G_ema and both optimisers from a stage-2 checkpoint trained with the same encoder, batch and
+    optimiser; returns the checkpoint."""
+    state = model.load_checkpoint(resume)
+    if not isinstance(state, dict) or state.get("stage") != "encoder":
+        raise training.TrainingError(f"{resume} is not a checkpoint of train_encoder.py; pass another --resume")
+    saved = dict(state["args"])
+    if isinstance(saved.get("encoder_units"), str):  # checkpoints before the option was parsed: "3,4,14,3"
+        saved["encoder_units"] = tuple(int(u) for u in saved["encoder_units"].split(","))
+    for key in ("encoder_units", "max_channels", "batch", "optimizer"):
+        if saved.get(key) != getattr(args, key):
+            raise training.TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
+                                         f"{saved.get(key)}, not {getattr(args, key)}: pass the same value to resume")
+    G.load_state_dict(state["G_ema"])
+    E.load_state_dict(state["E"])
+    for optimizer, saved in zip(optimizers, state["optimizers"]):
+        optimizer.load_state_dict(saved)
+    return state
+
+
+def announce(args, info, G, E, world, device, precision, temperatures, validation_source):
+    print(f"semanticgan stage 2: encoder for {args.ckpt} ({G.resolution} px, {G.image_channels} image channels, "
+          f"{info['num_classes']} classes, {G.num_classes} mask channel(s)); {world} process(es) on {device.type}, "
+          f"batch {args.batch} unlabeled + {args.batch} labeled per process; precision {precision}; "
+          f"{args.iter} steps; data: {info['labeled_count']} labeled pairs and {info['unlabeled_count']} images "
+          f"from {info['source']}; validation: {validation_source}", flush=True)
+    lpips_note = " (an UNTRAINED backbone: for tests and offline demos)" if args.lpips == "random" else ""
+    print(f"E {sum(p.numel() for p in E.parameters()):,} parameters, {args.optimizer}; LPIPS {args.lpips}{lpips_note}; "
+          f"mask temperatures CE {temperatures[0]}, Dice {temperatures[1]}", flush=True)
 
 
 def _train(args, ckpt, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial encoder on every rank
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train_gan.check_out_apart(args.out, ("--data", args.data), ("--labeled", args.labeled), ("--val", args.val))
-    train_gan.writable_folder(args.out)
-    resume = train_gan.find_resume(args)  # also: never a fresh run among another run's checkpoints
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    training.check_out_apart(args.out, ("--data", args.data), ("--labeled-dir", args.labeled_dir), ("--val", args.val))
+    training.writable_folder(args.out)
+    resume = training.find_resume(args)  # also: never a fresh run among another run's checkpoints
     G = model.load_generator(ckpt, args.ckpt, device)
     labeled, unlabeled, info = data.build_datasets(args, replace_unreadable=True)
-    if labeled is None:
-        raise TrainingError("stage 2 needs labeled pairs for the mask losses: pass --labeled (or --labels N > 0)")
-    if args.resolution != G.resolution:
-        raise TrainingError(f"{args.ckpt} generates {G.resolution} px images, not --resolution {args.resolution}: "
-                            f"leave --resolution out (it is taken from the checkpoint) or pass {G.resolution}")
-    if info["channels"] != G.image_channels:
-        raise TrainingError(f"the data has {info['channels']} image channels, {args.ckpt} generates "
-                            f"{G.image_channels}: pass --channels {G.image_channels} or the data stage 1 trained on")
-    classes = losses.label_count(G.num_classes)
-    if info["num_classes"] != classes:
-        raise TrainingError(f"the data has {info['num_classes']} classes, {args.ckpt} generates masks of {classes}: "
-                            f"pass --num-classes {classes} (or the stage-1 --class-map)")
+    check_fits(args, G, info, labeled)
     validation, validation_source = data.build_validation(args, args.val)
     temperatures = mask_temperatures(args, ckpt["args"], G.num_classes)
     percept = losses.Perceptual(args.lpips).to(device)
-
     E = model.Encoder(**encoder_config(args, G)).to(device)
     E.latent_avg.copy_(G.mean_latent(4096, device)[0])  # start every image at the mean latent
     optimizers = (build_optimizer(args, E), build_optimizer(args, E))
     autocast, precision = model.make_autocast(args, device)
-    labeled_stream, unlabeled_stream = train_gan.open_streams(args, labeled, unlabeled, rank, world, args.seed)
-    step, best = 0, None
+    streams = training.open_streams(args, labeled, unlabeled, rank, world, args.seed)
+    step, best, state = 0, {"score": None, "due": False}, {}
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise
     random.seed(args.seed + rank)
-
     if resume:
-        state = model.load_checkpoint(resume)
-        if not isinstance(state, dict) or state.get("stage") != "encoder":
-            raise TrainingError(f"{resume} is not a checkpoint of train_encoder.py; pass another --resume")
-        saved = dict(state["args"])
-        if isinstance(saved.get("encoder_units"), str):  # checkpoints before the option was parsed: "3,4,14,3"
-            saved["encoder_units"] = tuple(int(u) for u in saved["encoder_units"].split(","))
-        for key in ("encoder_units", "max_channels", "batch", "optimizer"):
-            if saved.get(key) != getattr(args, key):
-                raise TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
-                                    f"{saved.get(key)}, not {getattr(args, key)}: pass the same value to resume")
-        G.load_state_dict(state["G_ema"])
-        E.load_state_dict(state["E"])
-        for optimizer, saved in zip(optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
-        step, best = state["step"], state["best"]
-        labeled_stream, unlabeled_stream = train_gan.resumed_streams(args, state, labeled, unlabeled, rank, world)
-        if len(state["rng"]) == world:
-            train_gan.set_rng_state(state["rng"][rank])
-        else:
-            torch.manual_seed(args.seed + rank + 7919 * step)
-            random.seed(args.seed + rank + 7919 * step)
-        if rank == 0:
-            fresh = " with fresh data streams (--new-data)" if args.new_data else ""
-            print(f"resumed from {resume} at step {step}{fresh}", flush=True)
-            aside = train_gan.set_aside_later_snapshots(args.out, step, also=("model.pt", "best.pt"))
-            if aside:
-                print(f"rolled back: the later snapshots of {args.out} moved to {aside}", flush=True)
-
-    net = E
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(E, device_ids=[device.index] if device.type == "cuda" else None)
+        state = restore(resume, args, G, E, optimizers)
+        step, best["score"] = state["step"], state["best"]
+        streams = training.resumed_streams(args, state, labeled, unlabeled, rank, world)
+        training.restore_rng_states(state["rng"], rank, world, args.seed, step)
+        training.resumed(args, resume, step, rank, also=("model.pt", "best.pt"))
+    net = E if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        E, device_ids=[device.index] if device.type == "cuda" else None)
     plain_labeled, plain_unlabeled, _ = data.build_datasets(args, augment=False)
-    grid_labeled = fixed_samples(validation if validation is not None else plain_labeled, args.grid)
-    grid_unlabeled = fixed_samples(plain_unlabeled, args.grid)
-    images_per_step = 2 * args.batch * world  # an unlabeled and a labeled batch
+    grid = (fixed_samples(validation if validation is not None else plain_labeled, args.grid),
+            fixed_samples(plain_unlabeled, args.grid))
     if rank == 0:
-        print(f"semanticgan stage 2: encoder for {args.ckpt} ({G.resolution} px, {G.image_channels} image channels, "
-              f"{classes} classes, {G.num_classes} mask channel(s)); {world} process(es) on {device.type}, "
-              f"batch {args.batch} unlabeled + {args.batch} labeled per process; precision {precision}; "
-              f"{args.iter} steps; data: {info['labeled_count']} labeled pairs and {info['unlabeled_count']} images "
-              f"from {info['source']}; validation: {validation_source}", flush=True)
-        lpips_note = " (an UNTRAINED backbone: for tests and offline demos)" if args.lpips == "random" else ""
-        print(f"E {sum(p.numel() for p in E.parameters()):,} parameters, {args.optimizer}; LPIPS {args.lpips}{lpips_note}; "
-              f"mask temperatures CE {temperatures[0]}, Dice {temperatures[1]}", flush=True)
-    progress = train_gan.Progress(os.path.join(args.out, "log.jsonl"), images_per_step, args.iter, step, device,
-                                  elapsed=state.get("elapsed", 0.0) if resume else 0.0,
-                                  tensorboard=train_gan.tensorboard_writer(args, rank, step))
+        announce(args, info, G, E, world, device, precision, temperatures, validation_source)
+    progress = training.Progress(os.path.join(args.out, "log.jsonl"), 2 * args.batch * world, args.iter, step, device,
+                                 elapsed=state.get("elapsed", 0.0), tensorboard=training.tensorboard_writer(args, rank, step))
 
-    def bundle(at, validated=None):
-        return make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, at, validated, vars(args),
-                           ckpt["args"], labeled_errors(E, G, percept, plain_labeled, args.batch, device))
+    def one_step(step, unlabeled_images, labeled_pair, identities):
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+        batch = (unlabeled_images.to(device, non_blocking=True), *(t.to(device, non_blocking=True) for t in labeled_pair))
+        return train_step(net, G, percept, optimizers, batch, args, temperatures, autocast)
 
-    last_log = time.time()
-    labeled_iter, unlabeled_iter = iter(labeled_stream), iter(unlabeled_stream)
-    stopper, agree = train_gan.StopOnSignal(), train_gan.Agreement(world, device, 2)
-    try:
-        while step < args.iter:
-            stopper.step_started()
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, args)
-            unlabeled_images = next(unlabeled_iter).to(device, non_blocking=True)
-            train_gan.warn_unreadable(unlabeled_stream)
-            labeled_images, labeled_masks = (t.to(device, non_blocking=True) for t in next(labeled_iter))
-            progress.add(train_step(net, G, percept, optimizers, (unlabeled_images, labeled_images, labeled_masks),
-                                    args, temperatures, autocast))
-            step += 1
+    def measure(step, checkpoint):  # the encoder alone as a segmenter, every rank the same numbers
+        if validation is None or not (step % args.val_every == 0 or step == args.iter):
+            return {}
+        validated = validate(E, G, validation, args.batch, device, autocast)
+        if args.own_samples:
+            validated.update(own_sample_score(E, G, args.own_samples, args.batch, device, autocast))
+        score = next(iter(validated.values()))
+        best["due"] = best["score"] is None or score > best["score"]
+        best["score"] = score if best["due"] else best["score"]
+        return {k: torch.tensor(v) for k, v in validated.items()}
 
-            stop, log_due = agree(stopper.step_ended(), time.time() - last_log >= args.log_every)
-            if stop:
-                stopper.disarm()  # the step ended: what is left is the checkpoint
-            validated = None
-            if validation is not None and (step % args.val_every == 0 or step == args.iter):
-                validated = validate(E, G, validation, args.batch, device, autocast)  # every rank: same numbers
-                if args.own_samples:
-                    validated.update(own_sample_score(E, G, args.own_samples, args.batch, device, autocast))
-                progress.add({k: torch.tensor(v) for k, v in validated.items()}, measured=True)
-            snapshot = step % args.snap_every == 0 or step == args.iter or stop
-            if snapshot or validated or log_due:
-                progress.report(step, rank, world, {"unreadable_images": len(unlabeled_stream.unreadable)})
-                last_log = time.time()
-            score = None if validated is None else next(iter(validated.values()))
-            if rank == 0 and score is not None and (best is None or score > best):
-                best = score
-                save_bundle(bundle(step, validated), os.path.join(args.out, "best.pt"))
-            if snapshot:
-                rngs = [train_gan.rng_state()]
-                if world > 1:
-                    rngs = [None] * world
-                    dist.all_gather_object(rngs, train_gan.rng_state())
-                if rank == 0:
-                    payload = {"stage": "encoder", "E": E.state_dict(), "G_ema": G.state_dict(),
-                               "optimizers": [o.state_dict() for o in optimizers], "step": step, "best": best,
-                               "labeled_stream": labeled_stream.state_dict(),
-                               "unlabeled_stream": unlabeled_stream.state_dict(), "rng": rngs,
-                               "elapsed": progress.elapsed(), "args": {k: v for k, v in vars(args).items()}}
-                    train_gan.save_checkpoint(payload, train_gan.checkpoint_path(args.out, step), args.keep)
-                    save_bundle(bundle(step), os.path.join(args.out, "model.pt"))
-                    if not stop:  # the grid after the checkpoint: a preempted job has seconds left
-                        grid_path = os.path.join(args.out, f"samples-{step:08d}.png")
-                        save_grid(E, G, grid_labeled, grid_unlabeled, grid_path, args.batch, autocast)
-                        progress.image("samples", grid_path, step)
-                if world > 1:
-                    dist.barrier()
-                if stop:
-                    raise train_gan.Stopped(stopper.signum, step, args.out)
-    finally:
-        stopper.restore()
-        progress.close()
+    def checkpoint_state(step):
+        return {"stage": "encoder", "E": E.state_dict(), "G_ema": G.state_dict(),
+                "optimizers": [o.state_dict() for o in optimizers], "best": best["score"]}
+
+    def write(step, measured, checkpoint, stopping):
+        def bundle(validated=None):
+            return make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, step, validated, vars(args),
+                               ckpt["args"], labeled_errors(E, G, percept, plain_labeled, args.batch, device))
+        if measured and best["due"]:
+            save_bundle(bundle({k: v.item() for k, v in measured.items()}), os.path.join(args.out, "best.pt"))
+        if checkpoint:
+            save_bundle(bundle(), os.path.join(args.out, "model.pt"))
+        if checkpoint and not stopping:
+            grid_path = os.path.join(args.out, f"samples-{step:08d}.png")
+            save_grid(E, G, *grid, grid_path, args.batch, autocast)
+            progress.image("samples", grid_path, step)
+
+    step = training.train_loop(args, step, args.iter, args.snap_every, progress, streams, one_step, measure,
+                               checkpoint_state, write, rank, world, device)
     if rank == 0:
-        best_text = f"; best validation {best:.4f} in best.pt" if best is not None else ""
+        best_text = f"; best validation {best['score']:.4f} in best.pt" if best["score"] is not None else ""
         print(f"done: {step} steps; model.pt, checkpoints and samples in {args.out}{best_text}", flush=True)
     return {"E": E, "G_ema": G}
 
@@ -495,7 +464,7 @@ def build_parser():
     g.add_argument("--clip-unlabeled", type=data.POSITIVE, default=2.0, help="gradient-norm clip of the unlabeled step")
     g.add_argument("--clip-labeled", type=data.POSITIVE, default=5.0, help="gradient-norm clip of the labeled step")
     g.add_argument("--val", default=None, help="a labeled folder or a split file to validate on (default: the "
-                   "labeled pairs --labels leaves unused)")
+                   "labeled pairs --num-labels leaves unused)")
     g.add_argument("--val-every", type=data.POSITIVE_INT, default=100, help="steps between validations")
     g.add_argument("--own-samples", type=data.COUNT, default=128,
                    help="at every validation, also score E on this many of G's own samples: G_y(w) against "
@@ -512,10 +481,6 @@ def build_parser():
     g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
     g.add_argument("--tensorboard", action="store_true", help="also write the progress numbers, the validation "
                    "score and the sample grids as TensorBoard event files in --out (needs pip install tensorboard)")
-    b = p.add_argument_group("benchmark (instead of training; no checkpoint needed)")
-    b.add_argument("--benchmark", action="store_true", help="time the training step at --resolution on synthetic "
-                   "data with random config-f G and E (--max-channels narrows both) and exit")
-    b.add_argument("--bench-steps", type=data.POSITIVE_INT, default=20)
     n = p.add_argument_group("encoder (default: pSp's IR-SE-50; narrow it for CPU demos)")
     n.add_argument("--encoder-units", type=data.number_list(int, low=1, count=4), default="3,4,14,3",
                    help="IR-SE units in the four stages")
@@ -526,24 +491,25 @@ def build_parser():
 def parse_args(argv=None):
     """(args, stage-1 checkpoint): the data options left out are taken from the checkpoint's arguments."""
     args = build_parser().parse_args(argv)
-    if args.benchmark:
-        return args, None
     if not args.ckpt:
-        raise TrainingError("pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run (stage 2 trains against it)")
+        raise training.TrainingError("pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run (stage 2 trains "
+                                     "against it)")
     if os.path.isdir(args.ckpt):  # a stage-1 output folder: its latest checkpoint
-        found = train_gan.list_checkpoints(args.ckpt)
+        found = training.list_checkpoints(args.ckpt)
         if not found:
-            raise TrainingError(f"{args.ckpt}: no checkpoint-STEP.pt in this folder; pass a train_gan.py --out folder "
-                                "or checkpoint")
+            raise training.TrainingError(f"{args.ckpt}: no checkpoint-STEP.pt in this folder; pass a train_gan.py "
+                                         "--out folder or checkpoint")
         args.ckpt = found[-1]
     if not os.path.isfile(args.ckpt):
-        raise TrainingError(f"{args.ckpt}: no such file; pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run")
+        raise training.TrainingError(f"{args.ckpt}: no such file; pass --ckpt OUT/checkpoint-STEP.pt of a "
+                                     "train_gan.py run")
     ckpt = model.load_checkpoint(args.ckpt, "pass --ckpt OUT/checkpoint-STEP.pt of a complete train_gan.py run")
-    ckpt = model.as_stage1(ckpt, args.ckpt)  # an official SemanticGAN checkpoint: its g_ema, its shape as arguments
+    ckpt = weights.as_stage1(ckpt, args.ckpt)  # an official SemanticGAN checkpoint: its g_ema, its shape as arguments
     if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict):
+        stage1 = {OLD_NAMES.get(k, k): v for k, v in ckpt["args"].items()}
         for key in INHERITED:
             if getattr(args, key) is None:
-                setattr(args, key, ckpt["args"].get(key))
+                setattr(args, key, stage1.get(key))
     defaults = {"resolution": 256, "labels_seed": 0, "fit": "pad", "augment": True, "skip_unpaired": False,
                 "demo_length": 1000}
     for key, value in defaults.items():
@@ -552,56 +518,11 @@ def parse_args(argv=None):
     return args, ckpt
 
 
-def benchmark(args):
-    """Steady-state img/s (both batches of an iteration counted) and peak memory of train_step at
-    --resolution, batch --batch of each kind, 8 classes, on synthetic data: G and E random, LPIPS random
-    (the same computation as VGG's)."""
-    _, _, device = train_gan.setup_distributed()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    R, B = args.resolution or 256, args.batch
-    channels, classes = args.channels or 3, args.num_classes or 8
-    torch.manual_seed(0)
-    G = model.Generator(R, classes, channels, max_channels=args.max_channels).to(device).eval().requires_grad_(False)
-    E = model.Encoder(**encoder_config(args, G)).to(device)
-    percept = losses.Perceptual("random").to(device)
-    optimizers = (build_optimizer(args, E), build_optimizer(args, E))
-    autocast, precision = model.make_autocast(args, device)
-    batch = (torch.randn(B, channels, R, R, device=device), torch.randn(B, channels, R, R, device=device),
-             torch.randint(0, classes, (B, R, R), device=device))
-    for _ in range(3):
-        train_step(E, G, percept, optimizers, batch, args, (0.1, 0.3), autocast)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.bench_steps):
-        train_step(E, G, percept, optimizers, batch, args, (0.1, 0.3), autocast)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    print(f"stage-2 training throughput on {device}: {R} px, batch {B} unlabeled + {B} labeled, {classes} classes, "
-          f"precision {precision}: {2 * B * args.bench_steps / seconds:.1f} img/s, "
-          f"{seconds / args.bench_steps:.3f} s/iteration, peak {peak:.2f} GiB "
-          f"(E {sum(p.numel() for p in E.parameters()):,} parameters)", flush=True)
-
-
 def main(argv=None):
-    try:
+    def run():
         args, ckpt = parse_args(argv)
-        if args.benchmark:
-            return benchmark(args)
-        train(args, ckpt)
-    except (data.DataError, TrainingError, model.CheckpointError, losses.LPIPSUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except train_gan.Stopped as e:
-        print(e, file=sys.stderr, flush=True)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact; continue with --resume auto", file=sys.stderr)
-        sys.exit(130)
+        return training.distributed(_train, args, ckpt)
+    training.main(run)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """bf16 autocast against fp32, one step of each stage at the same weights and on the same batch.
 
     python tests/precision_check.py --data demo --num-classes 3 --resolution 32 --max-channels 32
-    python tests/precision_check.py --data ../shared/data/cxr_unlabeled --labeled ../shared/data/jsrt \\
-        --split splits/jsrt/train.txt --labels 9 --resolution 64 --batch 8 --ckpt runs/jsrt --model runs/jsrt-enc/model.pt
+    python tests/precision_check.py --data ../shared/data/cxr_unlabeled --labeled-dir ../shared/data/jsrt \\
+        --split splits/jsrt/train.txt --num-labels 9 --resolution 64 --batch 8 --ckpt runs/jsrt --model runs/jsrt-enc/model.pt
 
 The data options are train_gan.py's; --ckpt (a stage-1 checkpoint or run folder) and --model (a model.pt) give
 trained weights, else the networks are drawn from --seed with the architecture options. For one batch the
@@ -39,6 +39,7 @@ import losses  # noqa: E402
 import model  # noqa: E402
 import train_encoder  # noqa: E402
 import train_gan  # noqa: E402
+import training  # noqa: E402
 
 
 class Recorder:
@@ -150,7 +151,7 @@ def networks(args, info, ckpt_path, model_path):
     if ckpt_path:
         path = ckpt_path
         if os.path.isdir(path):
-            path = train_gan.list_checkpoints(path)[-1]
+            path = training.list_checkpoints(path)[-1]
         ckpt = model.load_checkpoint(path)
         for net, key in ((G, "G"), (G_ema, "G_ema"), (D_r, "D_r"), (D_m, "D_m")):
             net.load_state_dict(ckpt[key])
@@ -170,7 +171,7 @@ def networks(args, info, ckpt_path, model_path):
 def first_batches(args, count=2):
     """`count` consecutive batches of the training streams (unlabeled images, labeled images, masks)."""
     labeled, unlabeled, info = data.build_datasets(args)
-    labeled_stream, unlabeled_stream = train_gan.open_streams(args, labeled, unlabeled, 0, 1, args.seed)
+    labeled_stream, unlabeled_stream = training.open_streams(args, labeled, unlabeled, 0, 1, args.seed)
     labeled_iter, unlabeled_iter = iter(labeled_stream), iter(unlabeled_stream)
     return [(next(unlabeled_iter), *next(labeled_iter)) for _ in range(count)], info
 

@@ -142,11 +142,11 @@ def test_unlabeled_pool_holds_every_image_recursively_and_the_labeled_ones(tmp_p
     for i, name in enumerate(["a.png", "sub/b.jpg", "sub/deeper/c.bmp", "d.tif", "e.JPEG"]):
         save(tmp_path / "pool" / name, np.full((8, 8, 3), 30 * i, np.uint8))
     (tmp_path / "pool/notes.txt").write_text("not an image")
-    labeled, unlabeled, info = data.build_datasets(parse(["--data", tmp_path / "pool", "--labeled", tmp_path / "lab",
+    labeled, unlabeled, info = data.build_datasets(parse(["--data", tmp_path / "pool", "--labeled-dir", tmp_path / "lab",
                                                           "--resolution", 8]))
     assert len(labeled) == 3 and len(unlabeled) == 8 and info["unlabeled_count"] == 8
     # a labeled folder inside the pool: its masks are not images, its images count once
-    nested = parse(["--data", tmp_path, "--labeled", tmp_path / "lab", "--resolution", 8])
+    nested = parse(["--data", tmp_path, "--labeled-dir", tmp_path / "lab", "--resolution", 8])
     _, unlabeled, _ = data.build_datasets(nested)
     assert len(unlabeled) == 8 and not any("masks" in str(p) for p in unlabeled.paths)
 
@@ -202,16 +202,16 @@ def test_labels_picks_a_fixed_nested_subset_and_keeps_the_rest_unlabeled(tmp_pat
         labeled, unlabeled, _ = data.build_datasets(parse(["--data", tmp_path / "lab"] + argv))
         return [p.name for p in labeled.pairs], len(unlabeled)
 
-    three, pool = names(["--labels", 3])
+    three, pool = names(["--num-labels", 3])
     assert len(three) == 3 and pool == 12
-    assert names(["--labels", 3, "--seed", 99])[0] == three  # the training seed does not move it
-    five = names(["--labels", 5])[0]
+    assert names(["--num-labels", 3, "--seed", 99])[0] == three  # the training seed does not move it
+    five = names(["--num-labels", 5])[0]
     assert set(three) <= set(five)
-    assert names(["--labels", 3, "--labels-seed", 1])[0] != three
-    no_labels = data.build_datasets(parse(["--data", tmp_path / "lab", "--labels", 0]))
+    assert names(["--num-labels", 3, "--labels-seed", 1])[0] != three
+    no_labels = data.build_datasets(parse(["--data", tmp_path / "lab", "--num-labels", 0]))
     assert no_labels[0] is None and no_labels[2]["num_classes"] == 3  # still known from all the masks
     with pytest.raises(data.DataError, match="only 12 labeled pairs"):
-        data.build_datasets(parse(["--data", tmp_path / "lab", "--labels", 13]))
+        data.build_datasets(parse(["--data", tmp_path / "lab", "--num-labels", 13]))
 
 
 def test_split_file_keeps_listed_pairs_and_hides_the_others_from_training(tmp_path, capsys):
@@ -340,7 +340,7 @@ def test_demo_is_deterministic_with_exact_masks_at_any_resolution(channels):
 
 def test_data_demo_builds_labeled_and_unlabeled_streams():
     labeled, unlabeled, info = data.build_datasets(parse(["--data", "demo", "--resolution", 16, "--channels", 1,
-                                                          "--num-classes", 3, "--labels", 5, "--demo-length", 20]))
+                                                          "--num-classes", 3, "--num-labels", 5, "--demo-length", 20]))
     assert (len(labeled), len(unlabeled), info["channels"], info["num_classes"]) == (5, 20, 1, 3)
     assert info["class_names"] == ["background", "ellipse", "rectangle"]
     assert info["flip"] is False

@@ -1,6 +1,7 @@
-"""The project's structure, drawn from its imports, stays one-way: ops <- model <- losses <- train_gan <-
-train_encoder, with data.py underneath (it imports no other file of the project) and prepare.py on data.py
-alone. The inference scripts, invert.py and generate.py, need model.py, losses.py, data.py and ops/ only, so
+"""The project's structure, drawn from its imports, stays one-way: ops <- model <- weights, ops <- model <- losses
+<- training <- train_gan, train_encoder, with data.py underneath (it imports no other file of the project) and
+prepare.py on data.py alone. The inference scripts, invert.py and generate.py, need model.py, losses.py,
+data.py, ops/ and (generate.py, for official checkpoints) weights.py only, so
 that they can be copied into another project without the training loops: checked by reading every file's
 imports, and by segmenting images and drawing pairs in a process where the training scripts cannot be
 imported."""
@@ -16,7 +17,8 @@ from PIL import Image
 from test_invert import tiny_bundle, write_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROJECT = ("ops", "model", "losses", "data", "prepare", "train_gan", "train_encoder", "invert", "generate")
+PROJECT = ("ops", "model", "weights", "losses", "training", "data", "prepare", "train_gan", "train_encoder", "invert",
+           "generate")
 
 # What each file may import from the project at module level (model.py's command line reads data.py's option
 # types inside build_parser; data.py's `prepare` alias imports prepare.py inside main: neither at import).
@@ -24,11 +26,13 @@ MAY_IMPORT = {
     "data.py": set(),
     "prepare.py": {"data"},
     "model.py": {"ops"},
+    "weights.py": {"data", "model"},
     "losses.py": {"ops", "model"},
-    "train_gan.py": {"data", "losses", "model"},
-    "train_encoder.py": {"data", "losses", "model", "train_gan"},
+    "training.py": {"data", "losses", "model"},
+    "train_gan.py": {"data", "losses", "model", "training", "weights"},
+    "train_encoder.py": {"data", "losses", "model", "training", "weights"},
     "invert.py": {"data", "losses", "model"},
-    "generate.py": {"data", "model"},
+    "generate.py": {"data", "model", "weights"},
 }
 
 
@@ -57,12 +61,12 @@ WITHOUT_TRAINING = textwrap.dedent("""
 
     class Refuse:
         def find_spec(self, name, path=None, target=None):
-            if name in ("train_gan", "train_encoder", "prepare"):
+            if name in ("train_gan", "train_encoder", "training", "prepare"):
                 raise ImportError(f"{name} may not be imported here")
 
     sys.meta_path.insert(0, Refuse())
     import data, generate, invert
-    assert not {"train_gan", "train_encoder", "prepare"} & set(sys.modules), sorted(sys.modules)
+    assert not {"train_gan", "train_encoder", "training", "prepare"} & set(sys.modules), sorted(sys.modules)
     model_pt, images, masks, out = sys.argv[1:]
     invert.main([images, "--model", model_pt, "--eval", masks, "--out", out + "/seg", "--steps", "2",
                  "--save-reconstruction"])

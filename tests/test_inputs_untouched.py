@@ -17,6 +17,7 @@ import model
 import prepare
 import train_encoder
 import train_gan
+import weights
 
 R = 32
 TINY_G = dict(style_dim=32, n_mlp=2, max_channels=16)
@@ -108,7 +109,7 @@ def test_train_gan(tmp_path, capsys):
     labeled = labeled_folder(tmp_path / "data")
     before = md5s(labeled)
     tiny = ["--data", labeled, "--resolution", R, "--max-channels", 16, "--style-dim", 32, "--n-mlp", 2, "--batch",
-            2, "--workers", 0, "--iter", 2, "--snap-kimg", 0.004, "--grid", 2]
+            2, "--workers", 0, "--iter", 2, "--snap-every", 2, "--grid", 2]
     for relation, out in inputs_and_outs(labeled) + [("inside images", labeled / "images" / "run")]:
         assert outcome(capsys, train_gan.main, tiny + ["--out", out]) == "refused", relation
         assert md5s(labeled) == before
@@ -120,7 +121,7 @@ def test_train_encoder(tmp_path, capsys, checkpoints):
     before, run_before = md5s(labeled), md5s(stage1.parent)
     stage2 = ["--ckpt", stage1, "--data", labeled, "--lpips", "random", "--batch", 2, "--encoder-units", "1,1,1,1",
               "--max-channels", 16, "--workers", 0, "--iter", 2, "--snap-every", 2, "--val-every", 2, "--grid", 2,
-              "--labels", 2]
+              "--num-labels", 2]
     for relation, out in inputs_and_outs(labeled):
         assert outcome(capsys, train_encoder.main, stage2 + ["--out", out]) == "refused", relation
         assert md5s(labeled) == before
@@ -148,11 +149,11 @@ def test_export_official(tmp_path, capsys, checkpoints):
     before = md5s(run)
     for out in (checkpoints[0], run):
         for flags in ([], ["--overwrite"]):
-            assert outcome(capsys, model.export_main, [run, out, *flags]) == "refused", (out, flags)
+            assert outcome(capsys, weights.export_main, [run, out, *flags]) == "refused", (out, flags)
             assert md5s(run) == before
-    assert outcome(capsys, model.export_main, [run, run / "exported" / "official.pt"]) == "refused"  # no folder
+    assert outcome(capsys, weights.export_main, [run, run / "exported" / "official.pt"]) == "refused"  # no folder
     (run / "exported").mkdir()
-    assert outcome(capsys, model.export_main, [run, run / "exported" / "official.pt"]) == "done"
+    assert outcome(capsys, weights.export_main, [run, run / "exported" / "official.pt"]) == "done"
     assert all(md5s(run).get(p) == h for p, h in before.items())
     os.remove(run / "exported" / "official.pt")
     os.rmdir(run / "exported")

@@ -62,10 +62,9 @@ def test_r1_penalty_by_hand():
     assert losses.r1_penalty(score, [x, y]).item() == pytest.approx(want + 9)
 
 
-def test_d_m_score_official_and_per_sample():
+def test_d_m_score_is_the_sum_over_scales_of_the_mean_logit():
     outputs = [[torch.ones(3, 1, 2, 2) * 2], [torch.ones(3, 1, 1, 1) * -1]]
-    assert losses.d_m_score(outputs).item() == pytest.approx(2 - 1)  # sum over scales of the mean logit
-    assert losses.d_m_score(outputs, per_sample=True).item() == pytest.approx(3 * (2 - 1))
+    assert losses.d_m_score(outputs).item() == pytest.approx(2 - 1)
 
 
 def official_d_seg_r1(D_m, seg_img, seg_mask):
@@ -94,7 +93,7 @@ def test_r1_on_d_m_equals_the_official_formula_and_per_sample_is_b_squared_times
     ours = losses.r1_penalty(losses.d_m_score(D_m(*pair)), pair)
     torch.testing.assert_close(ours.double(), want, rtol=1e-6, atol=0)  # scores are summed in fp32
     pair = [image.clone().requires_grad_(True), mask.clone().requires_grad_(True)]
-    per_sample = losses.r1_penalty(losses.d_m_score(D_m(*pair), per_sample=True), pair)
+    per_sample = losses.r1_penalty(losses.d_m_score(D_m(*pair)) * B, pair)  # each sample's own gradient
     torch.testing.assert_close(per_sample.double(), B ** 2 * want, rtol=1e-6, atol=0)
 
 

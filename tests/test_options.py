@@ -10,7 +10,6 @@ import pytest
 import data
 import generate
 import invert
-import model
 import ops.benchmark
 import prepare
 import train_encoder
@@ -22,7 +21,6 @@ PARSERS = {
     "train_encoder.py": (train_encoder.build_parser, []),
     "invert.py": (invert.build_parser, ["img.png"]),
     "generate.py": (generate.build_parser, ["--ckpt", "x.pt"]),
-    "model.py": (model.build_parser, []),
     "ops.benchmark": (ops.benchmark.build_parser, []),
     "prepare.py": (prepare.build_parser, ["jsrt", "src", "out"]),
     "data.py check": (data.build_parser, ["check"]),
@@ -105,11 +103,10 @@ def test_the_values_a_new_user_tried_end_in_one_line(script, argv, capsys):
 
 
 def test_good_values_pass_and_keep_their_meaning():
-    args = parse("train_gan.py", ["--batch", "4", "--lr", "0.01", "--mixing", "0", "--ema-decay", "1",
-                                  "--r1", "0", "--bench-impls", "ref", "--resolution", "64", "--labels", "0"])
-    assert (args.batch, args.lr, args.mixing, args.ema_decay, args.r1, args.bench_impls, args.resolution,
-            args.labels) == (4, 0.01, 0.0, 1.0, 0.0, ["ref"], 64, 0)
-    assert parse("train_gan.py", []).bench_precisions == ["fp32", "bf16"]  # defaults go through the type too
+    args = parse("train_gan.py", ["--batch", "4", "--lr", "0.01", "--mixing", "0", "--r1", "0", "--resolution", "64",
+                                  "--num-labels", "0", "--snap-every", "7"])
+    assert (args.batch, args.lr, args.mixing, args.r1, args.resolution, args.num_labels, args.snap_every) == \
+        (4, 0.01, 0.0, 0.0, 64, 0, 7)
     assert parse("train_encoder.py", ["--encoder-units", "1,2,3,4"]).encoder_units == (1, 2, 3, 4)
     assert parse("train_encoder.py", []).encoder_units == (3, 4, 14, 3)
     assert parse("invert.py", []).batch is None and parse("invert.py", ["--steps", "0"]).steps == 0

@@ -17,7 +17,7 @@ import train_gan
 
 def three_stages(tmp_path, classes, *stage1_extra):
     runs = tmp_path / "runs"
-    train_gan.main(["--data", "demo", "--demo-length", "16", "--labels", "4", "--num-classes", str(classes),
+    train_gan.main(["--data", "demo", "--demo-length", "16", "--num-labels", "4", "--num-classes", str(classes),
                     "--resolution", "32", "--max-channels", "16", "--style-dim", "32", "--n-mlp", "2", "--batch", "2",
                     "--iter", "2", "--workers", "0", "--grid", "2", "--log-every", "0", "--out", str(runs / "gan"),
                     *stage1_extra])

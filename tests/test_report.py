@@ -20,7 +20,7 @@ import model
 import train_encoder
 import train_gan
 
-STAGE1 = ["--data", "demo", "--demo-length", "24", "--labels", "8", "--num-classes", "3", "--resolution", "32",
+STAGE1 = ["--data", "demo", "--demo-length", "24", "--num-labels", "8", "--num-classes", "3", "--resolution", "32",
           "--max-channels", "16", "--style-dim", "32", "--n-mlp", "2", "--batch", "4", "--workers", "0",
           "--log-every", "1000", "--grid", "2", "--iter", "24"]
 STAGE2 = ["--lpips", "random", "--batch", "4", "--encoder-units", "1,1,1,1", "--max-channels", "16", "--workers", "0",

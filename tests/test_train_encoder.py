@@ -17,9 +17,10 @@ import losses
 import model
 import train_encoder
 import train_gan
+import training
 from precision_check import Recorder  # records the gradients an optimiser is given, changes nothing
 
-STAGE1 = ["--data", "demo", "--demo-length", "24", "--labels", "8", "--num-classes", "3", "--resolution", "32",
+STAGE1 = ["--data", "demo", "--demo-length", "24", "--num-labels", "8", "--num-classes", "3", "--resolution", "32",
           "--max-channels", "16", "--style-dim", "32", "--n-mlp", "2", "--batch", "2", "--workers", "0",
           "--log-every", "0", "--grid", "2"]
 STAGE2 = ["--lpips", "random", "--batch", "2", "--encoder-units", "1,1,1,1", "--max-channels", "16", "--workers", "0",
@@ -33,7 +34,7 @@ def load(path):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
-    train_gan.main(STAGE1 + ["--out", str(out), "--iter", "4", "--snap-kimg", "0.008"])
+    train_gan.main(STAGE1 + ["--out", str(out), "--iter", "4", "--snap-every", "4"])
     return out / "checkpoint-00000004.pt"
 
 
@@ -122,26 +123,33 @@ def test_tensorboard_without_the_package_is_one_line(stage1, tmp_path, monkeypat
 def test_stage1_data_options_are_inherited_and_can_be_overridden(stage1):
     args, _ = train_encoder.parse_args(["--ckpt", str(stage1.parent)] + STAGE2)  # a folder: its latest checkpoint
     assert args.ckpt == str(stage1)
-    assert (args.data, args.labels, args.resolution, args.num_classes, args.demo_length) == ("demo", 8, 32, 3, 24)
-    args, _ = train_encoder.parse_args(["--ckpt", str(stage1), "--labels", "5"] + STAGE2)
-    assert args.labels == 5
+    assert (args.data, args.num_labels, args.resolution, args.num_classes, args.demo_length) == ("demo", 8, 32, 3, 24)
+    args, _ = train_encoder.parse_args(["--ckpt", str(stage1), "--num-labels", "5"] + STAGE2)
+    assert args.num_labels == 5
+    # a checkpoint of before the options' names changed (--labeled, --labels) passes its subset on all the same
+    old = load(stage1)
+    old["args"] = {{"labeled_dir": "labeled", "num_labels": "labels"}.get(k, k): v for k, v in old["args"].items()}
+    torch.save(old, stage1.parent / "old.pt")
+    args, _ = train_encoder.parse_args(["--ckpt", str(stage1.parent / "old.pt")] + STAGE2)
+    assert (args.num_labels, args.labeled_dir) == (8, None)
+    os.remove(stage1.parent / "old.pt")
 
 
 def test_resume_continues_exactly(stage1, eight_steps, tmp_path, monkeypatch, capsys):
     # the run is stopped right after its step-4 checkpoint (the schedule depends on --iter, so the same
     # --iter 8 run is interrupted rather than a shorter one run)
-    save = train_gan.save_checkpoint
+    save = training.save_checkpoint
 
     def save_then_stop(payload, path, keep):
         save(payload, path, keep)
         if path.endswith("checkpoint-00000004.pt"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_gan, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
     with pytest.raises(SystemExit) as stopped:
         run(stage1, tmp_path, "--iter", "8", "--snap-every", "4", "--val-every", "4")
     assert stopped.value.code == 130 and not (tmp_path / "checkpoint-00000008.pt").exists()
-    monkeypatch.setattr(train_gan, "save_checkpoint", save)
+    monkeypatch.setattr(training, "save_checkpoint", save)
     capsys.readouterr()
     stopped = load(tmp_path / "checkpoint-00000004.pt")
     stopped["elapsed"] = 1000.0  # as if the first four steps had taken 1000 s: the resumed run counts on from there
@@ -319,9 +327,9 @@ def test_lpips_weights_that_cannot_be_downloaded(capsys, stage1, tmp_path, monke
 DDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-import train_encoder, train_gan
+import train_encoder, training
 args, ckpt = train_encoder.parse_args({argv!r})
-rank, world, device = train_gan.setup_distributed()
+rank, world, device = training.setup_distributed()
 nets = train_encoder._train(args, ckpt, rank, world, device)
 torch.save(nets["E"].state_dict(), f"{{args.out}}/rank{{rank}}.pt")
 dist.destroy_process_group()
@@ -526,7 +534,7 @@ def test_a_rolled_back_run_moves_the_later_checkpoints_and_model_pt_aside(stage1
     assert f"moved to {aside}" in capsys.readouterr().out
     assert {name: (aside / name).read_bytes() for name in later} == later
     assert (aside / "best.pt").exists() == (best_step > 4)
-    assert train_gan.list_checkpoints(str(out)) == [str(out / "checkpoint-00000004.pt"),
+    assert training.list_checkpoints(str(out)) == [str(out / "checkpoint-00000004.pt"),
                                                     str(out / "checkpoint-00000006.pt")]
     assert load(out / "model.pt")["step"] == 6
 

@@ -1,6 +1,6 @@
 """Checkpoints of other code in and out: the official SemanticGAN code's (g, g_ema, d_img, d_seg) and
-rosinality/stylegan2-pytorch's (g_ema, d), read into model.py's networks (model.read_networks, load_official)
-and written back (model.export_official, `python model.py export-official`); train_gan.py --init and
+rosinality/stylegan2-pytorch's (g_ema, d), read into model.py's networks (weights.read_networks, load_official)
+and written back (weights.export_official, `python weights.py export-official`); train_gan.py --init and
 --train seg; stage 2 and generate.py on an official checkpoint; bad files in one line.
 
 The reference is ../shared/fixtures/official-tiny.pt (or $SEMANTICGAN_FIXTURES/official-tiny.pt): narrow
@@ -19,6 +19,7 @@ import generate
 import model
 import train_encoder
 import train_gan
+import weights
 
 FIXTURES = Path(os.environ.get("SEMANTICGAN_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures")
 FIXTURE = FIXTURES / "official-tiny.pt"
@@ -59,7 +60,7 @@ def fixture():
 def test_an_official_checkpoint_computes_what_the_official_networks_computed(fixture, tmp_path):
     """G from z and from W+, the mapping, D_r and every layer of D_m, as the official code computed them."""
     path = save(fixture["official_checkpoint"], tmp_path / "official.pt")
-    source, tensors, shapes = model.read_networks(path, "")
+    source, tensors, shapes = weights.read_networks(path, "")
     config, inputs, expected = fixture["config"], fixture["inputs"], fixture["expected"]
     assert source == "official" and set(tensors) == {"g", "g_ema", "d_img", "d_seg"}
     assert shapes["generator"] == dict(resolution=32, num_classes=3, image_channels=1, style_dim=64, n_mlp=2,
@@ -68,7 +69,7 @@ def test_an_official_checkpoint_computes_what_the_official_networks_computed(fix
                                                 n_layers=3, max_channels=64)
     assert config["d_m_base_channels"] == 8 and config["d_m_scales"] == 3 and config["d_m_layers"] == 3
     for key in ("g_ema", "g"):
-        G = model.build_official(tensors, shapes, key, path).eval()
+        G = weights.build_official(tensors, shapes, key, path).eval()
         assert_same(G.mapping(inputs["z"]), expected["w_from_z"])
         image, mask = G(inputs["z"], noise=inputs["noise"])
         assert_same(image, expected["image_from_z"])
@@ -76,9 +77,9 @@ def test_an_official_checkpoint_computes_what_the_official_networks_computed(fix
         image, mask = G(inputs["w_plus"], input_is_w=True, noise=inputs["noise"])
         assert_same(image, expected["image_from_w_plus"])
         assert_same(mask, expected["mask_logits_from_w_plus"])
-    D_r = model.build_official(tensors, shapes, "d_img", path).eval()
+    D_r = weights.build_official(tensors, shapes, "d_img", path).eval()
     assert_same(D_r(inputs["image"]), expected["d_r_logits"])
-    D_m = model.build_official(tensors, shapes, "d_seg", path).eval()
+    D_m = weights.build_official(tensors, shapes, "d_seg", path).eval()
     outputs = D_m(inputs["image"], inputs["mask"])
     assert len(outputs) == len(expected["d_m_outputs_finest_first"]) == 3
     for ours, theirs in zip(outputs, expected["d_m_outputs_finest_first"]):
@@ -90,13 +91,13 @@ def test_an_official_checkpoint_computes_what_the_official_networks_computed(fix
 @needs_fixture
 def test_a_rosinality_generator_computes_its_image_and_leaves_tseg_as_it_was(fixture, tmp_path):
     path = save(fixture["rosinality_checkpoint"], tmp_path / "rosinality.pt")
-    source, tensors, shapes = model.read_networks(path, "")
+    source, tensors, shapes = weights.read_networks(path, "")
     assert source == "rosinality" and set(tensors) == {"g_ema"}
     assert shapes["generator"]["num_classes"] is None and shapes["generator"]["image_channels"] == 3
     assert shapes["image_discriminator"] is None and shapes["mask_discriminator"] is None
     G = model.Generator(**{**shapes["generator"], "num_classes": 2}).eval()
     t_seg = {k: v.clone() for k, v in G.t_seg.state_dict().items()}
-    model.load_official(G, tensors["g_ema"], path, "g_ema", fresh=r"t_seg\.")
+    weights.load_official(G, tensors["g_ema"], path, "g_ema", fresh=r"t_seg\.")
     inputs = fixture["inputs"]
     image, _ = G(inputs["z"], noise=inputs["noise"])
     assert_same(image, fixture["expected"]["rosinality_image_from_z"])
@@ -109,18 +110,18 @@ def test_exporting_the_official_networks_gives_back_the_official_file(fixture, t
     bit for bit under its official name and shape; and the arguments the official code writes."""
     official = fixture["official_checkpoint"]
     path = save(official, tmp_path / "official.pt")
-    _, tensors, shapes = model.read_networks(path, "")
-    nets = {key: model.build_official(tensors, shapes, key, path) for key in tensors}
+    _, tensors, shapes = weights.read_networks(path, "")
+    nets = {key: weights.build_official(tensors, shapes, key, path) for key in tensors}
     ours = {"G": nets["g"].state_dict(), "G_ema": nets["g_ema"].state_dict(), "D_r": nets["d_img"].state_dict(),
             "D_m": nets["d_seg"].state_dict(), "args": {}}
-    exported = model.export_official(ours, "ours.pt")
+    exported = weights.export_official(ours, "ours.pt")
     for key in ("g", "g_ema", "d_img", "d_seg"):
         assert set(exported[key]) == set(official[key]), key
         for name, value in official[key].items():
             assert exported[key][name].shape == value.shape and torch.equal(exported[key][name], value), (key, name)
     for field in ("size", "latent", "n_mlp", "seg_dim", "image_mode", "channel_multiplier"):
         assert getattr(exported["args"], field) == getattr(official["args"], field), field
-    image_only = model.export_official(ours, "ours.pt", image_only=True)
+    image_only = weights.export_official(ours, "ours.pt", image_only=True)
     assert set(image_only) == {"g", "g_ema", "d", "args"}
     assert set(image_only["g_ema"]) == {k for k in official["g_ema"] if not k.startswith("to_seg")}
 
@@ -157,8 +158,8 @@ def tiny(tmp_path_factory):
     """(the networks, an official checkpoint of them, a rosinality one of the same generator)."""
     folder = tmp_path_factory.mktemp("tiny")
     nets = tiny_networks()
-    official = save(model.export_official(stage1(nets), "tiny"), folder / "official.pt")
-    rosinality = save(model.export_official(stage1(nets), "tiny", image_only=True), folder / "rosinality.pt")
+    official = save(weights.export_official(stage1(nets), "tiny"), folder / "official.pt")
+    rosinality = save(weights.export_official(stage1(nets), "tiny", image_only=True), folder / "rosinality.pt")
     return nets, official, rosinality
 
 
@@ -171,20 +172,20 @@ def test_export_official_then_read_back_gives_the_same_networks(tmp_path, capsys
     run = tmp_path / "run"
     run.mkdir()
     save(stage1(nets), run / "checkpoint-00000004.pt")
-    model.export_main([str(run), str(tmp_path / "official.pt")])  # a --out folder: its latest checkpoint
-    model.export_main([str(run / "checkpoint-00000004.pt"), str(tmp_path / "image.pt"), "--image-only"])
+    weights.export_main([str(run), str(tmp_path / "official.pt")])  # a --out folder: its latest checkpoint
+    weights.export_main([str(run / "checkpoint-00000004.pt"), str(tmp_path / "image.pt"), "--image-only"])
     assert "official SemanticGAN" in capsys.readouterr().out
-    source, tensors, shapes = model.read_networks(str(tmp_path / "official.pt"), "")
+    source, tensors, shapes = weights.read_networks(str(tmp_path / "official.pt"), "")
     assert source == "official"
     assert {**shapes["generator"], "lr_mlp": 0.01, "blur_kernel": (1, 3, 3, 1)} == nets[0].config
     for key, net in zip(("g", "g_ema", "d_img", "d_seg"), nets):
-        back = model.build_official(tensors, shapes, key, "official.pt").state_dict()
+        back = weights.build_official(tensors, shapes, key, "official.pt").state_dict()
         assert back.keys() == net.state_dict().keys()
         assert all(torch.equal(back[k], v) for k, v in net.state_dict().items()), key
-    source, tensors, shapes = model.read_networks(str(tmp_path / "image.pt"), "")
+    source, tensors, shapes = weights.read_networks(str(tmp_path / "image.pt"), "")
     assert source == "rosinality" and set(tensors) == {"g", "g_ema", "d_img"}
     G = model.Generator(**{**shapes["generator"], "num_classes": 3})
-    model.load_official(G, tensors["g_ema"], "image.pt", "g_ema", fresh=r"t_seg\.")
+    weights.load_official(G, tensors["g_ema"], "image.pt", "g_ema", fresh=r"t_seg\.")
     assert all(torch.equal(G.state_dict()[k], v) for k, v in without_t_seg(nets[1].state_dict()).items())
 
 
@@ -193,7 +194,7 @@ def seg_run(tiny, tmp_path_factory):
     """train_gan.py --init (the tiny official file) --train seg, 4 steps, a checkpoint every 2."""
     out = tmp_path_factory.mktemp("seg")
     train_gan.main(DATA + ["--init", tiny[1], "--train", "seg", "--out", str(out), "--iter", "4",
-                           "--snap-kimg", "0.004"])
+                           "--snap-every", "2"])
     return out
 
 
@@ -217,7 +218,7 @@ def test_a_seg_run_resumes_exactly_and_keeps_its_mode(tiny, seg_run, tmp_path, c
     """... also when its --init file has gone by then (the shape is read from the checkpoint resumed)."""
     init = tmp_path / "init.pt"
     init.write_bytes(Path(tiny[1]).read_bytes())
-    args = DATA + ["--init", str(init), "--train", "seg", "--out", str(tmp_path), "--snap-kimg", "0.004"]
+    args = DATA + ["--init", str(init), "--train", "seg", "--out", str(tmp_path), "--snap-every", "2"]
     train_gan.main(args + ["--iter", "2"])
     assert "started from" in capsys.readouterr().out
     init.unlink()
@@ -266,7 +267,7 @@ def test_one_seg_step_skips_d_r_and_the_path_length():
 
 def test_init_with_other_classes_keeps_all_but_tseg_and_d_ms_first_layers(tmp_path):
     nets = tiny_networks(classes=5)
-    path = save(model.export_official(stage1(nets, classes=5), "five"), tmp_path / "five.pt")
+    path = save(weights.export_official(stage1(nets, classes=5), "five"), tmp_path / "five.pt")
     args = train_gan.parse_args(DATA + ["--init", path, "--out", str(tmp_path)])
     init = train_gan.read_init(args)
     torch.manual_seed(0)
@@ -290,7 +291,7 @@ def test_init_with_other_classes_keeps_all_but_tseg_and_d_ms_first_layers(tmp_pa
 def test_init_from_a_rosinality_generator_then_two_seg_steps(tiny, tmp_path, capsys):
     nets, _, rosinality = tiny
     train_gan.main(DATA + ["--init", rosinality, "--train", "seg", "--out", str(tmp_path), "--iter", "2",
-                           "--snap-kimg", "0.004"])
+                           "--snap-every", "2"])
     out = capsys.readouterr().out
     assert "(rosinality/stylegan2-pytorch): G from g_ema, G_ema from g_ema, D_r from d; fresh: D_m, tSeg (the " \
            "file has no mask branch)" in out
@@ -415,15 +416,15 @@ def test_export_never_writes_over_its_source_nor_an_existing_file_unasked(tmp_pa
     source = save(stage1(tiny_networks()), run / "checkpoint-00000004.pt")
     kept = Path(source).read_bytes()
     for argv in ([str(run), source], [source, source], [source, source, "--overwrite"]):
-        line = one_line(capsys, model.export_main, argv)
+        line = one_line(capsys, weights.export_main, argv)
         assert "is the checkpoint exported" in line
     assert Path(source).read_bytes() == kept
     other = tmp_path / "mine.pt"
     other.write_bytes(b"someone's file")
-    assert "--overwrite" in one_line(capsys, model.export_main, [source, str(other)])
+    assert "--overwrite" in one_line(capsys, weights.export_main, [source, str(other)])
     assert other.read_bytes() == b"someone's file"
-    model.export_main([source, str(other), "--overwrite"])
-    assert model.checkpoint_source(model.load_checkpoint(str(other))) == "official"
+    weights.export_main([source, str(other), "--overwrite"])
+    assert weights.checkpoint_source(model.load_checkpoint(str(other))) == "official"
 
 
 def test_the_export_says_what_it_wrote(tmp_path, capsys):
@@ -431,7 +432,7 @@ def test_the_export_says_what_it_wrote(tmp_path, capsys):
     bundle = {"format": model.BUNDLE_FORMAT, "G_ema": nets[1].state_dict(), "args": {},
               "stage1_args": stage1(nets)["args"]}
     path = save(bundle, tmp_path / "model.pt")
-    model.export_main([path, str(tmp_path / "official.pt")])
+    weights.export_main([path, str(tmp_path / "official.pt")])
     printed = capsys.readouterr().out
     assert "(g_ema, args)" in printed and "d_img" not in printed and "d_seg" not in printed
     assert set(model.load_checkpoint(str(tmp_path / "official.pt"))) == {"g_ema", "args"}
@@ -441,7 +442,7 @@ def test_a_probabilities_generator_keeps_its_d_m_input_through_an_export(tmp_pat
     nets = tiny_networks()
     ckpt = stage1(nets)
     ckpt["args"]["dm_mask"] = "probabilities"
-    exported = save(model.export_official(ckpt, "x"), tmp_path / "official.pt")
+    exported = save(weights.export_official(ckpt, "x"), tmp_path / "official.pt")
     args, read_back = train_encoder.parse_args(["--ckpt", exported, "--out", str(tmp_path / "enc"), "--data", "demo"])
     assert read_back["args"]["dm_mask"] == "probabilities"
     assert train_encoder.mask_temperatures(train_encoder.build_parser().parse_args([]), read_back["args"], 3) == (1, 1)
