@@ -55,27 +55,17 @@ What `build_datasets` makes of them
   the training `--seed`): the N pairs are the first N of one seeded permutation, so 9 of them are inside
   the 35, which are inside the 175; the masks of the other pairs are hidden, their images stay unlabeled.
 * `--split FILE` keeps the labeled pairs named in FILE (one name per line, extension optional);
-  `python data.py split` writes seeded train/val/test files.
+  `python prepare.py split` writes seeded train/val/test files.
 
 Streams: `InfiniteLoader` iterates forever over seeded, per-epoch reshuffled batches (seed + epoch, via
 `DistributedSampler`, so DDP ranks see disjoint shards), drops incomplete batches, and resumes exactly
 from `state_dict()`. The random augmentation of a sample is derived from (seed, epoch, position), not from
 worker state, so a stream is the same whatever the number of workers and across a resume.
 
-The public releases of the paper's data sets (CelebAMask-HQ, JSRT, ISIC, LiTS, CHAOS, ...) are written
-into the format above by prepare.py (`python prepare.py NAME SRC OUT`; `python prepare.py --help` lists
-them with the layout each expects). `--data demo` needs no download at all (`DemoDataset`).
-
-Every problem with the input raises `DataError`, whose message is one line naming the file and what to
-do; `python data.py ...` prints it as `error: ...` and exits with status 2.
-
-Command line (the commands that look at a folder; converting a release is prepare.py's, which
-`python data.py prepare ...` still runs):
-    python data.py check --data PATH [...]             open every file once, list every problem
-    python data.py show  --data PATH --out grid.png    images with their masks, to look at
-    python data.py bench --data PATH [--batch 16]      loader throughput at --resolution
-    python data.py split --data LABELED --out DIR      seeded train.txt / val.txt / test.txt
-    python data.py demo OUT [--seed 1] [--count 100]   demo scenes as a labeled folder (seed 1: unseen)
+The public releases of the paper's data sets are written into the format above by prepare.py, which also
+has the commands that look at a folder (`python prepare.py check|show|split|demo`); `--data demo` needs no
+download at all (`DemoDataset`). Every problem with the input raises `DataError`, whose message is one line
+naming the file and what to do.
 """
 
 import argparse
@@ -83,9 +73,7 @@ import math
 import os
 import re
 import signal
-import statistics
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -476,8 +464,8 @@ def read_split_file(path):
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: split file not found; write one NAME per line, or make one with "
-                        "`python data.py split`")
-    # surrogateescape: the names are file names, whatever bytes they hold (data.py split writes them so)
+                        "`python prepare.py split`")
+    # surrogateescape: the names are file names, whatever bytes they hold (prepare.py split writes them so)
     text = file.read_text(encoding="utf-8", errors="surrogateescape")
     names = [line.split("#")[0].strip() for line in text.splitlines()]
     names = [re.sub(r"\.(png|jpe?g|bmp|tiff?)$", "", n, flags=re.IGNORECASE) for n in names if n]
@@ -588,7 +576,7 @@ class ImageFolder(Dataset):
                 index = int(rng.integers(len(self.paths)))  # drawn only when needed: good samples unchanged
         else:
             raise DataError(f"{unreadable[0][1]} (and the {len(unreadable) - 1} images drawn to replace it "
-                            "were unreadable too); check the pool with `python data.py check --data ...`")
+                            "were unreadable too); check the pool with `python prepare.py check --data ...`")
         return image_to_tensor(random_flip(image, rng) if self.flip else image), unreadable
 
 
@@ -970,7 +958,7 @@ def build_demo(args, resolution, use_augment, evaluation=False):
 def build_validation(args, source=None):
     """(dataset of (image, mask) pairs, where they come from) to validate on, never augmented, or (None, why).
 
-    `source`: a labeled folder, or a split file naming pairs of the labeled folder (`data.py split`'s
+    `source`: a labeled folder, or a split file naming pairs of the labeled folder (`prepare.py split`'s
     val.txt). Without it: the labeled pairs that --num-labels left unused (their masks never reach training,
     their images are in the unlabeled pool, as in the paper). Pairs that --split leaves out are never
     taken on their own: they may be the test set."""
@@ -1026,7 +1014,7 @@ def infer_channels(paths, samples=8, labeled=()):
               f"{skipped[0]}", file=sys.stderr, flush=True)
     if not checked:
         raise DataError(f"{skipped[0]} (no readable image among the {len(skipped)} sampled to guess the channels); "
-                        "check the data with `python data.py check --data ...`, or pass --channels")
+                        "check the data with `python prepare.py check --data ...`, or pass --channels")
     return 1 if grey else 3
 
 
@@ -1162,7 +1150,7 @@ class InfiniteLoader:
             if len(self.unreadable) > self.unreadable_limit:
                 message = (f"{len(self.unreadable)} of the {self.dataset_length} images of the {self.name} are "
                            f"unreadable (more than --max-unreadable allows), the first: "
-                           f"{next(iter(self.unreadable.values()))}; clean it (`python data.py check --data "
+                           f"{next(iter(self.unreadable.values()))}; clean it (`python prepare.py check --data "
                            "...` lists every bad file) or raise --max-unreadable, then --resume auto")
         if message is not None:  # raised out here, so that no traceback keeps the workers alive
             self.close()
@@ -1255,204 +1243,3 @@ def printable(text):
     """A file name as text that prints and goes into UTF-8 files: bytes that are not UTF-8 (Python holds
     them as surrogates, PEP 383) are shown as \\xNN."""
     return os.fsencode(str(text)).decode("utf-8", "backslashreplace")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Commands: check, show, bench, split, demo
-
-
-def command_check(args):
-    """Open every file once (in DataLoader workers) and list every problem, one line each."""
-    args.augment = False
-    labeled, unlabeled, info = build_datasets(args)
-    if isinstance(unlabeled, ImageFolder) and labeled is not None:  # each file once: pairs are checked whole
-        paired = {p.image.resolve() for p in labeled.pairs}
-        unlabeled = ImageFolder([p for p in unlabeled.paths if p.resolve() not in paired], unlabeled.resolution,
-                                unlabeled.channels, unlabeled.fit)
-    problems, checked = [], 0
-    workers = default_workers() if args.workers is None else args.workers
-    for dataset in (labeled, unlabeled):
-        if dataset is None or len(dataset) == 0:
-            continue
-        for problem in DataLoader(Checked(dataset), batch_size=None, num_workers=workers):
-            checked += 1
-            if problem:
-                problems.append(problem)
-                print(f"error: {problem}", file=sys.stderr)
-    print(f"checked {checked} files or pairs ({info['labeled_count']} labeled pairs, {info['unlabeled_count']} "
-          f"images in all), {info['channels']} channels, {info['num_classes']} classes: {len(problems)} problems")
-    if problems:
-        sys.exit(2)
-
-
-class Checked(Dataset):
-    """A dataset's samples replaced by '' or the one-line DataError each raises."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            self.dataset[index]
-            return ""
-        except DataError as error:
-            return str(error)
-
-
-def command_show(args):
-    """A grid: per sample the image, the image with its mask laid over it, and the mask."""
-    args.augment = args.augment and args.show_augmented
-    if Path(args.out).exists():
-        raise DataError(f"--out {args.out} exists; pass another file name (or remove it)")
-    if args.data != "demo" and inside(args.out, args.data):
-        raise DataError(f"--out {args.out} lies inside --data, where the grid would be read as an image; pass a "
-                        "file outside the data")
-    labeled, unlabeled, info = build_datasets(args, augment=None if args.show_augmented else False)
-    rows = []
-    if labeled is not None:
-        for index in evenly_spaced(list(range(len(labeled))), args.count):
-            image, mask = labeled[(index, (args.seed, 0, index))]
-            pixels, colours = image_to_uint8(image), colour_mask(mask.numpy())
-            overlay = np.where(mask.numpy()[..., None] > 0, pixels // 2 + colours // 2, pixels)
-            rows.append(np.concatenate([pixels, overlay, colours], axis=1))
-    else:
-        for index in evenly_spaced(list(range(len(unlabeled))), args.count):
-            rows.append(image_to_uint8(unlabeled[index]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out)
-    names = info["class_names"] or list(range(info["num_classes"] or 0))
-    legend = ", ".join(f"{c}={n}" for c, n in enumerate(names) if c)
-    print(f"wrote {args.out}: {len(rows)} samples{f' (classes {legend})' if legend else ''}")
-
-
-def command_bench(args):
-    """Loader throughput: images per second of ready batches (moved to the GPU when there is one)."""
-    labeled, unlabeled, info = build_datasets(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workers = default_workers() if args.workers is None else args.workers
-    print(f"{info['source']}: {args.resolution} px, batch {args.batch}, {workers} workers, "
-          f"{os.cpu_count()} CPU cores, batches to {device}")
-    for stream, dataset in (("labeled", labeled), ("unlabeled", unlabeled)):
-        if dataset is None:
-            continue
-        loader = InfiniteLoader(dataset, args.batch, seed=args.seed, workers=workers)
-        times, last = [], None
-        for step in range(args.warmup + args.batches):
-            batch = next(loader)
-            tensors = batch if isinstance(batch, (list, tuple)) else [batch]
-            for tensor in tensors:
-                tensor.to(device, non_blocking=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            if step >= args.warmup:
-                times.append(now - last)
-            last = now
-        loader.close()
-        median = statistics.median(times)
-        mean_rate = args.batch * len(times) / sum(times)
-        print(f"{stream:>9}: {args.batch / median:8.1f} images/s (median {median * 1000:.1f} ms per batch of "
-              f"{args.batch}; mean {mean_rate:.1f} images/s over {len(times)} batches after {args.warmup} "
-              f"warm-up; augment {'on' if stream == 'labeled' and info['augment'] else 'off'})")
-
-
-def command_split(args):
-    """Seeded train/val/test name lists of a labeled folder: DIR/train.txt, val.txt, test.txt."""
-    folder = existing_folder(args.data, "--data")
-    if not is_labeled_folder(folder):
-        raise DataError(f"{folder}: not a labeled folder (images/ + masks/); split needs labeled pairs")
-    names = [p.name for p in index_labeled_folder(folder, args.skip_unpaired)]
-    if not (0 <= args.val and 0 <= args.test and args.val + args.test < 1):
-        raise DataError(f"--val {args.val} --test {args.test}: fractions must be >= 0 and sum below 1")
-    order = [names[i] for i in np.random.default_rng(args.seed).permutation(len(names))]
-    test_count, val_count = round(len(names) * args.test), round(len(names) * args.val)
-    parts = {"test": order[:test_count], "val": order[test_count:test_count + val_count],
-             "train": order[test_count + val_count:]}
-    out = Path(args.out)
-    existing = [out / f"{part}.txt" for part in parts if (out / f"{part}.txt").exists()]
-    if existing:  # runs may name it: a split is never redrawn under their feet
-        raise DataError(f"{existing[0]} exists; pass another --out (or remove the old split files first)")
-    out.mkdir(parents=True, exist_ok=True)
-    for part, chosen in parts.items():
-        (out / f"{part}.txt").write_text("".join(f"{n}\n" for n in sorted(chosen)), encoding="utf-8",
-                                         errors="surrogateescape")
-    print(f"wrote {out}/train.txt ({len(parts['train'])}), val.txt ({len(parts['val'])}), "
-          f"test.txt ({len(parts['test'])}) from {len(names)} pairs, seed {args.seed}")
-
-
-def command_demo(args):
-    """Write demo scenes as a labeled folder: with --seed other than 0 (the training scenes), scenes that
-    training never saw, to segment and score."""
-    demo = DemoDataset(args.resolution, args.channels, args.num_classes, args.count, args.seed)
-    out = Path(args.out)
-    if any(any((out / part).iterdir()) for part in ("images", "masks") if (out / part).is_dir()):
-        raise DataError(f"{out} already holds a data set; pass a new or empty folder")
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    for index in range(args.count):
-        picture, mask = demo.render(index)
-        pixels = (picture * 255 + 0.5).astype(np.uint8)
-        Image.fromarray(pixels[..., 0] if args.channels == 1 else pixels).save(out / "images" / f"scene{index:05d}.png")
-        Image.fromarray(mask).save(out / "masks" / f"scene{index:05d}.png")
-    (out / "classes.txt").write_text("".join(f"{name}\n" for name in demo.class_names))
-    print(f"wrote {args.count} demo scenes (seed {args.seed}, {args.resolution} px, {args.num_classes} classes) to {out}")
-
-
-def build_parser():
-    parser = ArgumentParser(description="semanticgan data: check, show, time and split data sets, write demo "
-                            "scenes (to convert a public release: python prepare.py --help)")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    check = add_data_args(commands.add_parser("check", help="open every file, list every problem"))
-    check.set_defaults(run=command_check)
-
-    show = add_data_args(commands.add_parser("show", help="write a grid of images with their masks"))
-    show.add_argument("--out", default="grid.png")
-    show.add_argument("--count", type=POSITIVE_INT, default=8, help="samples (default 8)")
-    show.add_argument("--show-augmented", action="store_true", help="show augmented pairs")
-    show.set_defaults(run=command_show)
-
-    bench = add_data_args(commands.add_parser("bench", help="loader throughput"))
-    bench.add_argument("--batch", type=POSITIVE_INT, default=16)
-    bench.add_argument("--batches", type=POSITIVE_INT, default=30, help="timed batches (default 30)")
-    bench.add_argument("--warmup", type=COUNT, default=5, help="untimed batches first (default 5)")
-    bench.set_defaults(run=command_bench)
-
-    demo = commands.add_parser("demo", help="write demo scenes as a labeled folder")
-    demo.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
-    demo.add_argument("--count", type=POSITIVE_INT, default=100)
-    demo.add_argument("--seed", type=COUNT, default=1, help="scene seed (training uses 0; default 1: unseen scenes)")
-    demo.add_argument("--resolution", type=number(int, low=4), default=256)
-    demo.add_argument("--channels", type=int, choices=(1, 3), default=3)
-    demo.add_argument("--num-classes", type=number(int, low=2, high=MAX_CLASSES), default=4)
-    demo.set_defaults(run=command_demo)
-
-    split = commands.add_parser("split", help="seeded train/val/test name lists of a labeled folder")
-    split.add_argument("--data", required=True, help="a labeled folder")
-    split.add_argument("--out", required=True, help="folder for train.txt, val.txt, test.txt")
-    split.add_argument("--val", type=FRACTION, default=0.1, help="fraction for val.txt (default 0.1)")
-    split.add_argument("--test", type=FRACTION, default=0.2, help="fraction for test.txt (default 0.2)")
-    split.add_argument("--seed", type=COUNT, default=0)
-    split.add_argument("--skip-unpaired", action="store_true")
-    split.set_defaults(run=command_split)
-    return parser
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["prepare"]:  # the converters' command before it became prepare.py: still works
-        import prepare
-        return prepare.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except DataError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

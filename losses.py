@@ -38,10 +38,12 @@ import functools
 import math
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
 import ops
 from model import one_hot_mask
 
@@ -289,3 +291,44 @@ def dice_jaccard(prediction, target, cls):
     dice = torch.where(empty, torch.ones_like(total), 2 * intersection / total.clamp(min=1))
     jaccard = torch.where(empty, torch.ones_like(total), intersection / union.clamp(min=1))
     return dice, jaccard
+
+
+class Scores:
+    """Per-image DICE and Jaccard of each foreground class, summed intersections and unions (mIoU) and
+    per-patient sums (volumetric DICE), for one kind of mask (optimised, or the encoder alone)."""
+
+    def __init__(self, num_labels):
+        self.num_labels = num_labels
+        self.rows = {}
+        self.intersection = torch.zeros(num_labels, dtype=torch.long)
+        self.union = torch.zeros(num_labels, dtype=torch.long)
+        self.patients = {}
+
+    def add(self, name, prediction, truth):
+        prediction, truth = torch.from_numpy(prediction.astype(np.int64)), torch.from_numpy(truth.astype(np.int64))
+        row, patient = {}, data.patient_id(name)
+        for c in range(1, self.num_labels):
+            dice, jaccard = dice_jaccard(prediction[None], truth[None], c)
+            row[c] = (dice.item(), jaccard.item())
+            if patient is not None:  # a slice of a volume: its counts join its patient's
+                p, t = prediction == c, truth == c
+                sums = self.patients.setdefault(patient, np.zeros((self.num_labels, 2)))
+                sums[c] += (int((p & t).sum()), int(p.sum()) + int(t.sum()))
+        self.rows[name] = row
+        i, u = intersection_union(prediction, truth, self.num_labels)
+        self.intersection += i
+        self.union += u
+
+    def summary(self, class_names):
+        classes = range(1, self.num_labels)
+        dice = {class_names[c]: float(np.mean([r[c][0] for r in self.rows.values()])) for c in classes}
+        jaccard = {class_names[c]: float(np.mean([r[c][1] for r in self.rows.values()])) for c in classes}
+        out = {"dice": dice, "jaccard": jaccard, "mean_dice": float(np.mean(list(dice.values()))),
+               "mean_jaccard": float(np.mean(list(jaccard.values()))),
+               "miou": mean_iou(self.intersection, self.union)}
+        if self.patients:  # slices named PATIENT_zSLICE: volumetric DICE per patient
+            per_patient = [np.mean([2 * s[c, 0] / s[c, 1] if s[c, 1] else 1.0 for c in classes])
+                           for s in self.patients.values()]
+            out["dice_per_patient"] = float(np.mean(per_patient))
+            out["patients"] = len(self.patients)
+        return out

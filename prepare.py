@@ -4,6 +4,13 @@
     python prepare.py celebamask SRC OUT --size 256
     python prepare.py --help                       this list, and the options
 
+and the commands that look at a folder of that format, split it, or write demo scenes into one:
+
+    python prepare.py check --data PATH [...]             open every file once, list every problem
+    python prepare.py show  --data PATH --out grid.png    images with their masks, to look at
+    python prepare.py split --data LABELED --out DIR      seeded train.txt / val.txt / test.txt
+    python prepare.py demo OUT [--seed 1] [--count 100]   demo scenes as a labeled folder (seed 1: unseen)
+
 SemanticGAN (Li et al., CVPR 2021, Sec. 4) trains and tests on faces, chest X-rays, skin lesions and liver
 CT/MRI, each downloaded from its authors in a layout of its own. Each converter here reads one release as
 it is distributed and writes the folder format that data.py reads and the training scripts train on:
@@ -75,6 +82,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 import data
 
@@ -802,6 +810,119 @@ CONVERTERS = {
 
 
 # ----------------------------------------------------------------------------------------------------
+# The data commands: look at a folder (check, show), split it (split), write demo scenes (demo)
+
+
+def command_check(args):
+    """Open every file once (in DataLoader workers) and list every problem, one line each."""
+    args.augment = False
+    labeled, unlabeled, info = data.build_datasets(args)
+    if isinstance(unlabeled, data.ImageFolder) and labeled is not None:  # each file once: pairs are checked whole
+        paired = {p.image.resolve() for p in labeled.pairs}
+        unlabeled = data.ImageFolder([p for p in unlabeled.paths if p.resolve() not in paired], unlabeled.resolution,
+                                unlabeled.channels, unlabeled.fit)
+    problems, checked = [], 0
+    workers = data.default_workers() if args.workers is None else args.workers
+    for dataset in (labeled, unlabeled):
+        if dataset is None or len(dataset) == 0:
+            continue
+        for problem in DataLoader(Checked(dataset), batch_size=None, num_workers=workers):
+            checked += 1
+            if problem:
+                problems.append(problem)
+                print(f"error: {problem}", file=sys.stderr)
+    print(f"checked {checked} files or pairs ({info['labeled_count']} labeled pairs, {info['unlabeled_count']} "
+          f"images in all), {info['channels']} channels, {info['num_classes']} classes: {len(problems)} problems")
+    if problems:
+        sys.exit(2)
+
+
+class Checked(Dataset):
+    """A dataset's samples replaced by '' or the one-line data.DataError each raises."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            self.dataset[index]
+            return ""
+        except data.DataError as error:
+            return str(error)
+
+
+def command_show(args):
+    """A grid: per sample the image, the image with its mask laid over it, and the mask."""
+    args.augment = args.augment and args.show_augmented
+    if Path(args.out).exists():
+        raise data.DataError(f"--out {args.out} exists; pass another file name (or remove it)")
+    if args.data != "demo" and data.inside(args.out, args.data):
+        raise data.DataError(f"--out {args.out} lies data.inside --data, where the grid would be read as an image; pass a "
+                        "file outside the data")
+    labeled, unlabeled, info = data.build_datasets(args, augment=None if args.show_augmented else False)
+    rows = []
+    if labeled is not None:
+        for index in data.evenly_spaced(list(range(len(labeled))), args.count):
+            image, mask = labeled[(index, (args.seed, 0, index))]
+            pixels, colours = data.image_to_uint8(image), data.colour_mask(mask.numpy())
+            overlay = np.where(mask.numpy()[..., None] > 0, pixels // 2 + colours // 2, pixels)
+            rows.append(np.concatenate([pixels, overlay, colours], axis=1))
+    else:
+        for index in data.evenly_spaced(list(range(len(unlabeled))), args.count):
+            rows.append(data.image_to_uint8(unlabeled[index]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out)
+    names = info["class_names"] or list(range(info["num_classes"] or 0))
+    legend = ", ".join(f"{c}={n}" for c, n in enumerate(names) if c)
+    print(f"wrote {args.out}: {len(rows)} samples{f' (classes {legend})' if legend else ''}")
+
+
+def command_split(args):
+    """Seeded train/val/test name lists of a labeled folder: DIR/train.txt, val.txt, test.txt."""
+    folder = data.existing_folder(args.data, "--data")
+    if not data.is_labeled_folder(folder):
+        raise data.DataError(f"{folder}: not a labeled folder (images/ + masks/); split needs labeled pairs")
+    names = [p.name for p in data.index_labeled_folder(folder, args.skip_unpaired)]
+    if not (0 <= args.val and 0 <= args.test and args.val + args.test < 1):
+        raise data.DataError(f"--val {args.val} --test {args.test}: fractions must be >= 0 and sum below 1")
+    order = [names[i] for i in np.random.default_rng(args.seed).permutation(len(names))]
+    test_count, val_count = round(len(names) * args.test), round(len(names) * args.val)
+    parts = {"test": order[:test_count], "val": order[test_count:test_count + val_count],
+             "train": order[test_count + val_count:]}
+    out = Path(args.out)
+    existing = [out / f"{part}.txt" for part in parts if (out / f"{part}.txt").exists()]
+    if existing:  # runs may name it: a split is never redrawn under their feet
+        raise data.DataError(f"{existing[0]} exists; pass another --out (or remove the old split files first)")
+    out.mkdir(parents=True, exist_ok=True)
+    for part, chosen in parts.items():
+        (out / f"{part}.txt").write_text("".join(f"{n}\n" for n in sorted(chosen)), encoding="utf-8",
+                                         errors="surrogateescape")
+    print(f"wrote {out}/train.txt ({len(parts['train'])}), val.txt ({len(parts['val'])}), "
+          f"test.txt ({len(parts['test'])}) from {len(names)} pairs, seed {args.seed}")
+
+
+def command_demo(args):
+    """Write demo scenes as a labeled folder: with --seed other than 0 (the training scenes), scenes that
+    training never saw, to segment and score."""
+    demo = data.DemoDataset(args.resolution, args.channels, args.num_classes, args.count, args.seed)
+    out = Path(args.out)
+    if any(any((out / part).iterdir()) for part in ("images", "masks") if (out / part).is_dir()):
+        raise data.DataError(f"{out} already holds a data set; pass a new or empty folder")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for index in range(args.count):
+        picture, mask = demo.render(index)
+        pixels = (picture * 255 + 0.5).astype(np.uint8)
+        Image.fromarray(pixels[..., 0] if args.channels == 1 else pixels).save(out / "images" / f"scene{index:05d}.png")
+        Image.fromarray(mask).save(out / "masks" / f"scene{index:05d}.png")
+    (out / "classes.txt").write_text("".join(f"{name}\n" for name in demo.class_names))
+    print(f"wrote {args.count} demo scenes (seed {args.seed}, {args.resolution} px, {args.num_classes} classes) to {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -846,23 +967,50 @@ def parse_window(text):
 
 
 def build_parser():
+    """`prepare.py NAME SRC OUT` for each release, and the data commands; every one a sub-command."""
     parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=sorted(CONVERTERS), help="which release (the list above)")
-    parser.add_argument("src", help="the folder the release was extracted to")
-    parser.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
-    parser.add_argument("--size", type=data.number(int, low=4), default=None, help="also square and resize to SIZE px")
-    parser.add_argument("--fit", choices=data.FITS, default="pad", help="how --size squares (default pad)")
-    parser.add_argument("--window", type=parse_window, default=(-160.0, 240.0),
-                        help="lits: CT window in HU, written --window=LOW,HIGH (default -160,240: level 40, "
-                             "width 400)")
-    parser.add_argument("--all-slices", action="store_true", help="lits, chaos: keep slices without liver")
-    parser.add_argument("--phase", choices=("in", "out", "both"), default="both", help="chaos: T1 phase")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="NAME or COMMAND")
+    for name in sorted(CONVERTERS):
+        sub = commands.add_parser(name, help=f"convert the {name} release")
+        sub.add_argument("src", help="the folder the release was extracted to")
+        sub.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
+        sub.add_argument("--size", type=data.number(int, low=4), default=None, help="also square and resize to SIZE px")
+        sub.add_argument("--fit", choices=data.FITS, default="pad", help="how --size squares (default pad)")
+        sub.add_argument("--window", type=parse_window, default=(-160.0, 240.0),
+                         help="lits: CT window in HU, written --window=LOW,HIGH (default -160,240: level 40, width 400)")
+        sub.add_argument("--all-slices", action="store_true", help="lits, chaos: keep slices without liver")
+        sub.add_argument("--phase", choices=("in", "out", "both"), default="both", help="chaos: T1 phase")
+        sub.set_defaults(run=convert, name=name)
+    check = data.add_data_args(commands.add_parser("check", help="open every file of a data set, list every problem"))
+    check.set_defaults(run=command_check)
+    show = data.add_data_args(commands.add_parser("show", help="write a grid of images with their masks"))
+    show.add_argument("--out", default="grid.png")
+    show.add_argument("--count", type=data.POSITIVE_INT, default=8, help="samples (default 8)")
+    show.add_argument("--show-augmented", action="store_true", help="show augmented pairs")
+    show.set_defaults(run=command_show)
+    split = commands.add_parser("split", help="seeded train/val/test name lists of a labeled folder")
+    split.add_argument("--data", required=True, help="a labeled folder")
+    split.add_argument("--out", required=True, help="folder for train.txt, val.txt, test.txt")
+    split.add_argument("--val", type=data.FRACTION, default=0.1, help="fraction for val.txt (default 0.1)")
+    split.add_argument("--test", type=data.FRACTION, default=0.2, help="fraction for test.txt (default 0.2)")
+    split.add_argument("--seed", type=data.COUNT, default=0)
+    split.add_argument("--skip-unpaired", action="store_true")
+    split.set_defaults(run=command_split)
+    demo = commands.add_parser("demo", help="write demo scenes as a labeled folder")
+    demo.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
+    demo.add_argument("--count", type=data.POSITIVE_INT, default=100)
+    demo.add_argument("--seed", type=data.COUNT, default=1, help="scene seed (training uses 0; default 1: unseen scenes)")
+    demo.add_argument("--resolution", type=data.number(int, low=4), default=256)
+    demo.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    demo.add_argument("--num-classes", type=data.number(int, low=2, high=data.MAX_CLASSES), default=4)
+    demo.set_defaults(run=command_demo)
     return parser
 
 
 def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
-        convert(build_parser().parse_args(argv))
+        args.run(args)
     except data.DataError as error:
         print(f"error: {data.one_line(error)}", file=sys.stderr)
         sys.exit(2)

@@ -24,7 +24,8 @@ the very gradient w.r.t. the style. model.py modulates activations instead, so i
 
 `impl`: 'gradfix' (these Functions) or 'ref' (F.conv2d / F.conv_transpose2d, PyTorch's own derivatives).
 None takes 'gradfix' for CUDA tensors unless SEMANTICGAN_OPS=ref, and 'ref' on the CPU, where gradfix
-measured 0.77-1.18x PyTorch's speed (`python -m ops.benchmark --device cpu`): nothing to gain there.
+measured 0.77-1.18x PyTorch's speed (2026-11-25; `python benchmark.py --only gradfix` measures it): nothing to
+gain there.
 """
 
 import contextlib

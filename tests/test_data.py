@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,10 +56,10 @@ def parse(argv):
     return parser.parse_args([str(a) for a in argv])
 
 
-def run_main(capsys, argv, main=data.main):
-    """main(argv), data.py's by default: (exit status, stdout, stderr)."""
+def run_main(capsys, argv, main=None):
+    """main(argv), prepare.py's (the data commands) by default: (exit status, stdout, stderr)."""
     try:
-        main([str(a) for a in argv])
+        (main or prepare.main)([str(a) for a in argv])
         code = 0
     except SystemExit as exit:
         code = exit.code
@@ -212,23 +213,6 @@ def test_labels_picks_a_fixed_nested_subset_and_keeps_the_rest_unlabeled(tmp_pat
     assert no_labels[0] is None and no_labels[2]["num_classes"] == 3  # still known from all the masks
     with pytest.raises(data.DataError, match="only 12 labeled pairs"):
         data.build_datasets(parse(["--data", tmp_path / "lab", "--num-labels", 13]))
-
-
-def test_split_file_keeps_listed_pairs_and_hides_the_others_from_training(tmp_path, capsys):
-    make_labeled(tmp_path / "lab", count=10, size=8)
-    code, out, _ = run_main(capsys, ["split", "--data", tmp_path / "lab", "--out", tmp_path / "split",
-                                     "--val", 0.2, "--test", 0.3, "--seed", 4])
-    assert code == 0 and "train.txt (5)" in out
-    parts = {p: (tmp_path / "split" / f"{p}.txt").read_text().split() for p in ("train", "val", "test")}
-    assert [len(parts[p]) for p in ("train", "val", "test")] == [5, 2, 3]
-    assert sorted(sum(parts.values(), [])) == sorted(f"img{i}" for i in range(10))
-    labeled, unlabeled, info = data.build_datasets(parse(["--data", tmp_path / "lab", "--split",
-                                                          tmp_path / "split/train.txt"]))
-    assert sorted(p.name for p in labeled.pairs) == sorted(parts["train"])
-    assert len(unlabeled) == 5 and info["labeled_total"] == 5  # val and test images never reach training
-    (tmp_path / "bad.txt").write_text("img1.png\nnope\n")
-    with pytest.raises(data.DataError, match="nope, which is not a pair"):
-        data.build_datasets(parse(["--data", tmp_path / "lab", "--split", tmp_path / "bad.txt"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -545,33 +529,23 @@ def test_colour_and_jpeg_masks_are_refused(capsys, tmp_path):
 def test_cli_prints_one_line_without_traceback(tmp_path):
     """The real entry point, in a subprocess: a start-up error, and an error inside a DataLoader worker."""
     def cli(*argv):
-        return subprocess.run([sys.executable, "data.py", *map(str, argv)], cwd=ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "prepare.py", *map(str, argv)], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
-    result = cli("bench", "--data", tmp_path / "missing")
+    result = cli("check", "--data", tmp_path / "missing")
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "missing: no such folder" in result.stderr and "Traceback" not in result.stderr
     make_labeled(tmp_path / "lab", count=4, size=8)
     (tmp_path / "lab/masks/img2.png").write_bytes(b"\x89PNG\r\n\x1a\ncut short")
-    result = cli("bench", "--data", tmp_path / "lab", "--channels", 3, "--num-classes", 3, "--workers", 2,
-                 "--batch", 4, "--batches", 1, "--warmup", 0, "--resolution", 8)
+    result = cli("check", "--data", tmp_path / "lab", "--channels", 3, "--num-classes", 3, "--workers", 2,
+                 "--resolution", 8)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "img2.png" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------------
-# show and bench run end to end
-
-
-def test_show_and_bench_run_on_the_demo(capsys, tmp_path):
-    code, out, _ = run_main(capsys, ["show", "--data", "demo", "--resolution", 16, "--count", 3,
-                                     "--out", tmp_path / "grid.png"])
-    assert code == 0 and "grid.png" in out
-    assert Image.open(tmp_path / "grid.png").size == (48, 48)  # image | overlay | mask, 3 rows
-    code, out, _ = run_main(capsys, ["bench", "--data", "demo", "--resolution", 16, "--batch", 2,
-                                     "--batches", 2, "--warmup", 1, "--workers", 0, "--demo-length", 8])
-    assert code == 0 and "images/s" in out and "labeled" in out and "unlabeled" in out
+# show runs end to end
 
 
 def test_patient_id():
@@ -594,28 +568,3 @@ def test_colour_mask_background_black_classes_distinct_and_cycling():
 # The commands never write over what is there
 
 
-def test_split_keeps_names_that_are_not_utf8_and_never_redraws_a_split(tmp_path, capsys):
-    make_labeled(tmp_path / "lab", count=4, size=8)
-    odd = os.fsdecode(b"lung_\xe9")
-    for part in ("images", "masks"):
-        os.replace(tmp_path / "lab" / part / "img0.png", tmp_path / "lab" / part / f"{odd}.png")
-    code, _, err = run_main(capsys, ["split", "--data", tmp_path / "lab", "--out", tmp_path / "split", "--val", 0,
-                                     "--test", 0])
-    assert code == 0, err
-    assert data.read_split_file(tmp_path / "split" / "train.txt") == sorted([odd, "img1", "img2", "img3"])
-    labeled, _, _ = data.build_datasets(parse(["--data", tmp_path / "lab", "--split", tmp_path / "split/train.txt"]))
-    assert len(labeled) == 4
-    kept = (tmp_path / "split" / "train.txt").read_bytes()
-    code, _, err = run_main(capsys, ["split", "--data", tmp_path / "lab", "--out", tmp_path / "split", "--seed", 1])
-    assert code == 2 and ".txt exists; pass another --out" in err and (tmp_path / "split" / "train.txt").read_bytes() == kept
-
-
-def test_show_and_demo_never_write_over_a_file_nor_into_the_data(tmp_path, capsys):
-    make_labeled(tmp_path / "lab", count=2, size=8)
-    before = {p: p.read_bytes() for p in (tmp_path / "lab").rglob("*") if p.is_file()}
-    for out in (tmp_path / "lab" / "images" / "img0.png", tmp_path / "lab" / "grid.png"):
-        code, _, err = run_main(capsys, ["show", "--data", tmp_path / "lab", "--resolution", 8, "--out", out])
-        assert code == 2 and err.startswith("error: --out"), err
-    code, _, err = run_main(capsys, ["demo", tmp_path / "lab", "--count", 2, "--resolution", 8])
-    assert code == 2 and "already holds a data set" in err
-    assert {p: p.read_bytes() for p in (tmp_path / "lab").rglob("*") if p.is_file()} == before

@@ -163,10 +163,10 @@ def test_data_commands(tmp_path, capsys):
     labeled = labeled_folder(tmp_path / "data")
     before = md5s(labeled)
     for relation, out in inputs_and_outs(labeled):
-        assert outcome(capsys, data.main, ["demo", out, "--count", 2, "--resolution", 8]) == \
+        assert outcome(capsys, prepare.main, ["demo", out, "--count", 2, "--resolution", 8]) == \
             ("refused" if relation == "as" else "done")
-        assert outcome(capsys, data.main, ["show", "--data", labeled, "--resolution", 8, "--out",
+        assert outcome(capsys, prepare.main, ["show", "--data", labeled, "--resolution", 8, "--out",
                                            out / "grid.png"]) == "refused"
-        assert outcome(capsys, data.main, ["split", "--data", labeled, "--out", out]) == "done"
-        assert outcome(capsys, data.main, ["split", "--data", labeled, "--out", out, "--seed", 1]) == "refused"
+        assert outcome(capsys, prepare.main, ["split", "--data", labeled, "--out", out]) == "done"
+        assert outcome(capsys, prepare.main, ["split", "--data", labeled, "--out", out, "--seed", 1]) == "refused"
         assert all(md5s(labeled).get(p) == h for p, h in before.items()), relation

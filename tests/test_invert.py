@@ -145,7 +145,7 @@ def test_a_non_square_input_gives_a_mask_of_its_own_size(bundle, tmp_path):
 
 
 def test_scores_by_hand_with_empty_masks_absent_classes_and_patients():
-    scores = invert.Scores(3)
+    scores = losses.Scores(3)
     p = np.array([[1, 1], [0, 0]])
     t = np.array([[1, 0], [0, 0]])
     scores.add("A_z1", p, t)                            # class 1: 2*1/(2+1); class 2 absent in both: 1
@@ -638,7 +638,7 @@ def test_patients_are_the_slices_named_patient_z_slice_only():
     assert data.patient_id("lits003_z0042") == "lits003" and data.patient_id("sub/chaos1-in_z007") == "chaos1-in"
     for name in ("ISIC_0000000", "MCUCXR_0001_0", "CHNCXR_0001_0", "scan", "a_zb"):
         assert data.patient_id(name) is None, name
-    scores = invert.Scores(2)
+    scores = losses.Scores(2)
     for name in ("ISIC_0000000", "ISIC_0000001", "MCUCXR_0001_0"):
         scores.add(name, np.array([[1, 0]]), np.array([[1, 1]]))
     summary = scores.summary(["bg", "lesion"])

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
+import benchmark
 import data
 import generate
 import invert
-import ops.benchmark
 import prepare
 import train_encoder
 import train_gan
@@ -21,21 +21,20 @@ PARSERS = {
     "train_encoder.py": (train_encoder.build_parser, []),
     "invert.py": (invert.build_parser, ["img.png"]),
     "generate.py": (generate.build_parser, ["--ckpt", "x.pt"]),
-    "ops.benchmark": (ops.benchmark.build_parser, []),
-    "prepare.py": (prepare.build_parser, ["jsrt", "src", "out"]),
-    "data.py check": (data.build_parser, ["check"]),
-    "data.py show": (data.build_parser, ["show"]),
-    "data.py bench": (data.build_parser, ["bench"]),
-    "data.py demo": (data.build_parser, ["demo", "out"]),
-    "data.py split": (data.build_parser, ["split", "--data", "d", "--out", "o"]),
+    "benchmark.py": (benchmark.build_parser, []),
+    "prepare.py jsrt": (prepare.build_parser, ["jsrt", "src", "out"]),
+    "prepare.py check": (prepare.build_parser, ["check"]),
+    "prepare.py show": (prepare.build_parser, ["show"]),
+    "prepare.py demo": (prepare.build_parser, ["demo", "out"]),
+    "prepare.py split": (prepare.build_parser, ["split", "--data", "d", "--out", "o"]),
 }
 
 
 def actions(script):
-    """The options of `script`'s parser (of its sub-command for data.py)."""
+    """The options of `script`'s parser (of its sub-command for prepare.py)."""
     build, prefix = PARSERS[script]
     parser = build()
-    if script.startswith("data.py"):
+    if script.startswith("prepare.py"):
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = sub.choices[prefix[0]]
     return [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
@@ -84,7 +83,7 @@ def test_every_numeric_option_refuses_a_bad_value_in_one_line(script, capsys):
             assert len(err) == 1 and err[0].startswith("error: argument ") and option in err[0], (script, option, err)
             assert "give" in err[0] or "choose from" in err[0], err  # and it says what the option takes
             walked += 1
-    assert walked >= {"train_gan.py": 40, "train_encoder.py": 40, "invert.py": 15}.get(script, 3), walked
+    assert walked >= {"train_gan.py": 40, "train_encoder.py": 40, "invert.py": 15, "benchmark.py": 2}.get(script, 3), walked
 
 
 @pytest.mark.parametrize("script,argv", [
@@ -110,8 +109,7 @@ def test_good_values_pass_and_keep_their_meaning():
     assert parse("train_encoder.py", ["--encoder-units", "1,2,3,4"]).encoder_units == (1, 2, 3, 4)
     assert parse("train_encoder.py", []).encoder_units == (3, 4, 14, 3)
     assert parse("invert.py", []).batch is None and parse("invert.py", ["--steps", "0"]).steps == 0
-    assert parse("invert.py", ["--bench-batches", "1,8"]).bench_batches == (1, 8)
-    assert parse("data.py demo", ["--resolution", "20"]).resolution == 20  # any size for the data tools
+    assert parse("prepare.py demo", ["--resolution", "20"]).resolution == 20  # any size for the data tools
 
 
 def test_number_by_hand():

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import invert
 import model
+import prepare
 import train_encoder
 import train_gan
 
@@ -24,7 +24,7 @@ def three_stages(tmp_path, classes, *stage1_extra):
     train_encoder.main(["--ckpt", str(runs / "gan" / "checkpoint-00000002.pt"), "--lpips", "random", "--batch", "2",
                         "--iter", "2", "--val-every", "2", "--encoder-units", "1,1,1,1", "--max-channels", "16",
                         "--workers", "0", "--grid", "2", "--log-every", "0", "--out", str(runs / "encoder")])
-    data.main(["demo", str(tmp_path / "unseen"), "--count", "3", "--resolution", "32", "--num-classes", str(classes)])
+    prepare.main(["demo", str(tmp_path / "unseen"), "--count", "3", "--resolution", "32", "--num-classes", str(classes)])
     invert.main([str(tmp_path / "unseen" / "images"), "--model", str(runs / "encoder" / "model.pt"), "--steps", "2",
                  "--eval", str(tmp_path / "unseen"), "--out", str(runs / "segmentations")])
     return runs

@@ -17,8 +17,10 @@ import data
 import invert
 import losses
 import model
+import prepare
 import train_encoder
 import train_gan
+from report import SIGNALS
 
 STAGE1 = ["--data", "demo", "--demo-length", "24", "--num-labels", "8", "--num-classes", "3", "--resolution", "32",
           "--max-channels", "16", "--style-dim", "32", "--n-mlp", "2", "--batch", "4", "--workers", "0",
@@ -42,7 +44,7 @@ def unseen(tmp_path_factory):
     """Three demo scenes neither stage saw, and a black-and-white checkerboard of single pixels (its mask: all
     background)."""
     root = tmp_path_factory.mktemp("unseen")
-    data.main(["demo", str(root), "--count", "3", "--resolution", "32", "--num-classes", "3", "--seed", "1"])
+    prepare.main(["demo", str(root), "--count", "3", "--resolution", "32", "--num-classes", "3", "--seed", "1"])
     board = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)
     Image.fromarray(np.stack([board] * 3, -1)).save(root / "images" / "checker.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / "checker.png")
@@ -215,7 +217,7 @@ def test_the_report_shows_every_image_once_with_its_numbers_worst_first(trained,
     assert sorted(report.rows) == sorted(rows) == ["checker"] + SCENES
     for name, cells in report.rows.items():
         assert cells["name"] == name
-        for key in invert.SIGNALS + ("area_ellipse", "area_rectangle"):
+        for key in SIGNALS + ("area_ellipse", "area_rectangle"):
             assert float(cells[key]) == pytest.approx(float(rows[name][key]), abs=6e-5), (name, key)
         for key in ("dice_ellipse", "dice_rectangle", "encoder_dice_ellipse", "encoder_dice_rectangle"):
             assert float(cells[key]) == pytest.approx(float(scores[name][key]), abs=6e-5), (name, key)

@@ -352,7 +352,7 @@ def rename(state, old, new):
 
 
 BAD_FILES = {
-    "needs code": (lambda c: c.update(g=NeedsCode()), "needs code (test_official_weights.NeedsCode)"),
+    "needs code": (lambda c: c.update(g=NeedsCode()), "needs code (test_weights.NeedsCode)"),
     "another network": (lambda c: c.update(g_ema=model.Encoder(32, units=(1, 1, 1, 1), max_channels=8).state_dict()),
                         "is not a checkpoint of this project, of the official SemanticGAN code"),
     "a renamed tensor": (lambda c: rename(c["g_ema"], "convs.3.noise.weight", "convs.3.noise.strength"),
