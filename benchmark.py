@@ -32,6 +32,7 @@ import time
 
 import torch
 
+import cli
 import data
 import invert
 import losses
@@ -315,11 +316,11 @@ def settings(args):
 
 
 def build_parser():
-    p = data.ArgumentParser(description="Every speed figure of README's Performance section, from the project's "
+    p = cli.ArgumentParser(description="Every speed figure of README's Performance section, from the project's "
                             "own code; prints the rows to paste.")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (32 px, narrow networks, batch 2): shows on a "
                    "CPU that every part runs")
-    p.add_argument("--only", type=data.choice_list(tuple(PARTS)), default=",".join(PARTS), help="the parts to run")
+    p.add_argument("--only", type=cli.choice_list(tuple(PARTS)), default=",".join(PARTS), help="the parts to run")
     p.add_argument("--data", default="demo", help="the data the loader part reads (a folder, or demo)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if there is one)")
     return p

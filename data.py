@@ -3,7 +3,7 @@
 SemanticGAN (Li et al., CVPR 2021, Sec. 3-4) learns from a few labeled pairs (image + segmentation mask)
 and many unlabeled images. This file turns folders in one format into those two streams, makes a procedural
 demo set, and stops with one clear line on bad data; prepare.py writes the paper's public data sets into
-that format. Needs: torch, numpy, Pillow; no other file of the project.
+that format. Needs: torch, numpy, Pillow, and cli.py (its options' checked types).
 
 The on-disk format
 ------------------
@@ -81,6 +81,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+
+import cli
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
@@ -694,84 +696,7 @@ class DemoDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The shared command-line options and build_datasets
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad option reported in one line (argparse's own prints its whole usage first):
-    `error: argument --batch: 0: give a whole number of 1 or more (see train_gan.py --help)`, exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def number(kind, low=None, high=None, above=None):
-    """An argparse type for numeric options, checked when the command line is parsed: a `kind` (int or
-    float) of at least `low` (or more than `above`) and at most `high`. Anything else (a negative batch, a
-    zero learning rate, nan) is one error line naming the option and the values it takes."""
-    noun = "a whole number" if kind is int else "a number"
-    if low is not None and high is not None:
-        takes = f"{noun} from {low:g} to {high:g}"
-    elif low is not None:
-        takes = f"{noun} of {low:g} or more"
-    elif above is not None:
-        takes = f"{noun} above {above:g}"
-    else:
-        takes = noun
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: give {takes}") from None
-        if not math.isfinite(value) or (low is not None and value < low) or (above is not None and value <= above) \
-                or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{text}: give {takes}")
-        return value
-
-    parse.__name__ = takes  # what argparse would name in its own messages
-    parse.kind, parse.low, parse.high, parse.above = kind, low, high, above  # for the tests that walk the options
-    return parse
-
-
-def number_list(kind, low=None, count=None):
-    """An argparse type for comma-separated numbers (--encoder-units 3,4,14,3), each checked as number()
-    checks one, `count` of them if given."""
-    one = number(kind, low=low)
-    takes = f"{count or 'one or more'} comma-separated values, each {one.__name__}"
-
-    def parse(text):
-        try:
-            values = tuple(one(v) for v in text.split(","))
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"{text}: give {takes}") from None
-        if count is not None and len(values) != count:
-            raise argparse.ArgumentTypeError(f"{text}: give {takes}")
-        return values
-
-    parse.__name__ = takes
-    parse.item, parse.count = one, count
-    return parse
-
-
-def choice_list(choices):
-    """An argparse type for a comma-separated subset of `choices` (--bench-precisions fp32,bf16)."""
-    def parse(text):
-        values = text.split(",")
-        if any(v not in choices for v in values):
-            raise argparse.ArgumentTypeError(f"{text}: give one or more of {', '.join(choices)}, comma-separated")
-        return values
-
-    parse.__name__ = f"a list of {', '.join(choices)}"
-    parse.choices = tuple(choices)
-    return parse
-
-
-POSITIVE_INT = number(int, low=1)         # steps, batches, sizes, intervals
-COUNT = number(int, low=0)                # counts where 0 means none, seeds, workers
-POSITIVE = number(float, above=0)         # learning rates, temperatures, clip norms
-NON_NEGATIVE = number(float, low=0)       # loss weights (0 turns a term off), gammas, seconds
-FRACTION = number(float, low=0, high=1)   # probabilities, decays, fractions
+# The data options every script shares, and build_datasets
 
 
 def default_workers(world_size=1):
@@ -793,17 +718,17 @@ def add_data_args(parser, resolutions=None):
                        "labeled folder (images/ + masks/; then it is also --labeled-dir), or 'demo'")
     group.add_argument("--labeled-dir", metavar="DIR", help="a labeled folder (images/NAME.* + masks/NAME.png) "
                        "when --data is the unlabeled pool")
-    size = dict(type=int, choices=resolutions) if resolutions else dict(type=number(int, low=4))
+    size = dict(type=int, choices=resolutions) if resolutions else dict(type=cli.number(int, low=4))
     group.add_argument("--resolution", default=256, help="square size R (default 256)", **size)
     group.add_argument("--channels", type=int, choices=(1, 3), default=None,
                        help="1 (grey: X-ray, CT, MRI) or 3 (RGB); default: 1 if the sampled images are grey")
-    group.add_argument("--num-classes", type=number(int, low=2, high=MAX_CLASSES), default=None,
+    group.add_argument("--num-classes", type=cli.number(int, low=2, high=MAX_CLASSES), default=None,
                        help="classes including background; default: from --class-map, classes.txt or the masks")
     group.add_argument("--class-map", default=None, metavar="MAP", help="merge classes: "
                        f"{', '.join(CLASS_MAPS)}, a file of SRC:DST lines, or SRC:DST,SRC:DST")
-    group.add_argument("--num-labels", type=COUNT, default=None, metavar="N",
+    group.add_argument("--num-labels", type=cli.COUNT, default=None, metavar="N",
                        help="keep N labeled pairs (a fixed seeded subset; smaller sets nest in larger ones)")
-    group.add_argument("--labels-seed", type=COUNT, default=0, help="seed of the --num-labels subset (default 0)")
+    group.add_argument("--labels-seed", type=cli.COUNT, default=0, help="seed of the --num-labels subset (default 0)")
     group.add_argument("--split", metavar="FILE", help="keep the labeled pairs named in FILE (one per line)")
     group.add_argument("--fit", choices=FITS, default="pad",
                        help="non-square images: pad (default), centre crop, or stretch")
@@ -816,17 +741,17 @@ def add_data_args(parser, resolutions=None):
     group.add_argument("--skip-unpaired", action="store_true",
                        help="leave out images without masks and masks without images (counted) "
                             "instead of stopping")
-    group.add_argument("--max-unreadable", type=FRACTION, default=0.01, metavar="FRACTION",
+    group.add_argument("--max-unreadable", type=cli.FRACTION, default=0.01, metavar="FRACTION",
                        help="unreadable unlabeled images are replaced by others from the pool and counted; "
                             "past this fraction of the pool (at least one file) the run stops; 0: stop at the "
                             "first (default 0.01)")
-    group.add_argument("--demo-length", type=POSITIVE_INT, default=1000, help="images in --data demo (default 1000)")
+    group.add_argument("--demo-length", type=cli.POSITIVE_INT, default=1000, help="images in --data demo (default 1000)")
     options = parser._option_string_actions
     if "--workers" not in options:
-        group.add_argument("--workers", type=COUNT, default=None, help="DataLoader workers per stream "
+        group.add_argument("--workers", type=cli.COUNT, default=None, help="DataLoader workers per stream "
                            "(default: the CPU cores, at most 8)")
     if "--seed" not in options:
-        group.add_argument("--seed", type=COUNT, default=0, help="random seed (default 0)")
+        group.add_argument("--seed", type=cli.COUNT, default=0, help="random seed (default 0)")
     return parser
 
 

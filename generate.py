@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import data
 import model
 import weights
@@ -129,18 +130,18 @@ def generate(args):
 
 
 def build_parser():
-    p = data.ArgumentParser(description="Write image/mask pairs drawn from G_ema in the folder format.",
+    p = cli.ArgumentParser(description="Write image/mask pairs drawn from G_ema in the folder format.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train_gan.py checkpoint or run folder (its latest checkpoint), a "
                    "model.pt or train_encoder.py run folder, or a checkpoint of the official train_seg_gan.py")
-    p.add_argument("--n", type=data.POSITIVE_INT, default=20000, help="pairs")
-    p.add_argument("--truncation", type=data.NON_NEGATIVE, default=0.7,
+    p.add_argument("--n", type=cli.POSITIVE_INT, default=20000, help="pairs")
+    p.add_argument("--truncation", type=cli.NON_NEGATIVE, default=0.7,
                    help="1 = no truncation (the most diverse pairs), 0 = the mean latent's pair")
-    p.add_argument("--mean-samples", type=data.POSITIVE_INT, default=4096,
+    p.add_argument("--mean-samples", type=cli.POSITIVE_INT, default=4096,
                    help="latents averaged for the truncation centre")
     p.add_argument("--out", default="synth")
-    p.add_argument("--batch", type=data.POSITIVE_INT, default=32)
-    p.add_argument("--seed", type=data.COUNT, default=0)
+    p.add_argument("--batch", type=cli.POSITIVE_INT, default=32)
+    p.add_argument("--seed", type=cli.COUNT, default=0)
     p.add_argument("--device", default=None)
     return p
 

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cli
 import data
 import losses
 import model
@@ -341,9 +342,9 @@ def run(args, argv):
             raise data.DataError(f"{args.split}: names {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
                                  "which is not among the input images; pass the folder that holds them")
         inputs = [item for n in wanted for item in by_key[n]]
-    written = report.start(inputs, args.out, args.save_reconstruction, args.overwrite)
     lut = data.lookup_table(data.parse_class_map(args.class_map)[0]) if args.class_map else None
     truth = find_masks(inputs, args.eval, lut, num_labels, args.out) if args.eval else None
+    written = report.start(inputs, args.out, args.save_reconstruction, args.overwrite)  # --out made here
     batch = args.batch or (16 if device.type == "cuda" else 4)
     note = " (an UNTRAINED backbone: the scores are not the paper's)" if lpips_net == "random" else ""
     print(f"semanticgan inversion: {len(inputs)} images, {args.steps} steps, batch {batch}, on {device.type} "
@@ -429,34 +430,34 @@ def segment_chunk(chunk, G, E, percept, args, autocast, bundle, reference, truth
 
 
 def build_parser():
-    p = data.ArgumentParser(description="Segment images by inverting them into a SemanticGAN generator "
+    p = cli.ArgumentParser(description="Segment images by inverting them into a SemanticGAN generator "
                             "(and score the masks).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or globs")
     p.add_argument("--model", default=None, help="model.pt of train_encoder.py (default: the newest under runs/)")
     p.add_argument("--out", default="segmentations", help="output folder; it may lie inside an input folder "
                    "(it is not read as input), never hold an input")
-    p.add_argument("--steps", type=data.COUNT, default=100, help="optimisation steps (0: the encoder alone)")
-    p.add_argument("--lr", type=data.POSITIVE, default=0.1)
-    p.add_argument("--mse-weight", type=data.NON_NEGATIVE, default=0.1, help="lambda3")
-    p.add_argument("--encoder-weight", type=data.NON_NEGATIVE, default=1e-3, help="lambda2")
-    p.add_argument("--noise-weight", type=data.NON_NEGATIVE, default=100.0, help="noise regularisation weight")
-    p.add_argument("--lpips-weight", type=data.NON_NEGATIVE, default=1.0, help="LPIPS weight (0: MSE only; the "
+    p.add_argument("--steps", type=cli.COUNT, default=100, help="optimisation steps (0: the encoder alone)")
+    p.add_argument("--lr", type=cli.POSITIVE, default=0.1)
+    p.add_argument("--mse-weight", type=cli.NON_NEGATIVE, default=0.1, help="lambda3")
+    p.add_argument("--encoder-weight", type=cli.NON_NEGATIVE, default=1e-3, help="lambda2")
+    p.add_argument("--noise-weight", type=cli.NON_NEGATIVE, default=100.0, help="noise regularisation weight")
+    p.add_argument("--lpips-weight", type=cli.NON_NEGATIVE, default=1.0, help="LPIPS weight (0: MSE only; the "
                    "official objective has 1)")
     p.add_argument("--optimize-noise", action=argparse.BooleanOptionalAction, default=True,
                    help="optimise the noise maps with w+ (official); --no-optimize-noise keeps each image's "
                         "seeded maps fixed and optimises w+ alone")
     p.add_argument("--lpips", choices=losses.Perceptual.NETS, default=None,
                    help="LPIPS network (default: the one the encoder was trained with)")
-    p.add_argument("--batch", type=data.POSITIVE_INT, default=None,
+    p.add_argument("--batch", type=cli.POSITIVE_INT, default=None,
                    help="images optimised together (default: 16 on a GPU, 4 on the CPU)")
-    p.add_argument("--seed", type=data.COUNT, default=0, help="seed of the noise maps (with each image's name)")
+    p.add_argument("--seed", type=cli.COUNT, default=0, help="seed of the noise maps (with each image's name)")
     p.add_argument("--split", metavar="FILE", default=None,
                    help="segment only the input images named in FILE (one per line, e.g. prepare.py split's test.txt)")
     p.add_argument("--eval", metavar="MASKS", default=None,
                    help="a folder of ground-truth masks with the images' names, or a labeled folder: score")
     p.add_argument("--class-map", default=None, help="merge the ground-truth classes as in training")
     p.add_argument("--save-reconstruction", action="store_true", help="also write NAME_recon.png, G_x(w+*)")
-    p.add_argument("--flag-factor", type=data.POSITIVE, default=1.5,
+    p.add_argument("--flag-factor", type=cli.POSITIVE, default=1.5,
                    help="flag an image whose encoder reconstruction error (LPIPS or MSE) is above this many times "
                         "the largest of the labeled training images' (stored in model.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out: the files it "

@@ -84,6 +84,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import cli
 import data
 
 # ----------------------------------------------------------------------------------------------------
@@ -968,13 +969,13 @@ def parse_window(text):
 
 def build_parser():
     """`prepare.py NAME SRC OUT` for each release, and the data commands; every one a sub-command."""
-    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="NAME or COMMAND")
     for name in sorted(CONVERTERS):
         sub = commands.add_parser(name, help=f"convert the {name} release")
         sub.add_argument("src", help="the folder the release was extracted to")
         sub.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
-        sub.add_argument("--size", type=data.number(int, low=4), default=None, help="also square and resize to SIZE px")
+        sub.add_argument("--size", type=cli.number(int, low=4), default=None, help="also square and resize to SIZE px")
         sub.add_argument("--fit", choices=data.FITS, default="pad", help="how --size squares (default pad)")
         sub.add_argument("--window", type=parse_window, default=(-160.0, 240.0),
                          help="lits: CT window in HU, written --window=LOW,HIGH (default -160,240: level 40, width 400)")
@@ -985,24 +986,24 @@ def build_parser():
     check.set_defaults(run=command_check)
     show = data.add_data_args(commands.add_parser("show", help="write a grid of images with their masks"))
     show.add_argument("--out", default="grid.png")
-    show.add_argument("--count", type=data.POSITIVE_INT, default=8, help="samples (default 8)")
+    show.add_argument("--count", type=cli.POSITIVE_INT, default=8, help="samples (default 8)")
     show.add_argument("--show-augmented", action="store_true", help="show augmented pairs")
     show.set_defaults(run=command_show)
     split = commands.add_parser("split", help="seeded train/val/test name lists of a labeled folder")
     split.add_argument("--data", required=True, help="a labeled folder")
     split.add_argument("--out", required=True, help="folder for train.txt, val.txt, test.txt")
-    split.add_argument("--val", type=data.FRACTION, default=0.1, help="fraction for val.txt (default 0.1)")
-    split.add_argument("--test", type=data.FRACTION, default=0.2, help="fraction for test.txt (default 0.2)")
-    split.add_argument("--seed", type=data.COUNT, default=0)
+    split.add_argument("--val", type=cli.FRACTION, default=0.1, help="fraction for val.txt (default 0.1)")
+    split.add_argument("--test", type=cli.FRACTION, default=0.2, help="fraction for test.txt (default 0.2)")
+    split.add_argument("--seed", type=cli.COUNT, default=0)
     split.add_argument("--skip-unpaired", action="store_true")
     split.set_defaults(run=command_split)
     demo = commands.add_parser("demo", help="write demo scenes as a labeled folder")
     demo.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
-    demo.add_argument("--count", type=data.POSITIVE_INT, default=100)
-    demo.add_argument("--seed", type=data.COUNT, default=1, help="scene seed (training uses 0; default 1: unseen scenes)")
-    demo.add_argument("--resolution", type=data.number(int, low=4), default=256)
+    demo.add_argument("--count", type=cli.POSITIVE_INT, default=100)
+    demo.add_argument("--seed", type=cli.COUNT, default=1, help="scene seed (training uses 0; default 1: unseen scenes)")
+    demo.add_argument("--resolution", type=cli.number(int, low=4), default=256)
     demo.add_argument("--channels", type=int, choices=(1, 3), default=3)
-    demo.add_argument("--num-classes", type=data.number(int, low=2, high=data.MAX_CLASSES), default=4)
+    demo.add_argument("--num-classes", type=cli.number(int, low=2, high=data.MAX_CLASSES), default=4)
     demo.set_defaults(run=command_demo)
     return parser
 

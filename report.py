@@ -239,6 +239,29 @@ def write_metrics(out, scores, results, class_names, argv, model_path, steps, im
 # flagged when error_ratio > --flag-factor (1.5).
 
 
+LABELED_ERRORS_MAX = 256  # labeled images measured for the flag's reference, the first in the data's order
+
+
+@torch.no_grad()
+def labeled_errors(E, G, percept, dataset, batch, device):
+    """The reference invert.py flags an image against: the encoder's reconstruction errors of the labeled
+    training images (losses.reconstruction_errors of G_x(E(x)), per image), as invert.py measures a new
+    image's at its step 0: E in eval mode, fp32, at 256 px at most; G's fixed noise maps where invert.py draws
+    each image's own (both N(0, 1) maps). {"lpips_net": the LPIPS network, "lpips": [...], "mse": [...]};
+    train_encoder.py stores it in model.pt."""
+    was_training = E.training
+    E.eval()
+    count, lpips_values, mses = min(LABELED_ERRORS_MAX, len(dataset)), [], []
+    for start in range(0, count, batch):  # no DataLoader: it would draw from the global RNG, which a resume restores
+        images = torch.stack([dataset[i][0] for i in range(start, min(start + batch, count))]).to(device)
+        reconstruction, _ = G(E(images), input_is_w=True, randomize_noise=False)
+        lpips_value, mse = losses.reconstruction_errors(percept, reconstruction, images)
+        lpips_values += lpips_value.tolist()
+        mses += mse.tolist()
+    E.train(was_training)
+    return {"lpips_net": percept.net, "lpips": lpips_values, "mse": mses}
+
+
 def flag_reference(bundle, lpips_net, model_path):
     """(reference, why not): the largest LPIPS and the largest MSE of the labeled training images' encoder
     reconstructions, from model.pt, and None; or None and the reason: a model.pt written before they were

@@ -37,24 +37,16 @@ code leaves the encoder in eval mode after its first validation). Every validati
 on G's own samples (`own_dice` / `own_miou`: G_y(w) against G_y(E(G_x(w))), --own-samples fixed latents),
 the upper bound of what it can recover.
 
-Outputs in --out: log.jsonl and a progress line (with --tensorboard also TensorBoard event files);
-samples-STEP.png (input | reconstruction | predicted mask | true mask, labeled rows then unlabeled rows);
-checkpoint-STEP.pt (E, both optimisers, the data streams, every RNG; atomic, `--resume auto`); model.pt, the
-inference bundle invert.py reads (G_ema, E, the mean latent, the preprocessing, the classes, the LPIPS
-network, and the encoder's reconstruction errors of the labeled images, against which invert.py flags images
-out of reach; state_dicts and plain data only, so it loads with weights_only=True); best.pt, the same bundle
-at the best validation score.
+Outputs in --out: the progress line and log.jsonl; samples-STEP.png (input | reconstruction | predicted mask |
+true mask); checkpoint-STEP.pt (`--resume auto`); model.pt, the inference bundle invert.py reads (G_ema, E,
+the preprocessing, the classes, the LPIPS network, and the flag's reference: report.labeled_errors); best.pt,
+the same at the best validation score. Long runs behave as train_gan.py's (training.py).
 
-Long runs behave as train_gan.py's: SIGTERM or Ctrl-C ends the step with a checkpoint and model.pt (every
-rank at the same step), unreadable pool images are replaced and counted (--max-unreadable), `--resume
-auto --new-data` continues over changed data, and a checkpoint that cannot be written stops the run.
-
-Needs: training.py (the data streams, checkpoints, stopping on a signal, the progress line), model.py (the
-networks, reading checkpoints and model.pt), losses.py, data.py.
+Needs: training.py (the run machinery), model.py (the networks, reading checkpoints and model.pt), weights.py
+(an official checkpoint), report.py (the flag's reference), losses.py, data.py.
 """
 
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -64,9 +56,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cli
 import data
 import losses
 import model
+import report
 import training
 import weights
 
@@ -251,28 +245,6 @@ def fixed_samples(dataset, count):
 # The inference bundle
 
 
-LABELED_ERRORS_MAX = 256  # labeled images measured for the flag's reference, the first in the data's order
-
-
-@torch.no_grad()
-def labeled_errors(E, G, percept, dataset, batch, device):
-    """The reference invert.py flags an image against: the encoder's reconstruction errors of the labeled
-    training images (losses.reconstruction_errors of G_x(E(x)), per image), as invert.py measures a new
-    image's at its step 0: E in eval mode, fp32, at 256 px at most; G's fixed noise maps where invert.py draws
-    each image's own (both N(0, 1) maps). {"lpips_net": the LPIPS network, "lpips": [...], "mse": [...]}."""
-    was_training = E.training
-    E.eval()
-    count, lpips_values, mses = min(LABELED_ERRORS_MAX, len(dataset)), [], []
-    for start in range(0, count, batch):  # no DataLoader: it would draw from the global RNG, which a resume restores
-        images = torch.stack([dataset[i][0] for i in range(start, min(start + batch, count))]).to(device)
-        reconstruction, _ = encode(E, G, images, contextlib.nullcontext)
-        lpips_value, mse = losses.reconstruction_errors(percept, reconstruction, images)
-        lpips_values += lpips_value.tolist()
-        mses += mse.tolist()
-    E.train(was_training)
-    return {"lpips_net": percept.net, "lpips": lpips_values, "mse": mses}
-
-
 def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=None, stage1_args=None,
                 labeled_errors=None):
     """What invert.py needs and nothing else: state_dicts and plain data (weights_only=True loads it); the keys
@@ -412,7 +384,7 @@ def _train(args, ckpt, rank, world, device):
     def write(step, measured, checkpoint, stopping):
         def bundle(validated=None):
             return make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, step, validated, vars(args),
-                               ckpt["args"], labeled_errors(E, G, percept, plain_labeled, args.batch, device))
+                               ckpt["args"], report.labeled_errors(E, G, percept, plain_labeled, args.batch, device))
         if measured and best["due"]:
             save_bundle(bundle({k: v.item() for k, v in measured.items()}), os.path.join(args.out, "best.pt"))
         if checkpoint:
@@ -435,7 +407,7 @@ def _train(args, ckpt, rank, world, device):
 
 
 def build_parser():
-    p = data.ArgumentParser(description="Stage 2 of SemanticGAN: train the encoder against a frozen generator.",
+    p = cli.ArgumentParser(description="Stage 2 of SemanticGAN: train the encoder against a frozen generator.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="a stage-1 checkpoint of train_gan.py, or its --out folder (the latest "
                    "checkpoint), or a checkpoint of the official train_seg_gan.py; its G_ema is used")
@@ -443,48 +415,38 @@ def build_parser():
     p.set_defaults(**{k: None for k in INHERITED})  # None: taken from the stage-1 checkpoint
     g = p.add_argument_group("training (defaults: the official configuration)")
     g.add_argument("--out", default="runs/encoder", help="output folder: model.pt, best.pt, checkpoints, grids, log")
-    g.add_argument("--iter", type=data.POSITIVE_INT, default=100000,
+    g.add_argument("--iter", type=cli.POSITIVE_INT, default=100000,
                    help="iterations (each an unlabeled and a labeled step)")
-    g.add_argument("--batch", type=data.POSITIVE_INT, default=16, help="batch per GPU / process, of each kind")
-    g.add_argument("--lr", type=data.POSITIVE, default=1e-3)
-    g.add_argument("--lr-min", type=data.NON_NEGATIVE, default=1e-5,
+    g.add_argument("--batch", type=cli.POSITIVE_INT, default=16, help="batch per GPU / process, of each kind")
+    g.add_argument("--lr", type=cli.POSITIVE, default=1e-3)
+    g.add_argument("--lr-min", type=cli.NON_NEGATIVE, default=1e-5,
                    help="learning rate at the end of the cosine decay")
-    g.add_argument("--lr-decay-start", type=data.FRACTION, default=0.3,
+    g.add_argument("--lr-decay-start", type=cli.FRACTION, default=0.3,
                    help="fraction of --iter where the decay starts")
     g.add_argument("--optimizer", choices=["radam", "adam"], default="radam")
     g.add_argument("--lpips", choices=losses.Perceptual.NETS, default="vgg",
                    help="LPIPS network; random = untrained backbone (tests, offline demos)")
-    g.add_argument("--lpips-weight", type=data.NON_NEGATIVE, default=10.0)
-    g.add_argument("--mse-weight", type=data.NON_NEGATIVE, default=1.0)
-    g.add_argument("--ce-weight", type=data.NON_NEGATIVE, default=1.0)
-    g.add_argument("--dice-weight", type=data.NON_NEGATIVE, default=1.0)
-    g.add_argument("--ce-temperature", type=data.POSITIVE, default=None, help="default: 0.1 (0.3 for one class), or 1 "
+    g.add_argument("--lpips-weight", type=cli.NON_NEGATIVE, default=10.0)
+    g.add_argument("--mse-weight", type=cli.NON_NEGATIVE, default=1.0)
+    g.add_argument("--ce-weight", type=cli.NON_NEGATIVE, default=1.0)
+    g.add_argument("--dice-weight", type=cli.NON_NEGATIVE, default=1.0)
+    g.add_argument("--ce-temperature", type=cli.POSITIVE, default=None, help="default: 0.1 (0.3 for one class), or 1 "
                    "for a generator trained with --dm-mask probabilities")
-    g.add_argument("--dice-temperature", type=data.POSITIVE, default=None, help="default: 0.3, or 1 as above")
-    g.add_argument("--clip-unlabeled", type=data.POSITIVE, default=2.0, help="gradient-norm clip of the unlabeled step")
-    g.add_argument("--clip-labeled", type=data.POSITIVE, default=5.0, help="gradient-norm clip of the labeled step")
+    g.add_argument("--dice-temperature", type=cli.POSITIVE, default=None, help="default: 0.3, or 1 as above")
+    g.add_argument("--clip-unlabeled", type=cli.POSITIVE, default=2.0, help="gradient-norm clip of the unlabeled step")
+    g.add_argument("--clip-labeled", type=cli.POSITIVE, default=5.0, help="gradient-norm clip of the labeled step")
     g.add_argument("--val", default=None, help="a labeled folder or a split file to validate on (default: the "
                    "labeled pairs --num-labels leaves unused)")
-    g.add_argument("--val-every", type=data.POSITIVE_INT, default=100, help="steps between validations")
-    g.add_argument("--own-samples", type=data.COUNT, default=128,
+    g.add_argument("--val-every", type=cli.POSITIVE_INT, default=100, help="steps between validations")
+    g.add_argument("--own-samples", type=cli.COUNT, default=128,
                    help="at every validation, also score E on this many of G's own samples: G_y(w) against "
                         "G_y(E(G_x(w))), the encoder's upper bound (0: off)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
-    g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
-    g.add_argument("--new-data", action="store_true", help="with --resume: keep the encoder, optimisers and step, "
-                   "and start fresh seeded data streams (the data changed since the checkpoint)")
-    g.add_argument("--snap-every", type=data.POSITIVE_INT, default=2000,
-                   help="steps between grids, checkpoints and model.pt")
-    g.add_argument("--keep", type=data.POSITIVE_INT, default=3, help="checkpoints kept")
-    g.add_argument("--grid", type=data.POSITIVE_INT, default=8, help="labeled and unlabeled rows in the grid")
-    g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
-    g.add_argument("--tensorboard", action="store_true", help="also write the progress numbers, the validation "
-                   "score and the sample grids as TensorBoard event files in --out (needs pip install tensorboard)")
+    g.add_argument("--grid", type=cli.POSITIVE_INT, default=8, help="labeled and unlabeled rows in the grid")
+    training.add_run_args(g, "the encoder")
     n = p.add_argument_group("encoder (default: pSp's IR-SE-50; narrow it for CPU demos)")
-    n.add_argument("--encoder-units", type=data.number_list(int, low=1, count=4), default="3,4,14,3",
+    n.add_argument("--encoder-units", type=cli.number_list(int, low=1, count=4), default="3,4,14,3",
                    help="IR-SE units in the four stages")
-    n.add_argument("--max-channels", type=data.POSITIVE_INT, default=512, help="cap on the encoder's feature maps")
+    n.add_argument("--max-channels", type=cli.POSITIVE_INT, default=512, help="cap on the encoder's feature maps")
     return p
 
 
@@ -494,15 +456,7 @@ def parse_args(argv=None):
     if not args.ckpt:
         raise training.TrainingError("pass --ckpt OUT/checkpoint-STEP.pt of a train_gan.py run (stage 2 trains "
                                      "against it)")
-    if os.path.isdir(args.ckpt):  # a stage-1 output folder: its latest checkpoint
-        found = training.list_checkpoints(args.ckpt)
-        if not found:
-            raise training.TrainingError(f"{args.ckpt}: no checkpoint-STEP.pt in this folder; pass a train_gan.py "
-                                         "--out folder or checkpoint")
-        args.ckpt = found[-1]
-    if not os.path.isfile(args.ckpt):
-        raise training.TrainingError(f"{args.ckpt}: no such file; pass --ckpt OUT/checkpoint-STEP.pt of a "
-                                     "train_gan.py run")
+    args.ckpt = model.resolve_checkpoint(args.ckpt)  # a stage-1 output folder: its latest checkpoint
     ckpt = model.load_checkpoint(args.ckpt, "pass --ckpt OUT/checkpoint-STEP.pt of a complete train_gan.py run")
     ckpt = weights.as_stage1(ckpt, args.ckpt)  # an official SemanticGAN checkpoint: its g_ema, its shape as arguments
     if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict):

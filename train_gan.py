@@ -35,7 +35,7 @@ global images. The labeled and the unlabeled stream each deliver --batch samples
 
 Mixed precision: on a GPU the networks run under bf16 autocast by default (--precision); bf16 keeps fp32's
 exponent range, so no loss scaling and no clamping of activations is needed. D_r's R1 (every 16th step)
-runs in fp32: its double backward in bf16 measurably weakens it (README, "bf16 against fp32"); D_m's R1 and
+runs in fp32: its double backward in bf16 measurably weakens it (docs/precision.md); D_m's R1 and
 the path length run in bf16. The optimisers and G_ema stay in fp32.
 
 Mask quality at every snapshot, without an encoder: mask_area and mask_parts in the log are the mean area
@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import cli
 import data
 import losses
 import model
@@ -211,7 +212,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
 
     # 3. lazy R1 on both discriminators. D_r's runs in fp32 whatever --precision says: under bf16 its weight
     # gradient (a double backward) is 46% off fp32's at trained weights, more than one batch differs from the
-    # next, and a bf16 run keeps R1_D_r 1.5x the fp32 runs' for 10 kimg (README, "bf16 against fp32")
+    # next, and a bf16 run keeps R1_D_r 1.5x the fp32 runs' for 10 kimg (docs/precision.md)
     if step % args.r1_every == 0 and images_train:
         images = real_images.detach().requires_grad_(True)
         logits = D_r(images)
@@ -626,23 +627,23 @@ def check_data(args, labeled, info, init):
 
 
 def build_parser():
-    """The options, each checked when parsed (data.number: one error line for a bad value)."""
-    p = data.ArgumentParser(description="Stage 1 of SemanticGAN: train G (image + mask), D_r and D_m.",
+    """The options, each checked when parsed (cli.number: one error line for a bad value)."""
+    p = cli.ArgumentParser(description="Stage 1 of SemanticGAN: train G (image + mask), D_r and D_m.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data.add_data_args(p, resolutions=model.RESOLUTIONS)
     g = p.add_argument_group("training (defaults: the official configuration)")
     g.add_argument("--out", default="runs/semanticgan", help="output folder: checkpoints, sample grids, log.jsonl")
-    g.add_argument("--iter", type=data.POSITIVE_INT, default=800000, help="training iterations")
-    g.add_argument("--kimg", type=data.POSITIVE, default=None,
+    g.add_argument("--iter", type=cli.POSITIVE_INT, default=800000, help="training iterations")
+    g.add_argument("--kimg", type=cli.POSITIVE, default=None,
                    help="budget in thousands of global images (overrides --iter)")
-    g.add_argument("--batch", type=data.POSITIVE_INT, default=16,
+    g.add_argument("--batch", type=cli.POSITIVE_INT, default=16,
                    help="batch per GPU / process (global = batch x processes)")
-    g.add_argument("--lr", type=data.POSITIVE, default=0.002)
-    g.add_argument("--r1", type=data.NON_NEGATIVE, default=10.0, help="R1 gamma, for D_r and D_m")
-    g.add_argument("--r1-every", type=data.POSITIVE_INT, default=16)
-    g.add_argument("--pl-weight", type=data.NON_NEGATIVE, default=2.0, help="path-length weight (0 disables)")
-    g.add_argument("--pl-every", type=data.POSITIVE_INT, default=4)
-    g.add_argument("--fm-weight", type=data.NON_NEGATIVE, default=2.0, help="D_m feature-matching weight")
+    g.add_argument("--lr", type=cli.POSITIVE, default=0.002)
+    g.add_argument("--r1", type=cli.NON_NEGATIVE, default=10.0, help="R1 gamma, for D_r and D_m")
+    g.add_argument("--r1-every", type=cli.POSITIVE_INT, default=16)
+    g.add_argument("--pl-weight", type=cli.NON_NEGATIVE, default=2.0, help="path-length weight (0 disables)")
+    g.add_argument("--pl-every", type=cli.POSITIVE_INT, default=4)
+    g.add_argument("--fm-weight", type=cli.NON_NEGATIVE, default=2.0, help="D_m feature-matching weight")
     g.add_argument("--dm-mask", choices=model.DM_MASK_INPUTS, default="logits",
                    help="what D_m sees of a mask: the official raw logits against one-hot in {-1, +1}, or "
                         "softmax probabilities against one-hot in {0, 1}")
@@ -651,17 +652,12 @@ def build_parser():
                         "official form) or two softmax channels")
     g.add_argument("--dm-mismatched", action="store_true",
                    help="ours: D_m also learns real images with another labeled image's mask as fakes, so that "
-                        "it judges whether a mask fits its image (README, issue 21)")
+                        "it judges whether a mask fits its image (docs/mask-branch-stability.md)")
     g.add_argument("--shared-fakes", action=argparse.BooleanOptionalAction, default=True,
                    help="one generator forward serves the D_r and the D_m step (the official code runs two)")
     g.add_argument("--pl-mean-sync", action=argparse.BooleanOptionalAction, default=True,
                    help="all processes share one path-length running mean (the official code keeps one each)")
-    g.add_argument("--mixing", type=data.FRACTION, default=0.9, help="style-mixing probability")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
-    g.add_argument("--resume", default=None, help="a checkpoint, or 'auto' for the latest in --out (fresh start if none)")
-    g.add_argument("--new-data", action="store_true", help="with --resume: keep the networks, optimisers, G_ema "
-                   "and step, and start fresh seeded data streams (the data changed since the checkpoint)")
+    g.add_argument("--mixing", type=cli.FRACTION, default=0.9, help="style-mixing probability")
     g.add_argument("--init", default=None, metavar="PATH", help="start from these weights (step 0, fresh "
                    "optimisers): a checkpoint or --out folder of this project, a checkpoint of the official "
                    "train_seg_gan.py, or a rosinality/stylegan2-pytorch StyleGAN2 (its tSeg and D_m start fresh); "
@@ -669,18 +665,13 @@ def build_parser():
     g.add_argument("--train", choices=["all", "seg"], default="all", help="seg: only tSeg and D_m train, the image "
                    "branch and the synthesis layers stay frozen and D_r's step is skipped (a segmenter on top of "
                    "an --init generator)")
-    g.add_argument("--snap-every", type=data.POSITIVE_INT, default=2000,
-                   help="steps between sample grids and checkpoints")
-    g.add_argument("--keep", type=data.POSITIVE_INT, default=3, help="checkpoints kept")
-    g.add_argument("--grid", type=data.POSITIVE_INT, default=16, help="samples in the grid")
-    g.add_argument("--log-every", type=data.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
-    g.add_argument("--tensorboard", action="store_true", help="also write the progress numbers and the sample "
-                   "grids as TensorBoard event files in --out (needs pip install tensorboard)")
+    g.add_argument("--grid", type=cli.POSITIVE_INT, default=16, help="samples in the grid")
+    training.add_run_args(g, "the networks, G_ema")
     n = p.add_argument_group("networks (defaults: StyleGAN2 config-f; narrow them for CPU demos)")
-    n.add_argument("--style-dim", type=data.POSITIVE_INT, default=512)
-    n.add_argument("--n-mlp", type=data.POSITIVE_INT, default=8, help="mapping layers")
-    n.add_argument("--channel-multiplier", type=data.POSITIVE_INT, default=2)
-    n.add_argument("--max-channels", type=data.POSITIVE_INT, default=512, help="cap on feature maps in G, D_r, D_m")
+    n.add_argument("--style-dim", type=cli.POSITIVE_INT, default=512)
+    n.add_argument("--n-mlp", type=cli.POSITIVE_INT, default=8, help="mapping layers")
+    n.add_argument("--channel-multiplier", type=cli.POSITIVE_INT, default=2)
+    n.add_argument("--max-channels", type=cli.POSITIVE_INT, default=512, help="cap on feature maps in G, D_r, D_m")
     return p
 
 

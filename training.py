@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import cli
 import data
 import losses
 import model
@@ -461,6 +462,26 @@ def resumed_streams(args, saved, labeled, unlabeled, rank, world):
     for stream, key in zip(streams, ("labeled_stream", "unlabeled_stream")):
         stream.load_state_dict(saved[key])
     return streams
+
+
+# ----------------------------------------------------------------------------------------------------
+# The options of a run, the same in both stages
+
+
+def add_run_args(group, what):
+    """--out's neighbours: resuming, snapshots (in steps, both stages), the log, the precision."""
+    group.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
+    group.add_argument("--resume", default=None, help="a checkpoint of this run, or 'auto' for the latest in --out "
+                       "(fresh start if none); an earlier one rolls the run back")
+    group.add_argument("--new-data", action="store_true", help=f"with --resume: keep {what}, the optimisers and "
+                       "the step, and start fresh seeded data streams (the data changed since the checkpoint)")
+    group.add_argument("--snap-every", type=cli.POSITIVE_INT, default=2000,
+                       help="steps between sample grids and checkpoints")
+    group.add_argument("--keep", type=cli.POSITIVE_INT, default=3, help="checkpoints kept")
+    group.add_argument("--log-every", type=cli.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
+    group.add_argument("--tensorboard", action="store_true", help="also write the progress numbers and the sample "
+                       "grids as TensorBoard event files in --out (needs pip install tensorboard)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-import data
+import cli
 from model import (BUNDLE_FORMAT, RESOLUTIONS, CheckpointError, Generator, ImageDiscriminator, MaskDiscriminator,
                    load_checkpoint, resolve_checkpoint, short_error, stylegan_channels)
 
@@ -379,7 +379,7 @@ def export_official(ckpt, path, image_only=False):
 
 
 def build_export_parser():
-    parser = data.ArgumentParser(prog="weights.py export-official", description="Write a stage-1 checkpoint in the "
+    parser = cli.ArgumentParser(prog="weights.py export-official", description="Write a stage-1 checkpoint in the "
                                  "layout of the official SemanticGAN code (g, g_ema, d_img, d_seg, args), so that its "
                                  "scripts can read it; or, with --image-only, as a rosinality StyleGAN2 checkpoint.")
     parser.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a train_gan.py checkpoint, or its --out folder "

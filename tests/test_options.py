@@ -8,7 +8,7 @@ import math
 import pytest
 
 import benchmark
-import data
+import cli
 import generate
 import invert
 import prepare
@@ -47,10 +47,10 @@ def bad_values(action):
         return ["48" if 48 not in action.choices else "-7"]
     if kind in (int, float):
         raise AssertionError(f"{action.option_strings[0]}: an unchecked numeric option (type={kind.__name__}); "
-                             "use data.number() or one of data.POSITIVE_INT, COUNT, POSITIVE, NON_NEGATIVE, FRACTION")
-    if hasattr(kind, "item"):  # data.number_list
+                             "use cli.number() or one of cli.POSITIVE_INT, COUNT, POSITIVE, NON_NEGATIVE, FRACTION")
+    if hasattr(kind, "item"):  # cli.number_list
         return ["0" if kind.count is None else "1", "x,1"] + (["0,1,1,1"] if kind.count else [])
-    if hasattr(kind, "choices"):  # data.choice_list
+    if hasattr(kind, "choices"):  # cli.choice_list
         return ["nothing", ""]
     if not hasattr(kind, "low"):
         return []
@@ -113,16 +113,16 @@ def test_good_values_pass_and_keep_their_meaning():
 
 
 def test_number_by_hand():
-    positive = data.number(float, above=0)
+    positive = cli.number(float, above=0)
     assert positive("1e-3") == 1e-3
     for bad in ("0", "-1", "inf", "nan", "one"):
         with pytest.raises(argparse.ArgumentTypeError):
             positive(bad)
-    fraction = data.number(float, low=0, high=1)
+    fraction = cli.number(float, low=0, high=1)
     assert fraction("0") == 0 and fraction("1") == 1
     with pytest.raises(argparse.ArgumentTypeError, match="from 0 to 1"):
         fraction("1.5")
-    count = data.number(int, low=0)
+    count = cli.number(int, low=0)
     assert count("0") == 0 and not math.isnan(count("7"))
     with pytest.raises(argparse.ArgumentTypeError, match="whole number of 0 or more"):
         count("2.5")

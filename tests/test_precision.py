@@ -2,7 +2,7 @@
 
 tests/precision_check.py runs one stage-1 iteration, one stage-2 iteration and the inversion objective at the
 same weights and batch in fp32 and under CPU bf16 autocast (bf16 products, fp32 accumulation, as on a GPU).
-Its table for these networks over seeds 0, 1, 2, taken with D_r's R1 still in bf16 (README, "bf16 against
+Its table for these networks over seeds 0, 1, 2, taken with D_r's R1 still in bf16 (docs/precision.md, "bf16 against
 fp32"; that R1 now runs in fp32, exactly as without autocast, which is checked too): every loss, the path length,
 the encoder's w+ and the inversion objective within 1.7e-2 of fp32; the two quantities that are small
 differences of large numbers (the path-length penalty, a square of path length minus running mean, and the
