@@ -90,6 +90,13 @@ def gib(peak):
     return f", {peak:.1f} GiB" if math.isfinite(peak) else ""
 
 
+def synthetic(s):
+    """A batch as both training steps take it: unlabeled images, labeled images, their masks."""
+    return (torch.randn(s.batch, 3, s.resolution, s.resolution, device=s.device),
+            torch.randn(s.batch, 3, s.resolution, s.resolution, device=s.device),
+            torch.randint(0, s.classes, (s.batch, s.resolution, s.resolution), device=s.device))
+
+
 def relative_error(a, b):
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
@@ -100,7 +107,10 @@ def relative_error(a, b):
 
 
 def part_ops(s):
-    """bias_act (lrelu) and up/down-sampling (upfirdn2d) on the generator's shapes at each resolution."""
+    """bias_act (lrelu) and up/down-sampling (upfirdn2d) on the generator's shapes at each resolution: the
+    fused kernel against the reference (forward, gradient, double backward, in fp32 with TF32 off, so that a
+    TF32 reference convolution is not taken for the kernel's error), and forward+backward time against the
+    least traffic (x, dx, y, dy, and the y bias_act keeps) as a share of a device copy's bandwidth."""
     f = ops.setup_filter([1, 3, 3, 1], device=s.device)
     run = {"bias_act": lambda x, b, impl: ops.bias_act(x, b, act="lrelu", gain=math.sqrt(2), impl=impl),
            "upsample2d": lambda x, b, impl: ops.upsample2d(x, f, up=2, impl=impl),
@@ -108,38 +118,36 @@ def part_ops(s):
     copy = torch.randn(2 ** 26 if s.gpu else 2 ** 22, device=s.device)
     copy_rate = 2 * copy.numel() * 4 / median_seconds(lambda: copy.clone(), s.device, s.iters, s.warmup)
     impls = ("cuda", "ref") if s.gpu else ("ref",)
-    rows, worst, percent, speedups = [], 0.0, {}, []
+    worst, percent, speedups, fell_back = 0.0, {}, [], set()
     for r in (2 ** k for k in range(3, int(math.log2(s.resolution)) + 1)):
         C = model.stylegan_channels(r, 2, s.max_channels)
         for name, op in run.items():
-            x = torch.randn(s.batch, C, r // 2 if name == "upsample2d" else r, r // 2 if name == "upsample2d" else r,
-                            device=s.device, requires_grad=True)
+            side = r // 2 if name == "upsample2d" else r
+            x = torch.randn(s.batch, C, side, side, device=s.device, requires_grad=True)
             b = torch.randn(C, device=s.device, requires_grad=True) if name == "bias_act" else None
-            inputs = [t for t in (x, b) if t is not None]
-            dy = torch.randn_like(op(x, b, "ref"))
-            derivatives = {}
+            inputs, dy = [t for t in (x, b) if t is not None], torch.randn_like(op(x, b, "ref"))
+            seconds, results = {}, {}
+            with torch.backends.cudnn.flags(allow_tf32=False):
+                for impl in impls:
+                    y = op(x, b, impl)
+                    fell_back |= {name} if impl == "cuda" and "Cuda" not in type(y.grad_fn).__name__ else set()
+                    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+                    results[impl] = (y, dx, torch.autograd.grad(dx.square().sum(), x, allow_unused=True)[0])
             for impl in impls:
-                y = op(x, b, impl)
-                (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
-                derivatives[impl] = (y, dx, torch.autograd.grad(dx.square().sum(), x, allow_unused=True)[0])
-                seconds = median_seconds(lambda: torch.autograd.grad(op(x, b, impl), inputs, dy), s.device, s.iters,
-                                         s.warmup)
-                # the least traffic: x and dx, y and dy, and bias_act's kept y (its backward reads lrelu's slope)
+                seconds[impl] = median_seconds(lambda: torch.autograd.grad(op(x, b, impl), inputs, dy), s.device,
+                                               s.iters, s.warmup)
                 traffic = (2 * x.numel() + (3 if name == "bias_act" else 2) * dy.numel()) * 4
-                percent.setdefault((name, impl), []).append(100 * traffic / seconds / copy_rate)
-                derivatives[impl] += (seconds,)
+                percent.setdefault((name, impl), []).append(100 * traffic / seconds[impl] / copy_rate)
             if s.gpu:
-                worst = max([worst] + [relative_error(a, b) for a, b in zip(derivatives["cuda"][:3],
-                                                                               derivatives["ref"][:3])
-                                       if a is not None and b is not None])
-                speedups.append(f"{name} {r} px {derivatives['ref'][3] / derivatives['cuda'][3]:.2f}x")
-    rows.append(("cuda vs ref max relative error, forward / backward / double backward",
-                 f"{worst:.1e}" if s.gpu else "needs a GPU"))
-    for name, label in (("bias_act", "bias_act (lrelu) bandwidth"), ("upsample2d", "upsample2d bandwidth"),
-                        ("downsample2d", "downsample2d bandwidth")):
-        impl = impls[0]
-        rows.append((f"{label}, forward+backward, % of copy bandwidth ({impl})",
-                     f"{max(percent[name, impl]):.0f}% at the largest shapes"))
+                worst = max([worst] + [relative_error(u, v) for u, v in zip(results["cuda"], results["ref"])
+                                       if u is not None and v is not None])
+                speedups.append(f"{name} {r} px {seconds['ref'] / seconds['cuda']:.2f}x")
+    note = f" (the {', '.join(sorted(fell_back))} kernel fell back to the reference)" if fell_back else ""
+    rows = [("cuda vs ref max relative error, forward / backward / double backward",
+             f"{worst:.1e}{note}" if s.gpu else "needs a GPU")]
+    for name in run:
+        rows.append((f"{name} bandwidth, forward+backward, % of copy bandwidth ({impls[0]})",
+                     f"{max(percent[name, impls[0]]):.0f}% at the best shape"))
     rows.append(("cuda vs ref speed-up per shape", ", ".join(speedups) if speedups else "needs a GPU"))
     return rows
 
@@ -217,10 +225,7 @@ def part_stage1(s):
                 optimizers = train_gan.build_optimizers(args, G, D_r, D_m)
                 args.precision = precision
                 autocast, _ = model.make_autocast(args, s.device)
-                state = {"G_ema": G_ema, "mean_path_length": torch.zeros((), device=s.device)}
-                batch = (torch.randn(s.batch, 3, s.resolution, s.resolution, device=s.device),
-                         torch.randn(s.batch, 3, s.resolution, s.resolution, device=s.device),
-                         torch.randint(0, s.classes, (s.batch, s.resolution, s.resolution), device=s.device))
+                state, batch = {"G_ema": G_ema, "mean_path_length": torch.zeros((), device=s.device)}, synthetic(s)
                 for step in range(period):
                     train_gan.train_step(step, (G, D_r, D_m), optimizers, batch, args, state, autocast)
 
@@ -245,15 +250,11 @@ def part_loader(s):
     cells = []
     for name, dataset in (("labeled", labeled), ("unlabeled", unlabeled)):
         loader = data.InfiniteLoader(dataset, s.batch, workers=data.default_workers() if s.gpu else 0)
-        seconds = median_seconds(lambda: [t.to(s.device) for t in data_tensors(next(loader))], s.device, s.iters,
-                                 s.warmup)
+        ready = lambda b: [t.to(s.device) for t in (b if isinstance(b, list) else [b])]  # noqa: E731
+        seconds = median_seconds(lambda: ready(next(loader)), s.device, s.iters, s.warmup)
         cells.append(f"{name} {s.batch / seconds:.0f} img/s")
         loader.close()
     return [(f"loader throughput into GPU-ready batches ({s.data}, {s.resolution} px)", "; ".join(cells))]
-
-
-def data_tensors(batch):
-    return batch if isinstance(batch, (list, tuple)) else [batch]
 
 
 def part_stage2(s):
@@ -264,10 +265,7 @@ def part_stage2(s):
     E = model.Encoder(**train_encoder.encoder_config(args, G)).to(s.device)
     percept = losses.Perceptual("random").to(s.device)  # VGG's computation, untrained weights
     optimizers = (train_encoder.build_optimizer(args, E), train_encoder.build_optimizer(args, E))
-    batch = (torch.randn(s.batch, 3, s.resolution, s.resolution, device=s.device),
-             torch.randn(s.batch, 3, s.resolution, s.resolution, device=s.device),
-             torch.randint(0, s.classes, (s.batch, s.resolution, s.resolution), device=s.device))
-    cells = []
+    batch, cells = synthetic(s), []
     for precision in ("fp32", "bf16"):
         args.precision = precision
         autocast, _ = model.make_autocast(args, s.device)

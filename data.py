@@ -1,74 +1,58 @@
 """data.py: from what is on disk to the tensors SemanticGAN trains on.
 
-SemanticGAN (Li et al., CVPR 2021, Sec. 3-4) learns from a few labeled pairs (image + segmentation mask)
-and many unlabeled images. This file turns folders in one format into those two streams, makes a procedural
-demo set, and stops with one clear line on bad data; prepare.py writes the paper's public data sets into
-that format. Needs: torch, numpy, Pillow, and cli.py (its options' checked types).
+SemanticGAN (Li et al., CVPR 2021, Sec. 3-4) learns from a few labeled pairs (image + segmentation mask) and many
+unlabeled images. This file turns folders in one format into those two streams and makes a procedural demo set
+(`--data demo`, no download); prepare.py writes the paper's public data sets into that format and has the commands
+that look at a folder (`python prepare.py check|show|split|demo`). Every problem with the input raises `DataError`,
+whose message is one line naming the file and what to do.
 
-The on-disk format
-------------------
 A labeled folder:                          An unlabeled folder:
 
     LABELED/images/NAME.png (or .jpg ...)      ANY/.../*.png|jpg|jpeg|bmp|tif|tiff|webp   (searched recursively)
     LABELED/masks/NAME.png
     LABELED/classes.txt        (optional: one class name per line, line 1 = class 0)
 
-A mask has the same name (sub-folders included) and the same size as its image; each pixel holds a class
-index, 0 = background. Masks are read as indices whatever their PNG mode: 8-bit, 16-bit, palette (the
-palette index is the class) and 1-bit all work; a colour mask is an error unless its three channels are
-equal; JPEG masks are refused (lossy compression changes class values at edges). Images may be grey,
-RGB, palette, 16-bit (stretched to 8 bits per image, min to max) or RGBA (alpha is ignored).
+A mask has the same name (sub-folders included) and size as its image; each pixel holds a class index, 0 =
+background, whatever the PNG mode (8-bit, 16-bit, palette: the index, 1-bit); a colour mask is an error unless its
+three channels are equal; JPEG masks are refused (lossy compression changes class values at edges). Images may be
+grey, RGB, palette, 16-bit (stretched to 8 bits per image, min to max) or RGBA (alpha is ignored).
 
-What `build_datasets` makes of them
------------------------------------
+What `build_datasets` makes of them:
+
     labeled    (image, mask): image float32 [C, R, R] in [-1, 1], mask int64 [R, R] of class ids
-    unlabeled  image float32 [C, R, R]: every image, including the labeled ones (the paper feeds all of
-               them to the image discriminator D_r); images of pairs that --split leaves out are removed
-               so that test images never reach training
+    unlabeled  image float32 [C, R, R]: every image, the labeled ones included (the paper feeds all of them to the
+               image discriminator D_r), minus those of pairs that --split leaves out (test images never train)
     info       dict: channels, num_classes, class_names, counts, ...
 
-* Resizing: images bilinear (Pillow's resize is antialiased when it shrinks; JPEGs are first decoded at
-  a reduced scale when they are at least twice the target), masks nearest.
-* Non-square images (`--fit`): `pad` (default) pads the short side symmetrically with black / background
-  and keeps everything in view, which suits X-rays and dermoscopy whose edges matter; `crop` takes the
-  centred square; `stretch` resizes straight to R x R, as the official code does.
-* Flips (`--flip`, `--no-flip`): horizontal flips with probability 0.5, of the unlabeled images (the
-  official code flips them for D_r with RandomHorizontalFlip) and, when augmenting, of the labeled pairs.
-  Default: on for RGB data (faces, skin lesions: mirror-symmetric, and what the official code, whose only
-  data loader reads RGB, does), off for grayscale data (chest X-ray, CT, MRI: the heart and the liver sit
-  on one side, so a flipped image is anatomy that does not occur; JSRT's masks merge both lungs into one
-  class, so a flip would not swap labels, but it would teach the generator mirrored chests).
-* Augmentation of labeled pairs (`--augment`, on by default; `--no-augment`): the augmentation of the
-  official code's `--seg_aug` option, re-written with Pillow and applied identically to image and mask:
-  horizontal flip with probability 0.5 (if flips are on), then with probability 0.5 a shift (up to 10% of
-  the size per axis), scale (0.8 to 1.2) and rotation (up to 15 degrees) about the centre, borders filled
-  with 0 (black / background), bilinear for the image and nearest for the mask. The official code leaves it
-  off by default (`--seg_aug` is absent from its README's commands); it is on here because with 9 to 40
-  labeled pairs D_m otherwise sees the same few masks thousands of times and can memorise them, the
-  overfitting that augmentation prevents in discriminators trained on little data (Karras et al. 2020,
-  ADA). `--no-augment --flip` is the official pipeline for RGB data.
-* Classes: `--num-classes K`, else the largest destination of `--class-map` + 1, else classes.txt, else
-  the largest value in (up to 64) masks + 1. `--class-map` is a table name (`celebamask19to8`), a file of
-  `SRC:DST` lines or inline `255:1,128:2`; values it does not list keep their value. K counts the
-  background: a binary task has K = 2 (its generator then has one mask channel: model.mask_channels).
-* `--num-labels N` keeps N labeled pairs, chosen by a fixed seed (`--labels-seed`, default 0, independent of
-  the training `--seed`): the N pairs are the first N of one seeded permutation, so 9 of them are inside
-  the 35, which are inside the 175; the masks of the other pairs are hidden, their images stay unlabeled.
-* `--split FILE` keeps the labeled pairs named in FILE (one name per line, extension optional);
-  `python prepare.py split` writes seeded train/val/test files.
+* Resizing: images bilinear (antialiased when shrinking; JPEGs are first decoded at a reduced scale when at least
+  twice the target), masks nearest.
+* Non-square images (`--fit`): `pad` (default) pads the short side symmetrically with black / background and keeps
+  everything in view, which suits X-rays and dermoscopy whose edges matter; `crop` takes the centred square;
+  `stretch` resizes straight to R x R, as the official code does.
+* Flips (`--flip`, `--no-flip`): horizontal, with probability 0.5, of the unlabeled images (as the official code's
+  RandomHorizontalFlip for D_r) and, when augmenting, of the labeled pairs. Default on for RGB data (faces, skin
+  lesions: mirror-symmetric; the official code reads only RGB), off for grey data (chest X-ray, CT, MRI: the heart
+  and the liver sit on one side, so a flipped image is anatomy that does not occur; JSRT's masks merge both lungs
+  into one class, so a flip would not swap labels, but it would teach the generator mirrored chests).
+* Augmentation of labeled pairs (`--augment`, default on; `--no-augment`): the official code's `--seg_aug` (Augment),
+  off by default there (absent from its README's commands); on here because with 9 to 40 labeled pairs D_m
+  otherwise sees the same few masks thousands of times and can memorise them, the overfitting that augmentation
+  prevents in discriminators trained on little data (Karras et al. 2020, ADA). `--no-augment --flip` is the official
+  pipeline for RGB data.
+* Classes: `--num-classes K`, else the largest destination of `--class-map` + 1, else classes.txt, else the largest
+  value in (up to 64) masks + 1. `--class-map`: a table name (`celebamask19to8`), a file of `SRC:DST` lines or
+  inline `255:1,128:2`; unlisted values keep their value. K counts the background: a binary task has K = 2 (one
+  mask channel in the generator: model.mask_channels).
+* `--num-labels N` keeps the first N pairs of one permutation seeded by `--labels-seed` (default 0, independent of
+  `--seed`), so 9 of them are inside the 35, which are inside the 175; the other pairs' masks are hidden, their
+  images stay unlabeled. `--split FILE` keeps the pairs named in FILE (one per line, extension optional;
+  `python prepare.py split` writes seeded train/val/test files).
 
-Streams: `InfiniteLoader` iterates forever over seeded, per-epoch reshuffled batches (seed + epoch, via
-`DistributedSampler`, so DDP ranks see disjoint shards), drops incomplete batches, and resumes exactly
-from `state_dict()`. The random augmentation of a sample is derived from (seed, epoch, position), not from
-worker state, so a stream is the same whatever the number of workers and across a resume.
-
-The public releases of the paper's data sets are written into the format above by prepare.py, which also
-has the commands that look at a folder (`python prepare.py check|show|split|demo`); `--data demo` needs no
-download at all (`DemoDataset`). Every problem with the input raises `DataError`, whose message is one line
-naming the file and what to do.
+`InfiniteLoader` streams seeded, reshuffled, resumable batches forever, the same whatever the number of workers.
 """
 
 import argparse
+import collections
 import math
 import os
 import re
@@ -92,23 +76,21 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 # The 19 CelebAMask-HQ classes, in the order of the index maps its authors' g_mask.py writes (and of
 # ../shared/data/celebamask): the value of a pixel is the position in this list.
-CELEBAMASK19_CLASSES = (
-    "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
-    "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
+CELEBAMASK19_CLASSES = ("background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
+                        "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
 
 # The paper's 8 face classes. Neither the paper nor the official code (nv-tlabs/semanticGAN_code, whose
 # CelebAMaskDataset only lists 8 colours) states which of the 19 classes go where, so this grouping is
 # ours: the face parts are kept, left and right merged, lips into mouth and neck into skin; accessories and
 # clothing (eye_g, hat, ear_r, neck_l, cloth) become background.
 FACE8_CLASSES = ("background", "skin", "hair", "eyes", "brows", "nose", "mouth", "ears")
-CELEBAMASK19_TO_8 = {
-    0: 0, 1: 1, 2: 5, 3: 0, 4: 3, 5: 3, 6: 4, 7: 4, 8: 7, 9: 7,
-    10: 6, 11: 6, 12: 6, 13: 2, 14: 0, 15: 0, 16: 0, 17: 1, 18: 0}
+CELEBAMASK19_TO_8 = {0: 0, 1: 1, 2: 5, 3: 0, 4: 3, 5: 3, 6: 4, 7: 4, 8: 7, 9: 7,
+                     10: 6, 11: 6, 12: 6, 13: 2, 14: 0, 15: 0, 16: 0, 17: 1, 18: 0}
 CLASS_MAPS = {"celebamask19to8": (CELEBAMASK19_TO_8, FACE8_CLASSES)}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Errors
+# Errors, reading one image or one mask, class maps
 
 
 class DataError(Exception):
@@ -118,14 +100,7 @@ class DataError(Exception):
 def one_line(error):
     """The message of a DataError, also when a DataLoader worker wrapped it in a traceback."""
     text = str(error).strip()
-    if "Traceback" not in text:
-        return text
-    last = text.splitlines()[-1]
-    return last.split("DataError: ", 1)[-1]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading one image or one mask
+    return text.splitlines()[-1].split("DataError: ", 1)[-1] if "Traceback" in text else text
 
 
 def open_image_file(path):
@@ -147,27 +122,21 @@ def decode(image, path):
     return image
 
 
-def stretch_to_8bit(array):
-    """16-bit or float pixels to 0..255, from the image's own minimum to its maximum."""
-    array = np.asarray(array, dtype=np.float64)
-    low, high = float(array.min()), float(array.max())
-    scale = 255.0 / (high - low) if high > low else 0.0
-    return ((array - low) * scale + 0.5).astype(np.uint8)
-
-
 def to_channels(image, channels):
-    """Any Pillow mode to 'L' (channels 1) or 'RGB' (channels 3); alpha is dropped."""
+    """Any Pillow mode to 'L' (channels 1) or 'RGB' (channels 3); alpha is dropped, 16-bit or float pixels are
+    stretched to 0..255 from the image's own minimum to its maximum."""
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        image = Image.fromarray(stretch_to_8bit(image), "L")
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(((array - low) * scale + 0.5).astype(np.uint8), "L")
     return image.convert("L" if channels == 1 else "RGB")
 
 
 def load_image(path, channels, min_size=None):
-    """The image at `path` as a Pillow image in mode 'L' (channels 1) or 'RGB' (channels 3).
-
-    `min_size` lets a JPEG decode at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay at least
-    that large: a 1024 px photo for a 256 px model decodes four times faster.
-    """
+    """The image at `path` as a Pillow image in mode 'L' (channels 1) or 'RGB' (channels 3). `min_size` lets a
+    JPEG decode at a reduced scale (1/2, 1/4, 1/8) while both sides stay at least that large: a 1024 px photo
+    for a 256 px model decodes four times faster."""
     image = open_image_file(path)
     if min_size and image.format == "JPEG":
         image.draft(image.mode, (min_size, min_size))
@@ -190,8 +159,7 @@ def mask_values(image, path):
     mode = image.mode
     if mode in ("1", "L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(image)
-        if values.dtype == bool:
-            values = values.astype(np.uint8)
+        values = values.astype(np.uint8) if values.dtype == bool else values
     elif mode in ("LA", "PA"):
         values = np.asarray(image)[..., 0]
     elif mode == "F":
@@ -227,33 +195,24 @@ def binary_mask(path):
     return mask_values(image, path) > 0
 
 
-# ----------------------------------------------------------------------------------------------------
-# Classes: merge tables and class counts
-
-
 def parse_class_map(spec):
-    """`--class-map`: a table name, a file of `SRC:DST` lines, or inline `SRC:DST,SRC:DST`.
-
-    Returns (table dict, class names or None)."""
+    """`--class-map`: a table name, a file of `SRC:DST` lines, or inline `SRC:DST,SRC:DST`. Returns (table dict,
+    class names or None)."""
     if spec in CLASS_MAPS:
         table, names = CLASS_MAPS[spec]
         return dict(table), list(names)
     if os.path.isfile(spec):
-        text, where = Path(spec).read_text(), spec
-        entries = [line.split("#")[0].strip() for line in text.splitlines()]
+        where, entries = spec, [line.split("#")[0].strip() for line in Path(spec).read_text().splitlines()]
     elif ":" in spec:
         where, entries = "--class-map", [e.strip() for e in spec.split(",")]
     else:
         raise DataError(f"--class-map {spec}: neither a file nor a known table ({', '.join(CLASS_MAPS)}); "
                         "give a table name, a file of SRC:DST lines or SRC:DST,SRC:DST")
     table = {}
-    for entry in entries:
-        if not entry:
-            continue
+    for entry in filter(None, entries):
         match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", entry)
         if not match:
-            raise DataError(f"{where}: cannot read class-map entry '{entry}'; write SRC:DST with integers, "
-                            "e.g. 255:1")
+            raise DataError(f"{where}: cannot read class-map entry '{entry}'; write SRC:DST with integers, e.g. 255:1")
         table[int(match.group(1))] = int(match.group(2))
     if not table:
         raise DataError(f"{where}: the class map is empty; write one SRC:DST per line")
@@ -263,8 +222,7 @@ def parse_class_map(spec):
 def lookup_table(table):
     """The class map as an array: lut[value] = class; unlisted values keep their value."""
     lut = np.arange(65536, dtype=np.int64)
-    for source, destination in table.items():
-        lut[source] = destination
+    lut[list(table)] = list(table.values())
     return lut
 
 
@@ -278,14 +236,12 @@ def remap(values, lut, path):
 
 def read_class_names(folder):
     path = Path(folder) / "classes.txt"
-    if not path.is_file():
-        return None
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     return names or None
 
 
 # ----------------------------------------------------------------------------------------------------
-# Geometry: square fit, resize, augmentation
+# Geometry (square fit, resize, augmentation) and tensors
 
 
 def fit_square(image, size, fit, resample, fill=0):
@@ -307,22 +263,20 @@ def fit_square(image, size, fit, resample, fill=0):
 
 class Augment:
     """The official code's --seg_aug pipeline: HorizontalFlip(p 0.5), ShiftScaleRotate(shift 0.1, scale 0.2,
-    rotate 15, constant border 0, p 0.5), applied with the same parameters to an image and its mask."""
+    rotate 15 degrees about the centre, constant border 0, p 0.5), applied with the same parameters to an image
+    (bilinear) and its mask (nearest)."""
 
     def __init__(self, flip=True, affine=True, shift=0.1, scale=0.2, rotate=15.0):
-        self.flip, self.affine = flip, affine
-        self.shift, self.scale, self.rotate = shift, scale, rotate
+        self.flip, self.affine, self.shift, self.scale, self.rotate = flip, affine, shift, scale, rotate
 
     def __call__(self, image, mask, rng):
         # draw every number whatever the switches, so that turning one off leaves the others' draws alone
-        flip = rng.random() < 0.5
-        transform = rng.random() < 0.5
+        flip, transform = rng.random() < 0.5, rng.random() < 0.5
         dx, dy = rng.uniform(-self.shift, self.shift, size=2)
         scale = rng.uniform(1 - self.scale, 1 + self.scale)
         angle = math.radians(rng.uniform(-self.rotate, self.rotate))
         if self.flip and flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image, mask = (x.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for x in (image, mask))
         if self.affine and transform:
             size = image.size[0]
             coefficients = inverse_affine(size, dx * size, dy * size, scale, angle)
@@ -334,18 +288,13 @@ class Augment:
 
 
 def inverse_affine(size, shift_x, shift_y, scale, angle):
-    """Pillow's AFFINE wants, for each output pixel, where to read the input: the inverse of
-    "scale and rotate about the centre, then shift"."""
+    """Where Pillow's AFFINE reads the input for each output pixel: the inverse of "scale and rotate about the centre,
+    then shift"."""
     centre = size / 2
     cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
     # input = R(-angle) / scale @ (output - centre - shift) + centre
     ox, oy = centre + shift_x, centre + shift_y
-    return (cos, sin, centre - cos * ox - sin * oy,
-            -sin, cos, centre + sin * ox - cos * oy)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tensors
+    return cos, sin, centre - cos * ox - sin * oy, -sin, cos, centre + sin * ox - cos * oy
 
 
 def image_to_tensor(image):
@@ -356,10 +305,8 @@ def image_to_tensor(image):
 
 
 def one_hot(mask, num_classes):
-    """Class ids [N, R, R] (long) to float one-hot [N, K, R, R], the form D_m sees a real mask in.
-
-    (What D_m sees, {0, 1} or the official {-1, +1}, is the model's choice: model.real_mask_input.)
-    A mask without the batch axis [R, R] gives [K, R, R]."""
+    """Class ids [N, R, R] (long) to float one-hot [N, K, R, R] ([R, R] gives [K, R, R]), the form D_m sees a real
+    mask in ({0, 1} here; the official {-1, +1} is the model's choice: model.real_mask_input)."""
     mask = torch.as_tensor(mask).long()
     if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= num_classes):
         raise ValueError(f"one_hot: mask values span {int(mask.min())}..{int(mask.max())}, "
@@ -368,16 +315,15 @@ def one_hot(mask, num_classes):
 
 
 def sample_key(key):
-    """Datasets take an index, or (index, entropy) from InfiniteLoader: the entropy seeds the sample's
-    augmentation, so that a stream does not depend on which worker loads what. A bare index draws
-    fresh randomness."""
+    """Datasets take an index, or (index, entropy) from InfiniteLoader: the entropy seeds the sample's augmentation,
+    so that a stream does not depend on which worker loads what. A bare index draws fresh randomness."""
     if isinstance(key, (tuple, list)):
         return int(key[0]), np.random.default_rng([int(v) % 2 ** 63 for v in key[1]])
     return int(key), np.random.default_rng()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Indexing folders (names only: no pixel is read at start-up except a few samples)
+# Indexing folders (names only: no pixel is read at start-up except a few samples), and the datasets
 
 
 def existing_folder(path, option):
@@ -402,43 +348,36 @@ def list_images(folder, exclude=(), others=None):
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in excluded)
-        for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+        for f in sorted(f for f in files if not f.startswith(".")):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(Path(root) / f)
-            elif others is not None and not f.startswith("."):
+            elif others is not None:
                 others.append(Path(root) / f)
     return found
 
 
 def files_by_name(folder, exclude=()):
-    """{NAME: path} for the images under `folder` (minus the `exclude` folders); NAME is the path inside it
-    without the extension."""
+    """{NAME: path} of the images under `folder` (minus `exclude`); NAME is the path inside it without extension."""
     by_name = {}
     for path in list_images(folder, exclude):
         name = path.relative_to(folder).with_suffix("").as_posix()
         if name in by_name:
-            raise DataError(f"{path}: two files named {name} ({by_name[name].name} and {path.name}); "
-                            "keep one of them")
+            raise DataError(f"{path}: two files named {name} ({by_name[name].name} and {path.name}); keep one of them")
         by_name[name] = path
     return by_name
 
 
-class Pair:
-    __slots__ = ("name", "image", "mask")
-
-    def __init__(self, name, image, mask):
-        self.name, self.image, self.mask = name, image, mask
+Pair = collections.namedtuple("Pair", "name image mask")  # a labeled pair: its NAME, image path and mask path
 
 
 def index_labeled_folder(folder, skip_unpaired=False):
-    """Pairs images/NAME.* with masks/NAME.* by name. Unpaired files are an error, or with
-    `skip_unpaired` are left out with one warning line that counts them."""
+    """Pairs images/NAME.* with masks/NAME.* by name. Unpaired files are an error, or with `skip_unpaired` are
+    left out with one warning line that counts them."""
     folder = Path(folder)
     images, masks = files_by_name(folder / "images"), files_by_name(folder / "masks")
-    for name, path in masks.items():
+    for path in masks.values():
         if path.suffix.lower() in LOSSY_EXTENSIONS:
-            raise DataError(f"{path}: masks must be lossless (JPEG changes class values at edges); "
-                            "save it as PNG")
+            raise DataError(f"{path}: masks must be lossless (JPEG changes class values at edges); save it as PNG")
     no_mask = [images[n] for n in images if n not in masks]
     no_image = [masks[n] for n in masks if n not in images]
     if not images and not masks:
@@ -469,16 +408,15 @@ def read_split_file(path):
                         "`python prepare.py split`")
     # surrogateescape: the names are file names, whatever bytes they hold (prepare.py split writes them so)
     text = file.read_text(encoding="utf-8", errors="surrogateescape")
-    names = [line.split("#")[0].strip() for line in text.splitlines()]
-    names = [re.sub(r"\.(png|jpe?g|bmp|tiff?)$", "", n, flags=re.IGNORECASE) for n in names if n]
+    names = [re.sub(r"\.(png|jpe?g|bmp|tiff?)$", "", n, flags=re.IGNORECASE)
+             for n in (line.split("#")[0].strip() for line in text.splitlines()) if n]
     if not names:
         raise DataError(f"{file}: split file lists no names")
     return names
 
 
 def choose_labeled_subset(pairs, count, seed=0):
-    """`count` pairs: the first `count` of one seeded permutation of the name-sorted pairs, so that a
-    smaller subset is always inside a larger one. Returned in name order."""
+    """`count` pairs in name order, the first `count` of a seeded permutation (a smaller subset is inside a larger)."""
     if count > len(pairs):
         raise DataError(f"--num-labels {count}: only {len(pairs)} labeled pairs are there; pass at most "
                         f"--num-labels {len(pairs)}")
@@ -486,17 +424,13 @@ def choose_labeled_subset(pairs, count, seed=0):
     return [pairs[i] for i in sorted(order)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Datasets
-
 
 class LabeledFolder(Dataset):
     """(image [C, R, R] in [-1, 1], mask [R, R] long) for a list of Pairs."""
 
     def __init__(self, pairs, resolution, channels, num_classes, class_map=None, fit="pad", augment=None):
         self.pairs, self.resolution, self.channels = list(pairs), resolution, channels
-        self.num_classes, self.fit, self.augment = num_classes, fit, augment
-        self.class_map = class_map
+        self.num_classes, self.fit, self.augment, self.class_map = num_classes, fit, augment, class_map
         self.lut = None if class_map is None else lookup_table(class_map)
 
     def __len__(self):
@@ -517,9 +451,8 @@ class LabeledFolder(Dataset):
         pair = self.pairs[index]
         image_file, mask_file = open_image_file(pair.image), open_image_file(pair.mask)
         if image_file.size != mask_file.size:
-            raise DataError(f"{pair.mask}: mask is {mask_file.size[0]}x{mask_file.size[1]} but its image "
-                            f"{pair.image} is {image_file.size[0]}x{image_file.size[1]}; save the mask at "
-                            "the image's size")
+            raise DataError(f"{pair.mask}: mask is {mask_file.size[0]}x{mask_file.size[1]} but its image {pair.image} "
+                            f"is {image_file.size[0]}x{image_file.size[1]}; save the mask at the image's size")
         values = self.read_mask(pair, mask_file)
         if image_file.format == "JPEG":
             image_file.draft(image_file.mode, (self.resolution, self.resolution))
@@ -532,23 +465,16 @@ class LabeledFolder(Dataset):
         return image_to_tensor(image), torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
 
     def __getitem__(self, key):
-        index, rng = sample_key(key)
-        return self.load(index, rng)
-
-
-def random_flip(image, rng):
-    """A horizontal flip with probability 0.5 (the official RandomHorizontalFlip of unlabeled images)."""
-    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+        return self.load(*sample_key(key))
 
 
 class ImageFolder(Dataset):
     """Images [C, R, R] in [-1, 1] from a list of files; `flip`: flipped horizontally with probability 0.5.
-
-    `replace_unreadable` (the unlabeled pool of a long run): a file that cannot be read (corrupt, or
-    removed since the pool was listed) is replaced by another drawn from the pool with the sample's own
-    seed, so the stream stays reproducible; an item is then (image, [(path, reason), ...] of the files
-    replaced), which InfiniteLoader counts. A pool of 100k images should not lose a week of training to
-    one bad file; labeled pairs, a precious few, still stop the run at once."""
+    `replace_unreadable` (the unlabeled pool of a long run): a file that cannot be read (corrupt, or removed since
+    the pool was listed) is replaced by another drawn from the pool with the sample's own seed, so the stream stays
+    reproducible; an item is then (image, [(path, reason), ...] of the files replaced), which InfiniteLoader
+    counts. A pool of 100k images should not lose a week of training to one bad file; labeled pairs, a precious
+    few, still stop the run at once."""
 
     REPLACEMENT_TRIES = 10
 
@@ -565,21 +491,21 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, key):
         index, rng = sample_key(key)
-        if not self.replace_unreadable:
-            image = self.load(index)
-            return image_to_tensor(random_flip(image, rng) if self.flip else image)
         unreadable = []
         for _ in range(self.REPLACEMENT_TRIES):
             try:
-                image = self.load(index)
+                image = image_to_tensor(self.load(index))
                 break
             except DataError as error:
+                if not self.replace_unreadable:
+                    raise
                 unreadable.append((str(self.paths[index]), one_line(error)))
                 index = int(rng.integers(len(self.paths)))  # drawn only when needed: good samples unchanged
         else:
             raise DataError(f"{unreadable[0][1]} (and the {len(unreadable) - 1} images drawn to replace it "
                             "were unreadable too); check the pool with `python prepare.py check --data ...`")
-        return image_to_tensor(random_flip(image, rng) if self.flip else image), unreadable
+        image = image.flip(-1) if self.flip and rng.random() < 0.5 else image  # the official RandomHorizontalFlip
+        return (image, unreadable) if self.replace_unreadable else image
 
 
 def collate_replaced(items):
@@ -609,11 +535,10 @@ DEMO_COLOURS = np.array([(0.90, 0.25, 0.20), (0.20, 0.75, 0.30), (0.25, 0.45, 0.
 
 
 class DemoDataset(Dataset):
-    """Procedural labeled images: a dark gradient background and 1 to 3 shapes, each of a class
-    1..K-1 (class c is a DEMO_SHAPES[(c-1) % 6] in its own colour or grey level), later shapes occluding
-    earlier ones, plus a little shading and noise on the image only. The mask is exact: a pixel belongs to
-    the last shape that covers its centre. Scenes live in the unit square, so every resolution shows the
-    same scene; everything follows from (seed, index)."""
+    """Procedural labeled images: a dark gradient background and 1 to 3 shapes, each of a class 1..K-1 (class c is
+    a DEMO_SHAPES[(c-1) % 6] in its own colour or grey level), later shapes occluding earlier ones, plus a little
+    shading and noise on the image only. The mask is exact: a pixel belongs to the last shape that covers its
+    centre. Scenes live in the unit square, so every resolution shows the same scene; all follows from (seed, index)."""
 
     def __init__(self, resolution=256, channels=3, num_classes=4, length=1000, seed=0, augment=None):
         if not 2 <= num_classes <= MAX_CLASSES:
@@ -635,8 +560,7 @@ class DemoDataset(Dataset):
 
     def render(self, index):
         """(image float [R, R, C] in 0..1, mask uint8 [R, R]) of scene `index`."""
-        rng = np.random.default_rng([self.seed, index])
-        size = self.resolution
+        rng, size = np.random.default_rng([self.seed, index]), self.resolution
         centres = (np.arange(size, dtype=np.float32) + 0.5) / size
         y, x = centres[:, None], centres[None, :]  # pixel centres in the unit square, broadcast
         direction = rng.uniform(0, 2 * np.pi)
@@ -648,8 +572,7 @@ class DemoDataset(Dataset):
             c = int(rng.integers(1, self.num_classes))
             cx, cy = rng.uniform(0.25, 0.75, 2)
             a, b = rng.uniform(0.12, 0.26, 2)
-            angle = rng.uniform(0, np.pi)
-            brightness = rng.uniform(0.9, 1.05)
+            angle, brightness = rng.uniform(0, np.pi), rng.uniform(0.9, 1.05)
             reach = math.hypot(a, b)  # no shape extends further from its centre: work in that box only
             rows = slice(max(0, int((cy - reach) * size)), min(size, int((cy + reach) * size) + 1))
             cols = slice(max(0, int((cx - reach) * size)), min(size, int((cx + reach) * size) + 1))
@@ -680,9 +603,8 @@ class DemoDataset(Dataset):
 
     def load(self, index, rng=None):
         picture, values = self.render(index)
-        mode = "L" if self.channels == 1 else "RGB"
         pixels = (picture * 255 + 0.5).astype(np.uint8)
-        image = Image.fromarray(pixels[..., 0] if self.channels == 1 else pixels, mode)
+        image = Image.fromarray(pixels[..., 0] if self.channels == 1 else pixels, "L" if self.channels == 1 else "RGB")
         mask = Image.fromarray(values, "L")
         if self.augment is not None and rng is not None:
             image, mask = self.augment(image, mask, rng)
@@ -700,19 +622,14 @@ class DemoDataset(Dataset):
 
 
 def default_workers(world_size=1):
-    """DataLoader workers per stream: the CPU cores this process may use, shared among the local ranks,
-    at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    """DataLoader workers per stream: the CPU cores this process may use, shared among the local ranks, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cores // max(1, world_size)))
 
 
 def add_data_args(parser, resolutions=None):
-    """The data options every script shares. `--seed` and `--workers` are added only when the parser
-    has no option of that name yet. `resolutions`: the sizes the networks can take (the training
-    scripts); otherwise any size of 4 pixels or more."""
+    """The data options every script shares. `--seed` and `--workers` are added only when the parser has no option
+    of that name yet. `resolutions`: the sizes the networks can take (the training scripts), else any size >= 4."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="PATH", help="a folder of images (searched recursively), a "
                        "labeled folder (images/ + masks/; then it is also --labeled-dir), or 'demo'")
@@ -738,14 +655,14 @@ def add_data_args(parser, resolutions=None):
     group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                        help="horizontal flips of the unlabeled images (as the official code) and in the "
                             "labeled pairs' augmentation (default: on for RGB, off for grey)")
-    group.add_argument("--skip-unpaired", action="store_true",
-                       help="leave out images without masks and masks without images (counted) "
-                            "instead of stopping")
+    group.add_argument("--skip-unpaired", action="store_true", help="leave out images without masks and masks "
+                       "without images (counted) instead of stopping")
     group.add_argument("--max-unreadable", type=cli.FRACTION, default=0.01, metavar="FRACTION",
-                       help="unreadable unlabeled images are replaced by others from the pool and counted; "
-                            "past this fraction of the pool (at least one file) the run stops; 0: stop at the "
-                            "first (default 0.01)")
-    group.add_argument("--demo-length", type=cli.POSITIVE_INT, default=1000, help="images in --data demo (default 1000)")
+                       help="unreadable unlabeled images are replaced by others from the pool and counted; past "
+                            "this fraction of the pool (at least one file) the run stops; 0: stop at the first "
+                            "(default 0.01)")
+    group.add_argument("--demo-length", type=cli.POSITIVE_INT, default=1000,
+                       help="images in --data demo (default 1000)")
     options = parser._option_string_actions
     if "--workers" not in options:
         group.add_argument("--workers", type=cli.COUNT, default=None, help="DataLoader workers per stream "
@@ -760,11 +677,9 @@ def option(args, name, default=None):
 
 
 def build_datasets(args, augment=None, replace_unreadable=False):
-    """(labeled, unlabeled, info) from the options of add_data_args (see the module docstring).
-
-    `augment=False` turns the augmentation and the flips off whatever the options say (for evaluation).
-    `replace_unreadable` (training streams): unreadable unlabeled images are replaced, up to
-    --max-unreadable (ImageFolder)."""
+    """(labeled, unlabeled, info) from the options of add_data_args (see the module docstring). `augment=False` turns
+    the augmentation and the flips off whatever the options say (for evaluation). `replace_unreadable` (training
+    streams): unreadable unlabeled images are replaced, up to --max-unreadable (ImageFolder)."""
     source = option(args, "data")
     if not source:
         raise DataError("no data: pass --data FOLDER (or --data demo)")
@@ -796,8 +711,7 @@ def build_datasets(args, augment=None, replace_unreadable=False):
                                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                 "fix the names or the folder")
             wanted = set(wanted)
-            left_out = [p for p in pairs if p.name not in wanted]
-            pairs = [p for p in pairs if p.name in wanted]
+            left_out, pairs = [p for p in pairs if p.name not in wanted], [p for p in pairs if p.name in wanted]
     labeled_total, all_pairs = len(pairs), pairs
     labels = option(args, "num_labels")
     if labels is not None:
@@ -805,32 +719,12 @@ def build_datasets(args, augment=None, replace_unreadable=False):
             raise DataError(f"--num-labels {labels}: give a count of labeled pairs (0 or more)")
         pairs = choose_labeled_subset(pairs, labels, option(args, "labels_seed", 0))
 
-    # the unlabeled pool: every image, the labeled ones included, minus those --split left out
-    if is_labeled_folder(data_folder):
-        pool = list_images(data_folder / "images")
-    else:
-        pool = list_images(data_folder, exclude=[labeled_folder / "masks"] if labeled_folder else ())
-    if labeled_folder is not None and labeled_folder.resolve() != data_folder.resolve():
-        pool += list_images(labeled_folder / "images")
-    removed = {p.image.resolve() for p in left_out}
-    seen, unique = set(), []
-    for path in pool:
-        resolved = path.resolve()
-        if resolved not in seen and resolved not in removed:
-            seen.add(resolved)
-            unique.append(path)
-    if not unique:
-        raise DataError(f"{data_folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, "
-                        "recursively); point --data at the folder that holds them")
-
+    unique = unlabeled_pool(data_folder, labeled_folder, left_out)
     channels = option(args, "channels") or infer_channels(unique, labeled={p.image for p in all_pairs})
-    class_map, class_names = (None, None)
-    if option(args, "class_map"):
-        class_map, class_names = parse_class_map(args.class_map)
+    class_map, class_names = parse_class_map(args.class_map) if option(args, "class_map") else (None, None)
     num_classes, classes_from = option(args, "num_classes"), "--num-classes"
     if num_classes is None and all_pairs:  # from all pairs, so that --num-labels 9 cannot miss a rare class
-        num_classes, classes_from, class_names = infer_num_classes(all_pairs, labeled_folder, class_map,
-                                                                   class_names)
+        num_classes, classes_from, class_names = infer_num_classes(all_pairs, labeled_folder, class_map, class_names)
     if class_names is None and labeled_folder is not None and class_map is None:
         class_names = read_class_names(labeled_folder)
     if num_classes is not None and not 2 <= num_classes <= MAX_CLASSES:
@@ -843,8 +737,7 @@ def build_datasets(args, augment=None, replace_unreadable=False):
     flip_unlabeled = flip and augment is not False
     augmentation = Augment(flip=flip) if use_augment else None
     fit = option(args, "fit", "pad")
-    labeled = (LabeledFolder(pairs, resolution, channels, num_classes, class_map, fit, augmentation)
-               if pairs else None)
+    labeled = LabeledFolder(pairs, resolution, channels, num_classes, class_map, fit, augmentation) if pairs else None
     unlabeled = ImageFolder(unique, resolution, channels, fit, flip_unlabeled,
                             replace_unreadable=replace_unreadable and option(args, "max_unreadable", 0.01) > 0)
     info = dict(source=str(data_folder), labeled_source=str(labeled_folder) if labeled_folder else None,
@@ -855,11 +748,28 @@ def build_datasets(args, augment=None, replace_unreadable=False):
     return labeled, unlabeled, info
 
 
+def unlabeled_pool(data_folder, labeled_folder, left_out):
+    """Every image, the labeled ones included, once each (paths resolved), minus those of the pairs `left_out`."""
+    if is_labeled_folder(data_folder):
+        pool = list_images(data_folder / "images")
+    else:
+        pool = list_images(data_folder, exclude=[labeled_folder / "masks"] if labeled_folder else ())
+    if labeled_folder is not None and labeled_folder.resolve() != data_folder.resolve():
+        pool += list_images(labeled_folder / "images")
+    first, removed = {}, {p.image.resolve() for p in left_out}
+    for path in pool:
+        first.setdefault(path.resolve(), path)
+    unique = [path for resolved, path in first.items() if resolved not in removed]
+    if not unique:
+        raise DataError(f"{data_folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                        "recursively); point --data at the folder that holds them")
+    return unique
+
+
 def build_demo(args, resolution, use_augment, evaluation=False):
     if option(args, "labeled_dir") or option(args, "class_map") or option(args, "split"):
         raise DataError("--data demo makes its own labels: leave out --labeled-dir, --class-map and --split")
-    channels = option(args, "channels") or 3
-    num_classes = option(args, "num_classes") or 4
+    channels, num_classes = option(args, "channels") or 3, option(args, "num_classes") or 4
     length = option(args, "demo_length", 1000)
     labels = option(args, "num_labels")
     labels = length if labels is None else labels
@@ -882,27 +792,24 @@ def build_demo(args, resolution, use_augment, evaluation=False):
 
 def build_validation(args, source=None):
     """(dataset of (image, mask) pairs, where they come from) to validate on, never augmented, or (None, why).
-
-    `source`: a labeled folder, or a split file naming pairs of the labeled folder (`prepare.py split`'s
-    val.txt). Without it: the labeled pairs that --num-labels left unused (their masks never reach training,
-    their images are in the unlabeled pool, as in the paper). Pairs that --split leaves out are never
-    taken on their own: they may be the test set."""
+    `source`: a labeled folder, or a split file naming pairs of the labeled folder (`prepare.py split`'s val.txt).
+    Without it: the labeled pairs that --num-labels left unused (their masks never reach training, their images
+    are in the unlabeled pool, as in the paper). Pairs that --split leaves out are never taken on their own: they
+    may be the test set."""
     evaluation = argparse.Namespace(**vars(args))
     evaluation.num_labels = None
-    if source and Path(source).is_file():
-        evaluation.split = source
-        labeled = build_datasets(evaluation, augment=False)[0]
-        return labeled, f"{source} ({len(labeled)} pairs)"
     if source:
-        evaluation.data, evaluation.labeled_dir, evaluation.split = source, None, None
-        if not is_labeled_folder(existing_folder(source, "--val")):
-            raise DataError(f"{source}: --val needs a labeled folder (images/ + masks/) or a split file")
+        if Path(source).is_file():
+            evaluation.split = source
+        else:
+            evaluation.data, evaluation.labeled_dir, evaluation.split = source, None, None
+            if not is_labeled_folder(existing_folder(source, "--val")):
+                raise DataError(f"{source}: --val needs a labeled folder (images/ + masks/) or a split file")
         labeled = build_datasets(evaluation, augment=False)[0]
         return labeled, f"{source} ({len(labeled)} pairs)"
     if option(args, "num_labels") is None:
         return None, "every labeled pair trains; pass --num-labels N to hold the others back, or --val"
-    every = build_datasets(evaluation, augment=False)[0]
-    chosen = build_datasets(args, augment=False)[0]
+    every, chosen = build_datasets(evaluation, augment=False)[0], build_datasets(args, augment=False)[0]
     if isinstance(every, DemoDataset):
         held = list(range(0 if chosen is None else len(chosen), len(every)))
     else:
@@ -957,14 +864,12 @@ def infer_num_classes(pairs, folder, class_map, class_names, samples=64):
     if largest >= MAX_CLASSES - 1:
         raise DataError(f"{folder}: a mask holds the value {largest}: masks must hold class indices "
                         "(0 = background, 1, 2, ...); for 0/255 binary masks pass --class-map 255:1")
-    checked = min(len(pairs), samples)
-    return max(2, largest + 1), f"the largest value in {checked} masks", None
+    return max(2, largest + 1), f"the largest value in {min(len(pairs), samples)} masks", None
 
 
 def patient_id(name):
-    """The patient a slice belongs to, for names of the form PATIENT_zSLICE (as prepare.py's converters of the
-    volume data sets name them: lits003_z0042, chaos1-in_z007), so that DICE can be averaged per patient; None
-    for any other name (ISIC_0000000 or MCUCXR_0001_0 are images, not slices)."""
+    """The patient of a slice named PATIENT_zSLICE (as prepare.py names volume slices: lits003_z0042, chaos1-in_z007),
+    to average DICE per patient; None for any other name (ISIC_0000000 or MCUCXR_0001_0 are images, not slices)."""
     match = re.fullmatch(r"(.+)_z\d+(\.[A-Za-z]+)?", Path(name).name)  # with or without its file's extension
     return match.group(1) if match else None
 
@@ -973,21 +878,13 @@ def patient_id(name):
 # The infinite, seeded, resumable stream
 
 
-class RangeLength:
-    """What DistributedSampler needs of a dataset: its length."""
-
-    def __init__(self, length):
-        self.length = length
-
-    def __len__(self):
-        return self.length
+RangeLength = range  # what DistributedSampler needs of a dataset: its length
 
 
 class KeyBatches:
-    """Batches of sample keys (index, (seed, epoch, position)) forever, from (epoch, batch) on.
-
-    It holds plain numbers, not the loader: a reference cycle through the DataLoader iterator would
-    leave its worker processes to the garbage collector, which cannot stop them cleanly."""
+    """Batches of sample keys (index, (seed, epoch, position)) forever, from (epoch, batch) on. It holds plain
+    numbers, not the loader: a reference cycle through the DataLoader iterator would leave its worker processes
+    to the garbage collector, which cannot stop them cleanly."""
 
     def __init__(self, dataset_length, length, batch_size, seed, rank, world_size, epoch, batch):
         self.dataset_length, self.length, self.batch_size = dataset_length, length, batch_size
@@ -1006,35 +903,29 @@ class KeyBatches:
 
 
 def leave_signals_to_the_main_process(worker_id):
-    """A DataLoader worker ignores SIGTERM and SIGINT. Schedulers (SLURM, Kubernetes) and Ctrl-C signal
-    every process of a job; a worker killed by one would end the run with an error before the main
-    process could write its checkpoint. Workers end when the main process does."""
+    """A DataLoader worker ignores SIGTERM and SIGINT. Schedulers (SLURM, Kubernetes) and Ctrl-C signal every process
+    of a job; a worker killed by one would end the run with an error before the main process could write its
+    checkpoint. Workers end when the main process does."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class InfiniteLoader:
-    """Batches of `dataset` forever: each epoch a new permutation (seed + epoch) split over `world_size`
-    ranks by DistributedSampler, incomplete batches dropped; a dataset smaller than one global batch is
-    repeated (as the official code does), so that --num-labels 9 with batch 16 works.
+    """Batches of `dataset` forever: each epoch a new permutation (seed + epoch) split over `world_size` ranks by
+    DistributedSampler (disjoint shards), incomplete batches dropped, default-collated ((images [B, C, R, R], masks
+    [B, R, R]) of labeled datasets). A dataset smaller than one global batch is repeated (as the official code
+    does), so that --num-labels 9 with batch 16 works; `indices`, the dataset indices of the last batch, tell which
+    samples are the same image. state_dict() is (epoch, batch within the epoch): a loader given it yields the very
+    batches an uninterrupted one would have yielded next.
 
-    `indices` are the dataset indices of the batch last yielded: a dataset smaller than a global batch
-    repeats its samples, and the indices tell which ones are the same image.
-
-    state_dict() is (epoch, batch within the epoch); a loader given it yields the very batches an
-    uninterrupted one would have yielded next. Batches are collated by the default collate: labeled
-    datasets give (images [B, C, R, R], masks [B, R, R]), unlabeled ones images [B, C, R, R].
-
-    Of a dataset that replaces unreadable files (ImageFolder(replace_unreadable=True)) the loader keeps
-    count: `unreadable` maps each file replaced to its reason, `new_unreadable()` gives those met since
-    the last call (to warn about), and once more than `max_unreadable` of the dataset (at least one file)
-    is unreadable it stops with a DataError. `name` says which stream an error is about."""
+    Of a dataset that replaces unreadable files (ImageFolder(replace_unreadable=True)) it keeps count: `unreadable`
+    maps each file replaced to its reason, `new_unreadable()` gives those met since the last call (to warn about),
+    and past `max_unreadable` of the dataset (at least one file) it stops with a DataError naming stream `name`."""
 
     def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, workers=None, pin_memory=None,
                  name="data", max_unreadable=0.01):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.rank, self.world_size, self.name = rank, world_size, name
-        self.dataset_length = len(dataset)
+        self.rank, self.world_size, self.name, self.dataset_length = rank, world_size, name, len(dataset)
         self.replaces = getattr(dataset, "replace_unreadable", False)
         self.unreadable, self.reported = {}, 0
         self.unreadable_limit = max(1, int(max_unreadable * self.dataset_length))
@@ -1044,9 +935,7 @@ class InfiniteLoader:
         self.batches_per_epoch = (self.length // world_size) // batch_size
         self.workers = default_workers(world_size) if workers is None else workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.epoch, self.batch = 0, 0
-        self.batches = self.keys = None
-        self.indices = None  # the dataset indices of the last batch: which samples are the same image
+        self.epoch, self.batch, self.batches, self.keys, self.indices = 0, 0, None, None, None
 
     def __iter__(self):
         return self
@@ -1055,15 +944,13 @@ class InfiniteLoader:
         if self.batches is None:
             keys = KeyBatches(self.dataset_length, self.length, self.batch_size, self.seed, self.rank,
                               self.world_size, self.epoch, self.batch)
-            # A private generator: creating a DataLoader iterator otherwise draws its base seed from the global
-            # RNG, and a resumed run (which creates it at another step) would then draw different latents.
-            # Every sample's randomness comes from its key, so the workers' own seeds do not matter.
+            # A private generator: a DataLoader iterator otherwise draws its base seed from the global RNG, and a
+            # resumed run would draw different latents. Samples draw from their keys, not from the workers' seeds.
             self.batches = iter(DataLoader(self.dataset, batch_sampler=keys, num_workers=self.workers,
                                            pin_memory=self.pin_memory, generator=torch.Generator(),
                                            collate_fn=collate_replaced if self.replaces else None,
                                            worker_init_fn=leave_signals_to_the_main_process))
-            self.keys = iter(KeyBatches(self.dataset_length, self.length, self.batch_size, self.seed, self.rank,
-                                        self.world_size, self.epoch, self.batch))  # the same keys, in order
+            self.keys = iter(keys)  # the same keys, in order
         try:
             batch, message = next(self.batches), None
         except DataError as error:  # from a worker it comes wrapped in a traceback: keep the one line
@@ -1092,9 +979,7 @@ class InfiniteLoader:
 
     def new_unreadable(self):
         """[(path, reason)] of the files replaced since the last call (called every step: cheap when none)."""
-        if self.reported == len(self.unreadable):
-            return []
-        found = list(self.unreadable.items())[self.reported:]
+        found = list(self.unreadable.items())[self.reported:] if self.reported < len(self.unreadable) else []
         self.reported += len(found)
         return found
 
@@ -1116,14 +1001,14 @@ class InfiniteLoader:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Writing images: masks in colour, tensors as pixels, PNGs written atomically (the commands below, the
-# training scripts' sample grids, invert.py and generate.py)
+# Writing: masks in colour, tensors as pixels, PNGs written atomically (for prepare.py, the training scripts' sample
+# grids, invert.py and generate.py), and the checks that keep every command from writing over what it reads
 
 
 PALETTE = np.array([(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190),
-                    (0, 128, 128), (230, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
-                    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128)], np.uint8)
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128),
+                    (230, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
+                    (255, 215, 180), (0, 0, 128)], np.uint8)
 
 
 def colour_mask(mask):
@@ -1133,17 +1018,15 @@ def colour_mask(mask):
 
 
 def image_to_uint8(image):
-    """An image tensor [C, H, W] in [-1, 1] (any device, any float type) as uint8 pixels [H, W, 3]; one
-    channel is repeated into grey RGB."""
+    """An image tensor [C, H, W] in [-1, 1] (any device and float type) as uint8 pixels [H, W, 3] (grey as RGB)."""
     x = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x
 
 
 def save_png(pixels, path):
-    """An image (uint8 array or Pillow image) as PNG, written to a temporary name and then renamed: a run
-    killed mid-write never leaves a truncated file under the final name, which a resumed run would take
-    for a finished one. The temporary name is short and hidden, so that it neither outgrows the file
-    system's name limit before the final name does nor is read as an image."""
+    """An image (uint8 array or Pillow image) as PNG, written to a temporary name and then renamed: a run killed
+    mid-write never leaves a truncated file under the final name, which a resumed run would take for a finished
+    one. The temporary name is short and hidden: it neither outgrows the name limit first nor is read as an image."""
     path = Path(path)
     partial = path.with_name(f".{uuid.uuid4().hex[:12]}.partial")
     try:
@@ -1154,10 +1037,6 @@ def save_png(pixels, path):
             os.remove(partial)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Outputs beside inputs: the checks every command that writes makes, so that none writes over what it reads
-
-
 def inside(path, folder):
     """True when `path` is `folder` or lies under it, symlinks followed."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
@@ -1165,6 +1044,6 @@ def inside(path, folder):
 
 
 def printable(text):
-    """A file name as text that prints and goes into UTF-8 files: bytes that are not UTF-8 (Python holds
-    them as surrogates, PEP 383) are shown as \\xNN."""
+    """A file name as text that prints and goes into UTF-8 files: bytes that are not UTF-8 (Python holds them as
+    surrogates, PEP 383) are shown as \\xNN."""
     return os.fsencode(str(text)).decode("utf-8", "backslashreplace")

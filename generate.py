@@ -65,8 +65,8 @@ def draw(G, indices, seed, truncation, mean_latent):
 
 def image_pixels(image):
     """[C, R, R] in [-1, 1] -> uint8 [R, R] (grey) or [R, R, 3]."""
-    pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return pixels[..., 0] if pixels.shape[2] == 1 else pixels
+    pixels = data.image_to_uint8(image)
+    return pixels[..., 0] if image.shape[0] == 1 else pixels
 
 
 def fingerprint(G):
@@ -88,7 +88,8 @@ def check_settings(out, settings):
             earlier = json.loads(record.read_text())
         except ValueError:
             raise data.DataError(f"{record} is not a settings file of generate.py; pass another --out") from None
-        different = [f"{k} {earlier.get(k)}, not {v}" for k, v in settings.items() if k != "ckpt" and earlier.get(k) != v]
+        different = [f"{k} {earlier.get(k)}, not {v}" for k, v in settings.items()
+                     if k != "ckpt" and earlier.get(k) != v]
         if different:
             raise data.DataError(f"--out {out} holds pairs drawn with other settings ({'; '.join(different)}; "
                                  f"{record}): pass the same to continue them, or another --out")
@@ -107,10 +108,10 @@ def generate(args):
     G = load_any_generator(args.ckpt, device)
     check_settings(out, {"generator": fingerprint(G), "seed": args.seed, "truncation": args.truncation,
                          "mean_samples": args.mean_samples, "ckpt": data.printable(args.ckpt)})
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for part in ("images", "masks"):
+        (out / part).mkdir(parents=True, exist_ok=True)
     name = lambda i: f"{i:06d}.png"  # noqa: E731
-    missing = [i for i in range(args.n) if not ((out / "images" / name(i)).exists() and (out / "masks" / name(i)).exists())]
+    missing = [i for i in range(args.n) if not all((out / part / name(i)).exists() for part in ("images", "masks"))]
     print(f"generating {len(missing)} of {args.n} pairs ({args.n - len(missing)} already there) with truncation "
           f"{args.truncation}, seed {args.seed}, into {out}", flush=True)
     mean_latent = None

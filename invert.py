@@ -11,27 +11,23 @@ weights and schedule) on
     L(w+, n) = LPIPS(x, G_x(w+, n)) + lambda3 MSE(x, G_x(w+, n)) + lambda2 MSE(w+, E(G_x(w+, n)))
                + lambda_n NoiseReg(n)
 
-per image, each MSE the mean over its entries: lambda3 = 0.1 (--mse-weight), lambda2 = 1e-3 (--encoder-weight;
-E's output is a constant target), lambda_n = 100 (--noise-weight). NoiseReg is the squared mean of each noise
-map times itself shifted by one pixel, in x and in y, over a pyramid of 2x average-pooled maps down to 8 px,
-so the maps cannot carry the image's structure. Adam (0.9, 0.999), lr 0.1 ramped up over the first 5% of the
-steps and down (cosine) over the last 25%; the noise maps renormalised after every step; 100 steps (the
-official default); --steps 0 is the encoder alone ("Ours-NO" in the paper's tables). Not official, for
-studying the objective: --lpips-weight and --no-optimize-noise.
+per image: lambda3 = 0.1 (--mse-weight), lambda2 = 1e-3 (--encoder-weight; E's output a constant target),
+lambda_n = 100 (--noise-weight); NoiseReg is the squared mean of each noise map times itself shifted by one
+pixel in x and in y, over a pyramid of 2x pooled maps down to 8 px, so the maps cannot carry the image's
+structure. Adam, lr 0.1 ramped up over the first 5% of the steps and down (cosine) over the last 25%, the
+noise renormalised after every step, 100 steps; --steps 0 is the encoder alone ("Ours-NO" in the paper).
 
-The mask is the argmax of G_y(w+*, n*) (one class: logit > 0), its logits resized bilinearly back to the
-input's own geometry first (undoing data.py's --fit). The images of a batch are optimised together but
-independently (each its own w+, noise seeded by --seed and its name, and loss): a mask does not depend on its
-batch-mates, the batch size or the order of the files.
+The mask is the argmax of G_y(w+*, n*) (one class: logit > 0), its logits resized back to the input's own
+geometry (undoing data.py's --fit). The images of a batch are optimised together but independently (each its
+own w+, noise seeded by --seed and its name, and loss): a mask does not depend on its batch-mates or order.
 
-Outputs, in --out and keeping the inputs' sub-folders: NAME.png (the class-index mask), NAME_color.png,
-NAME_overlay.png, with --save-reconstruction NAME_recon.png; with --eval MASKS the scores (losses.Scores) of
-the optimised masks and of the encoder alone; for every run the trust signals and a report (report.py).
---out may lie inside an input folder (it is not read as input), never be or hold an input; --overwrite
-replaces an earlier run whole and nothing else (report.Written).
+Outputs, in --out, keeping the inputs' sub-folders: NAME.png (the class-index mask), NAME_color.png,
+NAME_overlay.png, with --save-reconstruction NAME_recon.png; with --eval the scores of the optimised masks
+and of the encoder alone (losses.Scores); always the trust signals and a report (report.py). --out may lie
+inside an input folder, never be or hold an input; --overwrite replaces an earlier run whole and nothing else.
 
-Needs: model.py (the networks, model.pt), losses.py (LPIPS, the metrics), report.py (what is written besides
-the masks) and data.py; never the training scripts, so that this file can be copied with those and ops/.
+Needs: model.py, losses.py, report.py and data.py; never the training scripts, so that this file can be
+copied with those and ops/.
 """
 
 import argparse
@@ -60,10 +56,8 @@ import report
 
 
 class Input:
-    """One image to segment: its file, its name (the output path inside --out, without extension), its key
-    (the name without the extension, by which --split and --eval find it; the same as the name unless two
-    files differ only in their extension), the tensor the model sees and the geometry to map the mask back
-    to."""
+    """One image to segment: its file, its name (its outputs' path in --out, without extension), its key (by
+    which --split and --eval find it: the name, without an extension a clash added), its tensor and size."""
 
     __slots__ = ("path", "name", "key", "image", "size")
 
@@ -72,11 +66,9 @@ class Input:
 
 
 def collect_inputs(specs, out):
-    """Files, folders (searched recursively; names keep the sub-folders) and globs, in that order, each file
-    once. Nothing inside `out` is an input: a folder that holds --out is searched without it (a second run
-    into IMAGES/seg does not segment the first run's masks), glob matches there are left out, and a file or
-    folder named inside --out is a DataError. A path that does not exist or a folder without images is a
-    DataError too."""
+    """Files, folders (searched recursively; names keep the sub-folders) and globs, each file once. Nothing
+    inside `out` is an input: a folder that holds it is searched without it (a second run into IMAGES/seg
+    does not segment the first run's masks), and a file or folder named inside it is a DataError."""
     found, others = [], []
     for spec in specs:
         path = Path(spec)
@@ -86,8 +78,8 @@ def collect_inputs(specs, out):
         if path.is_dir():
             files = data.list_images(path, exclude=[out], others=others)
             if not files:
-                raise data.DataError(f"{path}: no images in this folder (looked for {', '.join(data.IMAGE_EXTENSIONS)}, "
-                                     "recursively)")
+                raise data.DataError(f"{path}: no images in this folder (looked for "
+                                     f"{', '.join(data.IMAGE_EXTENSIONS)}, recursively)")
             found += [(f, f.relative_to(path).with_suffix("").as_posix()) for f in files]
         elif path.is_file():
             found.append((path, path.stem))
@@ -100,23 +92,19 @@ def collect_inputs(specs, out):
         else:
             raise data.DataError(f"{spec}: no such file or folder; pass image files, folders or globs")
     if others:
-        print(f"note: {len(others)} file(s) in the input folders are not images of a known kind "
-              f"({', '.join(data.IMAGE_EXTENSIONS)}) and are left out, the first {data.printable(others[0])}",
-              flush=True)
-    inputs, seen = [], set()
-    for path, name in found:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
-            inputs.append(Input(path, name))
-    return inputs
+        print(f"note: {len(others)} file(s) in the input folders are not images ({', '.join(data.IMAGE_EXTENSIONS)}) "
+              f"and are left out, the first {data.printable(others[0])}", flush=True)
+    unique = {}
+    for path, name in found:  # each file once, under its first name
+        unique.setdefault(path.resolve(), (path, name))
+    return [Input(path, name) for path, name in unique.values()]
 
 
 def load_input(item, preprocessing):
     """Read and fit the image as data.py fits training images; keep the original size for the mask."""
-    file = data.open_image_file(item.path)
+    file, resolution = data.open_image_file(item.path), preprocessing["resolution"]
     item.size = file.size
-    resolution = preprocessing["resolution"]
-    if file.format == "JPEG":
+    if file.format == "JPEG":  # decoded at a reduced scale when it is at least twice the model's size
         file.draft(file.mode, (resolution, resolution))
     image = data.to_channels(data.decode(file, item.path), preprocessing["channels"])
     square = data.fit_square(image, resolution, preprocessing["fit"], Image.Resampling.BILINEAR)
@@ -151,8 +139,8 @@ def to_input_geometry(mask_logits, size, fit):
 
 
 def image_seed(seed, name):
-    """A seed of the image's own: the run's --seed and a checksum of its name (its key: without the extension
-    that a clash of output names adds, so that a mask does not depend on which other files a run has)."""
+    """A seed of the image's own: the run's --seed and a checksum of its name (its key, so that a mask does not
+    depend on which other files a run has)."""
     return (seed * 1000003 + zlib.crc32(os.fsencode(name))) % 2 ** 63
 
 
@@ -177,20 +165,15 @@ def noise_regularization(noise):
 
 
 @torch.no_grad()
-def normalize_noise_(noise):
+def normalize_noise_(noise):  # mean 0, standard deviation 1 per image and map
     for n in noise:
         n.sub_(n.mean([1, 2, 3], keepdim=True)).div_(n.std([1, 2, 3], keepdim=True))
 
 
 def learning_rate(t, lr, rampup=0.05, rampdown=0.25):
     """The official schedule at progress t in [0, 1): linear ramp-up, cosine ramp-down (0 at t = 0)."""
-    ramp = min(1.0, (1 - t) / rampdown)
-    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
+    ramp = 0.5 - 0.5 * math.cos(min(1.0, (1 - t) / rampdown) * math.pi)
     return lr * ramp * min(1.0, t / rampup)
-
-
-def per_image_mse(a, b):
-    return (a.float() - b.float()).square().flatten(1).mean(1)
 
 
 def objective(G, E, percept, w_plus, noise, target, target_features, args):
@@ -203,13 +186,12 @@ def objective(G, E, percept, w_plus, noise, target, target_features, args):
         w_target = E(reconstruction).float()
     perceptual = percept.distance_to(compared, target_features).float() if args.lpips_weight else 0
     return (args.lpips_weight * perceptual
-            + args.mse_weight * per_image_mse(compared, target)
+            + args.mse_weight * (compared.float() - target.float()).square().flatten(1).mean(1)
             + args.encoder_weight * (w_plus - w_target).square().flatten(1).mean(1)
             + args.noise_weight * noise_regularization(noise))
 
 
-# What invert() returns, all detached: the mask logits and the reconstruction G_x at w+* and at the encoder's
-# w+ = E(x) (the start, with the same noise maps), and the objective per image [B] at the last step.
+# invert()'s result, detached: mask logits and G_x at w+* and at E(x) (same noise), the last objective [B]
 Inversion = collections.namedtuple("Inversion", "mask_logits reconstruction encoder_logits encoder_reconstruction "
                                                 "losses")
 
@@ -222,10 +204,8 @@ def invert(G, E, percept, images, seeds, args, autocast, trace=None):
         w_plus = E(images).float()
         encoder_reconstruction, encoder_logits = G(w_plus, input_is_w=True, noise=noise)
     w_plus = w_plus.clone().requires_grad_(True)
-    if args.optimize_noise:
-        for n in noise:
-            n.requires_grad_(True)
-    optimizer = torch.optim.Adam([w_plus] + (noise if args.optimize_noise else []), lr=args.lr)
+    optimised = [w_plus] + ([n.requires_grad_(True) for n in noise] if args.optimize_noise else [])
+    optimizer = torch.optim.Adam(optimised, lr=args.lr)
     per_image = torch.zeros(images.shape[0], device=images.device)
     # as the official code: LPIPS and MSE at 256 px at most
     target = F.adaptive_avg_pool2d(images, 256) if images.shape[-1] > 256 else images
@@ -254,6 +234,7 @@ def invert(G, E, percept, images, seeds, args, autocast, trace=None):
 
 
 def save_outputs(item, classes, reconstruction, paths, written):
+    """The mask (class indices), its colours, the overlay on the input and, when asked, the reconstruction."""
     for path in paths.values():
         written.add(path)
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
@@ -261,8 +242,8 @@ def save_outputs(item, classes, reconstruction, paths, written):
     coloured = data.colour_mask(classes)
     data.save_png(coloured, paths["color"])
     original = np.asarray(data.to_channels(data.decode(data.open_image_file(item.path), item.path), 3))
-    blend = np.where(classes[..., None] > 0, (0.5 * original + 0.5 * coloured).astype(np.uint8), original)
-    data.save_png(blend, paths["overlay"])
+    data.save_png(np.where(classes[..., None] > 0, (0.5 * original + 0.5 * coloured).astype(np.uint8), original),
+                  paths["overlay"])
     if "recon" in paths:
         data.save_png(data.image_to_uint8(reconstruction), paths["recon"])
 
@@ -272,11 +253,8 @@ def save_outputs(item, classes, reconstruction, paths, written):
 
 
 def find_masks(inputs, source, lut, num_labels, out):
-    """{name: ground-truth class map} for every input, from a folder of masks or a labeled folder (--out,
-    when it lies inside, left out)."""
-    folder = Path(source)
-    if (folder / "masks").is_dir():
-        folder = folder / "masks"
+    """{key: (path, ground-truth class map)} for every input, from a folder of masks or a labeled folder."""
+    folder = Path(source) / "masks" if (Path(source) / "masks").is_dir() else Path(source)
     if not folder.is_dir():
         raise data.DataError(f"{source}: no such folder; pass --eval a folder of masks or a labeled folder")
     by_name = data.files_by_name(folder, exclude=[out])
@@ -306,126 +284,115 @@ def newest_model(root="runs"):
     return max(found, key=os.path.getmtime)
 
 
-def check_outputs_apart(args, model_path):
-    """--out must hold none of the files the run reads: the model, the ground truth, the split file (the
-    images are checked as they are collected)."""
-    for option, path in (("--model", model_path), ("--eval", args.eval), ("--split", args.split)):
-        if path and data.inside(path, args.out):
-            raise data.DataError(f"--out {args.out} holds {option} {path}; pass an --out that holds none of the "
-                                 "inputs")
-
-
 def run(args, argv):
+    """The command: the model, the inputs, then batch after batch inverted and written; a namespace `r` holds
+    what the steps share (report.write_summaries reads it too)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_path = args.model or newest_model()
+    r = argparse.Namespace(args=args, argv=argv, model_path=args.model or newest_model(), rows=[], files={},
+                           skipped=[], start=time.time())
     if not args.model:
-        print(f"using {data.printable(model_path)} (the newest model.pt under runs/; pass --model to choose)",
+        print(f"using {data.printable(r.model_path)} (the newest model.pt under runs/; pass --model to choose)",
               flush=True)
-    check_outputs_apart(args, model_path)
-    G, E, bundle = model.load_bundle(model_path, device)
-    num_labels = losses.label_count(bundle["num_classes"])
-    class_names = bundle.get("class_names") or []
-    if len(class_names) != num_labels:
-        class_names = ["background"] + [f"class{c}" for c in range(1, num_labels)]
-    lpips_net = args.lpips or bundle["lpips"]
-    percept = losses.Perceptual(lpips_net).to(device)  # also with --steps 0: the trust signals need it
-    autocast, precision = model.make_autocast(args, device)
-
-    inputs = collect_inputs(args.inputs, args.out)
-    if args.split:  # the images a split file names (data.py split's test.txt), matched by name
-        wanted = data.read_split_file(args.split)
-        by_key = {}
-        for item in inputs:
-            by_key.setdefault(item.key, []).append(item)
-        missing = [n for n in wanted if n not in by_key]
-        if missing:
-            raise data.DataError(f"{args.split}: names {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
-                                 "which is not among the input images; pass the folder that holds them")
-        inputs = [item for n in wanted for item in by_key[n]]
+    report.check_apart(args.out, (("--model", r.model_path), ("--eval", args.eval), ("--split", args.split)))
+    r.G, r.E, r.bundle = model.load_bundle(r.model_path, device)
+    labels = r.num_labels = losses.label_count(r.bundle["num_classes"])
+    r.class_names = r.bundle.get("class_names") or []
+    if len(r.class_names) != labels:
+        r.class_names = ["background"] + [f"class{c}" for c in range(1, labels)]
+    r.lpips_net = args.lpips or r.bundle["lpips"]
+    r.percept = losses.Perceptual(r.lpips_net).to(device)  # also with --steps 0: the trust signals need it
+    r.autocast, r.precision = model.make_autocast(args, device)
+    inputs = in_split(collect_inputs(args.inputs, args.out), args.split)
     lut = data.lookup_table(data.parse_class_map(args.class_map)[0]) if args.class_map else None
-    truth = find_masks(inputs, args.eval, lut, num_labels, args.out) if args.eval else None
-    written = report.start(inputs, args.out, args.save_reconstruction, args.overwrite)  # --out made here
+    r.truth = find_masks(inputs, args.eval, lut, labels, args.out) if args.eval else None
+    r.written = report.start(inputs, args.out, args.save_reconstruction, args.overwrite)  # --out made here
     batch = args.batch or (16 if device.type == "cuda" else 4)
-    note = " (an UNTRAINED backbone: the scores are not the paper's)" if lpips_net == "random" else ""
+    note = " (an UNTRAINED backbone: the scores are not the paper's)" if r.lpips_net == "random" else ""
     print(f"semanticgan inversion: {len(inputs)} images, {args.steps} steps, batch {batch}, on {device.type} "
-          f"({precision}); model {data.printable(model_path)} ({bundle['preprocessing']['resolution']} px, "
-          f"{num_labels} classes); LPIPS {lpips_net}{note}", flush=True)
-    reference, why_not = report.flag_reference(bundle, lpips_net, model_path)
-    if why_not:
-        print(f"note: {data.printable(why_not)}: no image is flagged", flush=True)
-
-    scores = {"optimised": losses.Scores(num_labels)}
-    if truth is not None and args.steps > 0:
-        scores["encoder_only"] = losses.Scores(num_labels)
-    done, skipped, start, rows, files, failed = 0, [], time.time(), [], {}, None
+          f"({r.precision}); model {data.printable(r.model_path)} ({r.bundle['preprocessing']['resolution']} px, "
+          f"{labels} classes); LPIPS {r.lpips_net}{note}", flush=True)
+    r.reference, r.why_not = report.flag_reference(r.bundle, r.lpips_net, r.model_path)
+    if r.why_not:
+        print(f"note: {data.printable(r.why_not)}: no image is flagged", flush=True)
+    r.scores = {"optimised": losses.Scores(labels)}
+    if r.truth is not None and args.steps > 0:
+        r.scores["encoder_only"] = losses.Scores(labels)
+    failed = None
     for first in range(0, len(inputs), batch):
-        chunk = load_chunk(inputs[first:first + batch], bundle["preprocessing"], args, skipped, len(inputs))
-        if not chunk:
-            continue
+        chunk = load_chunk(inputs[first:first + batch], r, len(inputs))
         try:
-            segment_chunk(chunk, G, E, percept, args, autocast, bundle, reference, truth, scores, rows, files,
-                          written, num_labels)
+            if chunk:
+                segment_chunk(chunk, r)
         except OSError as error:  # a full disk, a folder gone: keep what is done, and its report
             failed = f"cannot write into {args.out} ({model.short_error(error)})"
             break
-        done += len(chunk)
-        elapsed = time.time() - start
-        rate = done / max(elapsed, 1e-9)
-        left = len(inputs) - done - len(skipped)
-        print(f"{done}/{len(inputs)} images  {rate:.2f} img/s  eta {left / max(rate, 1e-9):.0f} s", flush=True)
+        rate = len(r.rows) / max(time.time() - r.start, 1e-9)
+        print(f"{len(r.rows)}/{len(inputs)} images  {rate:.2f} img/s  eta "
+              f"{(len(inputs) - len(r.rows) - len(r.skipped)) / max(rate, 1e-9):.0f} s", flush=True)
     try:
-        summary = report.write_summaries(args, argv, model_path, bundle, lpips_net, precision, class_names, scores, rows,
-                                  files, written, reference, why_not, skipped, start)
+        summary = report.write_summaries(r)
     except OSError as error:
         failed, summary = failed or f"cannot write into {args.out} ({model.short_error(error)})", None
     if failed:
-        raise data.DataError(f"{failed}: the {len(rows)} images before it are complete in {args.out}, "
+        raise data.DataError(f"{failed}: the {len(r.rows)} images before it are complete in {args.out}, "
                              f"{'with' if summary else 'without'} their report; free space or fix the folder, then "
                              "run again with --overwrite")
     print(summary, flush=True)
-    return scores
+    return r.scores
 
 
-def load_chunk(items, preprocessing, args, skipped, total):
-    """The images of a batch that can be read; an unreadable one is skipped and named on stderr (--strict,
-    or a run of one image: a DataError)."""
+def in_split(inputs, split):
+    """The inputs a split file names (prepare.py split's test.txt), matched by name, in its order; all without."""
+    if not split:
+        return inputs
+    wanted, by_key = data.read_split_file(split), collections.defaultdict(list)
+    for item in inputs:
+        by_key[item.key].append(item)
+    missing = [n for n in wanted if n not in by_key]
+    if missing:
+        raise data.DataError(f"{split}: names {missing[0]} (of {len(missing)} missing), which is not among the input "
+                             "images; pass the folder that holds them")
+    return [item for n in wanted for item in by_key[n]]
+
+
+def load_chunk(items, r, total):
+    """The images of a batch that can be read; an unreadable one is skipped and named (--strict: a DataError)."""
     chunk = []
     for item in items:
         try:
-            chunk.append(load_input(item, preprocessing))
+            chunk.append(load_input(item, r.bundle["preprocessing"]))
         except data.DataError as error:
-            if args.strict or total == 1:
+            if r.args.strict or total == 1:
                 raise
-            skipped.append(item.path)
+            r.skipped.append(item.path)
             print(f"skipped: {error}", file=sys.stderr, flush=True)
     return chunk
 
 
-def segment_chunk(chunk, G, E, percept, args, autocast, bundle, reference, truth, scores, rows, files, written,
-                  num_labels):
+def segment_chunk(chunk, r):
     """Invert a batch, write each image's outputs, and add its trust signals and scores."""
-    images = torch.stack([item.image for item in chunk]).to(G.constant.device)
+    args, fit = r.args, r.bundle["preprocessing"]["fit"]
+    images = torch.stack([item.image for item in chunk]).to(r.G.constant.device)
     seeds = [image_seed(args.seed, item.key) for item in chunk]  # the key: whatever other files the run has
-    result = invert(G, E, percept, images, seeds, args, autocast)
-    errors = torch.stack([*losses.reconstruction_errors(percept, result.reconstruction, images),
-                          *losses.reconstruction_errors(percept, result.encoder_reconstruction, images)], 1)
-    fit = bundle["preprocessing"]["fit"]
+    result = invert(r.G, r.E, r.percept, images, seeds, args, r.autocast)
+    errors = torch.stack([*losses.reconstruction_errors(r.percept, result.reconstruction, images),
+                          *losses.reconstruction_errors(r.percept, result.encoder_reconstruction, images)], 1)
     for k, item in enumerate(chunk):
         classes = to_input_geometry(result.mask_logits[k], item.size, fit)
         encoder_classes = classes if args.steps == 0 else to_input_geometry(result.encoder_logits[k], item.size, fit)
         paths = report.output_paths(args.out, item.name, args.save_reconstruction)
-        save_outputs(item, classes, result.reconstruction[k], paths, written)
-        rows.append(report.trust_signals(item.name, classes, encoder_classes, errors[k].tolist(), num_labels, reference,
-                                  args.flag_factor))
-        files[item.name] = (item.path, paths)
-        if truth is not None:
-            path, values = truth[item.key]
+        save_outputs(item, classes, result.reconstruction[k], paths, r.written)
+        r.rows.append(report.trust_signals(item.name, classes, encoder_classes, errors[k].tolist(), r.num_labels,
+                                           r.reference, args.flag_factor))
+        r.files[item.name] = (item.path, paths)
+        if r.truth is not None:
+            path, values = r.truth[item.key]
             if values.shape != classes.shape:
                 raise data.DataError(f"{path}: mask is {values.shape[1]}x{values.shape[0]}, its image {item.path} "
                                      f"{classes.shape[1]}x{classes.shape[0]}; save the mask at the image's size")
-            scores["optimised"].add(item.name, classes, values)
-            if "encoder_only" in scores:
-                scores["encoder_only"].add(item.name, encoder_classes, values)
+            for kind, predicted in (("optimised", classes), ("encoder_only", encoder_classes)):
+                if kind in r.scores:
+                    r.scores[kind].add(item.name, predicted, values)
         item.image = None  # the tensors are not needed any more
 
 
@@ -433,41 +400,31 @@ def build_parser():
     p = cli.ArgumentParser(description="Segment images by inverting them into a SemanticGAN generator "
                             "(and score the masks).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or globs")
-    p.add_argument("--model", default=None, help="model.pt of train_encoder.py (default: the newest under runs/)")
-    p.add_argument("--out", default="segmentations", help="output folder; it may lie inside an input folder "
-                   "(it is not read as input), never hold an input")
+    p.add_argument("--model", help="model.pt of train_encoder.py (default: the newest under runs/)")
+    p.add_argument("--out", default="segmentations", help="output folder (inside an input folder is fine)")
     p.add_argument("--steps", type=cli.COUNT, default=100, help="optimisation steps (0: the encoder alone)")
     p.add_argument("--lr", type=cli.POSITIVE, default=0.1)
     p.add_argument("--mse-weight", type=cli.NON_NEGATIVE, default=0.1, help="lambda3")
     p.add_argument("--encoder-weight", type=cli.NON_NEGATIVE, default=1e-3, help="lambda2")
     p.add_argument("--noise-weight", type=cli.NON_NEGATIVE, default=100.0, help="noise regularisation weight")
-    p.add_argument("--lpips-weight", type=cli.NON_NEGATIVE, default=1.0, help="LPIPS weight (0: MSE only; the "
-                   "official objective has 1)")
+    p.add_argument("--lpips-weight", type=cli.NON_NEGATIVE, default=1.0, help="LPIPS weight (ours; 0: MSE only)")
     p.add_argument("--optimize-noise", action=argparse.BooleanOptionalAction, default=True,
-                   help="optimise the noise maps with w+ (official); --no-optimize-noise keeps each image's "
-                        "seeded maps fixed and optimises w+ alone")
-    p.add_argument("--lpips", choices=losses.Perceptual.NETS, default=None,
-                   help="LPIPS network (default: the one the encoder was trained with)")
-    p.add_argument("--batch", type=cli.POSITIVE_INT, default=None,
-                   help="images optimised together (default: 16 on a GPU, 4 on the CPU)")
+                   help="optimise the noise maps with w+ (official), or keep each image's seeded maps fixed")
+    p.add_argument("--lpips", choices=losses.Perceptual.NETS, help="LPIPS network (default: stage 2's)")
+    p.add_argument("--batch", type=cli.POSITIVE_INT, help="images optimised together (default: 16 on a GPU, 4 on CPUs)")
     p.add_argument("--seed", type=cli.COUNT, default=0, help="seed of the noise maps (with each image's name)")
-    p.add_argument("--split", metavar="FILE", default=None,
-                   help="segment only the input images named in FILE (one per line, e.g. prepare.py split's test.txt)")
-    p.add_argument("--eval", metavar="MASKS", default=None,
-                   help="a folder of ground-truth masks with the images' names, or a labeled folder: score")
-    p.add_argument("--class-map", default=None, help="merge the ground-truth classes as in training")
+    p.add_argument("--split", metavar="FILE", help="only the images named in FILE (prepare.py split's test.txt)")
+    p.add_argument("--eval", metavar="MASKS", help="score against a folder of true masks or a labeled folder")
+    p.add_argument("--class-map", help="merge the ground-truth classes as in training")
     p.add_argument("--save-reconstruction", action="store_true", help="also write NAME_recon.png, G_x(w+*)")
-    p.add_argument("--flag-factor", type=cli.POSITIVE, default=1.5,
-                   help="flag an image whose encoder reconstruction error (LPIPS or MSE) is above this many times "
-                        "the largest of the labeled training images' (stored in model.pt)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out: the files it "
-                   "wrote (listed in OUT/written.jsonl) are removed first; a file this tool did not write is never "
-                   "replaced")
+    p.add_argument("--flag-factor", type=cli.POSITIVE, default=1.5, help="flag an image whose encoder "
+                   "reconstruction error is above this many times the labeled training images' largest")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (the files it listed "
+                   "in OUT/written.jsonl), never a file this tool did not write")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
-                   help="fp32 as the official code (the optimisation follows small gradients); bf16 autocast, "
-                        "or auto = bf16 on GPUs that have it")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if there is one)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32", help="fp32 as the official "
+                   "code (the optimisation follows small gradients), bf16 autocast, or auto: bf16 where the GPU has it")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if there is one)")
     return p
 
 

@@ -64,8 +64,9 @@ def g_nonsaturating_loss(fake_logits):
 def d_hinge_loss(real_outputs, fake_outputs):
     """L_Dm: hinge loss of D_m averaged over its scales (each output a list of layer outputs, logits last),
     real and fake terms halved as the official code does: (real hinge + fake hinge) / 2."""
-    losses = [F.relu(1 - real[-1]).mean() + F.relu(1 + fake[-1]).mean() for real, fake in zip(real_outputs, fake_outputs)]
-    return sum(losses) / len(losses) / 2
+    terms = [F.relu(1 - real[-1]).mean() + F.relu(1 + fake[-1]).mean()
+             for real, fake in zip(real_outputs, fake_outputs)]
+    return sum(terms) / len(terms) / 2
 
 
 def d_hinge_loss_mismatched(real_outputs, fake_outputs, mismatched_outputs):

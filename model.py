@@ -5,49 +5,46 @@
     D_m  : (x, y) -> per-patch scores at 3 scales (+ features)        pix2pixHD multi-scale patch discriminator
     E    : x -> w+ (one w per style input of G)                       pSp encoder (feature pyramid over IR-SE)
 
-Generator. The synthesis network is StyleGAN2's (Karras et al. 2020): a learned 4x4 constant, two modulated
-3x3 convolutions per resolution (weight demodulation, per-pixel noise with a learned strength, bias + leaky
-ReLU), and the "skip" output architecture. SemanticGAN adds, beside every tImage layer (ToRGB), a tSeg
-layer fed by the same features and the same style: a 1x1 modulated convolution without demodulation plus a
-bias, producing K mask logits. Both outputs are upsampled and summed across resolutions (Fig. 3), so
+Generator: StyleGAN2's synthesis network (Karras et al. 2020): a learned 4x4 constant, two modulated 3x3
+convolutions per resolution (weight demodulation, per-pixel noise with a learned strength, bias + leaky ReLU)
+and the "skip" output architecture. Beside every tImage layer (ToRGB) SemanticGAN adds a tSeg layer on the
+same features and style: a 1x1 modulated convolution without demodulation plus a bias, giving K mask logits.
+Both outputs are upsampled and summed across resolutions (Fig. 3):
     x = sum_r up(tImage_r(h_r, w_r)),   y = sum_r up(tSeg_r(h_r, w_r)).
-The style of a modulated convolution scales its input channels and the demodulation coefficient scales its
-output channels,
+A modulated convolution scales its input channels by the style s and its output channels by the demodulation d,
     y = (W * (x . s)) . d,   d_o = 1 / sqrt(sum_{i,k} (s_i W_oik)^2 + 1e-8),
-which equals convolving with the per-sample weight s_i W_oik d_o (StyleGAN2 Eq. 1-3) but stays one ordinary
-convolution for the whole batch: faster than a grouped convolution, and its double backward (path length)
-never needs the gradient w.r.t. a convolution weight to reach the style.
+which equals convolving with the per-sample weight s_i W_oik d_o (StyleGAN2 Eq. 1-3) but is one ordinary
+convolution for the whole batch: faster than a grouped one, and its double backward (path length) never
+needs the gradient w.r.t. a convolution weight to reach the style.
 
-Discriminators. D_r follows StyleGAN2 (residual blocks, minibatch standard deviation). D_m follows the
-official SemanticGAN code, which takes pix2pixHD's multi-scale discriminator (Wang et al. 2018): 3 scales,
-the input average-pooled (3x3, stride 2) between them; each scale a plain strided 4x4 convolution from 64
-channels, two more strided and one stride-1 4x4 convolution with spectral norm and instance norm (and no
-bias), then a plain 1-channel 4x4 output; LeakyReLU 0.2; every layer's output is returned for the
-feature-matching loss. Its input is the image and K mask channels concatenated. By default, as in the
-official code, a generated mask enters as its raw logits and a real one as one-hot in {-1, +1}; with
-dm_mask="probabilities" (ours, an option until a GPU run compares them) as softmax probabilities (sigmoid
-for K = 1) against one-hot in {0, 1}, so that D_m judges the shape and alignment of a mask rather than the
-scale of its logits (as in Luc et al. 2016, adversarial segmentation).
+Discriminators. D_r is StyleGAN2's (residual blocks, minibatch standard deviation). D_m is the official
+code's, pix2pixHD's multi-scale discriminator (Wang et al. 2018): 3 scales, the input average-pooled (3x3,
+stride 2) between them; each a plain strided 4x4 convolution from 64 channels, two more strided and one
+stride-1 4x4 convolution with spectral norm and instance norm (no bias), then a plain 1-channel 4x4 output;
+LeakyReLU 0.2; every layer's output is returned for the feature-matching loss. Its input is the image and K
+mask channels concatenated. With dm_mask="logits" (the default, the official code's), a generated mask enters
+as its raw logits and a real one as one-hot in {-1, +1} (the official dataset.py normalises masks like images),
+so G learns logits of about +-1; with "probabilities" (ours, an option until a GPU run compares them), as
+softmax probabilities (sigmoid for K = 1) against one-hot in {0, 1}, so that D_m judges the shape and
+alignment of a mask rather than the scale of its logits (as in Luc et al. 2016, adversarial segmentation).
 
-The stop-gradient. D_m must shape only the mask branch: in the generator's step the image of a generated
-pair is detached before D_m sees it (`generated_pair`). D_m's gradient then reaches the tSeg layers and,
-through them, the shared synthesis layers and the mapping network, and never the tImage layers.
+Stop-gradient: D_m must shape only the mask branch, so in G's step the image of a generated pair is detached
+before D_m sees it (`generated_pair`). D_m's gradient then reaches the tSeg layers and, through them, the
+shared synthesis layers and the mapping network, never the tImage layers.
 
-Encoder. pSp (Richardson et al. 2021): an IR-SE ResNet body (trained from scratch: no pretrained weights
-are downloaded), a feature pyramid with lateral 1x1 connections, and one map2style head (strided 3x3
-convolutions + LeakyReLU down to 1x1, then an equalized linear layer) per style: styles 0-2 from the coarse
-map (1/16 of the input), 3-6 from the middle one (1/8), the rest from the fine one (1/4). It predicts
-offsets from the generator's mean latent.
+Encoder: pSp (Richardson et al. 2021): an IR-SE ResNet body (trained from scratch: nothing is downloaded), a
+feature pyramid with lateral 1x1 connections, and per style a map2style head (strided 3x3 convolutions +
+LeakyReLU down to 1x1, then an equalized linear layer): styles 0-2 from the coarse map (1/16 of the input),
+3-6 from the middle one (1/8), the rest from the fine one (1/4). It predicts offsets from G's mean latent.
 
-Equalized learning rate (Karras et al. 2018): weights are stored N(0, 1) and scaled by 1/sqrt(fan_in) (times
-a learning-rate multiplier) at run time; `ops.bias_act` applies bias + leaky ReLU with gain sqrt(2).
+Equalized learning rate (Karras et al. 2018): weights are stored N(0, 1) and scaled at run time by
+1/sqrt(fan_in) (times a learning-rate multiplier); `ops.bias_act` applies bias + leaky ReLU with gain sqrt(2).
 
-Files. What training and inference share is here, below both: reading a stage-1 checkpoint
-(`load_checkpoint`, `load_generator`, `resolve_checkpoint`) and model.pt, the inference bundle
-(`load_bundle`, `BUNDLE_FORMAT`), the decision on mask logits (`mask_classes`) and bf16 autocast
-(`make_autocast`). The checkpoints of other code (the official SemanticGAN code's, rosinality's) are
-weights.py's. invert.py and generate.py need this file, losses.py, data.py and ops/, never the training
-scripts. Needs: torch and ops/.
+Also here, shared by training and inference: reading a stage-1 checkpoint (`load_checkpoint`, `load_generator`,
+`resolve_checkpoint`) and model.pt, the inference bundle (`load_bundle`, `BUNDLE_FORMAT`), the decision on mask
+logits (`mask_classes`) and bf16 autocast (`make_autocast`); other code's checkpoints (the official SemanticGAN
+code's, rosinality's) are weights.py's. invert.py and generate.py need this file, losses.py, data.py and ops/,
+never the training scripts. Needs: torch and ops/.
 """
 
 import argparse
@@ -67,10 +64,8 @@ import ops
 
 
 def stylegan_channels(resolution, channel_multiplier=2, max_channels=512):
-    """Feature maps at a resolution in StyleGAN2 config-f (512 up to 32 px, then halving), capped.
-
-    The cap makes narrow networks for CPU demos and tests; the paper's widths are the default.
-    """
+    """Feature maps at a resolution in StyleGAN2 config-f (512 up to 32 px, then halving), capped at
+    max_channels (narrow networks for CPU demos and tests; the default is the paper's)."""
     width = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier, 128: 128 * channel_multiplier,
              256: 64 * channel_multiplier, 512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}[resolution]
     return min(width, max_channels)
@@ -146,11 +141,8 @@ class MappingNetwork(nn.Module):
 
 
 class ModulatedConv2d(nn.Module):
-    """Modulated convolution (StyleGAN2 Eq. 1-3), optionally upsampling by 2 and demodulating.
-
-    Upsampling is a stride-2 transposed convolution followed by the [1, 3, 3, 1] low-pass filter (never a
-    zero-inserted tensor), as in StyleGAN2.
-    """
+    """Modulated convolution, optionally demodulated, optionally upsampling by 2 as StyleGAN2: a stride-2
+    transposed convolution, then the [1, 3, 3, 1] low-pass filter (never a zero-inserted tensor)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, style_dim, demodulate=True, upsample=False,
                  blur_kernel=(1, 3, 3, 1)):
@@ -164,8 +156,8 @@ class ModulatedConv2d(nn.Module):
             self.register_buffer("blur_kernel", ops.setup_filter(blur_kernel), persistent=False)
 
     def forward(self, x, w):
-        style = self.modulation(w)                                      # [B, in]
-        weight = self.weight * self.scale                               # [out, in, k, k]
+        style = self.modulation(w)  # [B, in]
+        weight = self.weight * self.scale  # [out, in, k, k]
         x = x * style.to(x.dtype)[:, :, None, None]
         if self.upsample:
             x = ops.conv_transpose2d(x, weight.transpose(0, 1), stride=2)  # 2H + k - 2
@@ -224,18 +216,16 @@ class ToOutput(nn.Module):
 
 
 class Generator(nn.Module):
-    """SemanticGAN's generator: StyleGAN2 with a tSeg beside every tImage. Returns (image, mask logits).
-
-    num_classes: the mask channels, one logit per class, or 1 for a binary task in the official form (the
-    foreground's logit; mask_channels)."""
+    """G: returns (image, mask logits). num_classes: the mask channels, one logit per class, or 1 for a binary
+    task in the official form (the foreground's logit; mask_channels)."""
 
     def __init__(self, resolution=256, num_classes=8, image_channels=3, style_dim=512, n_mlp=8,
                  channel_multiplier=2, max_channels=512, lr_mlp=0.01, blur_kernel=(1, 3, 3, 1)):
         super().__init__()
-        # the arguments, so that a saved generator can be rebuilt: Generator(**G.config)
-        self.config = dict(resolution=resolution, num_classes=num_classes, image_channels=image_channels,
-                           style_dim=style_dim, n_mlp=n_mlp, channel_multiplier=channel_multiplier,
-                           max_channels=max_channels, lr_mlp=lr_mlp, blur_kernel=tuple(blur_kernel))
+        self.config = dict(resolution=resolution, num_classes=num_classes,  # Generator(**G.config) rebuilds it
+                           image_channels=image_channels, style_dim=style_dim, n_mlp=n_mlp,
+                           channel_multiplier=channel_multiplier, max_channels=max_channels, lr_mlp=lr_mlp,
+                           blur_kernel=tuple(blur_kernel))
         log_size = check_resolution(resolution)
         self.resolution, self.num_classes, self.image_channels = resolution, num_classes, image_channels
         self.style_dim = style_dim
@@ -254,12 +244,10 @@ class Generator(nn.Module):
             self.convs.append(StyledConv(ch(r), ch(r), 3, style_dim, blur_kernel=blur_kernel))
             self.t_image.append(ToOutput(ch(r), image_channels, style_dim, blur_kernel))
             self.t_seg.append(ToOutput(ch(r), num_classes, style_dim, blur_kernel))
-        # Fixed noise maps for reproducible samples (used with randomize_noise=False).
+        # fixed noise maps for reproducible samples (randomize_noise=False)
         self.noise_resolutions = [4] + [2 ** (k // 2 + 3) for k in range(len(self.convs))]
         for i, r in enumerate(self.noise_resolutions):
             self.register_buffer(f"noise_{i}", torch.randn(1, 1, r, r))
-
-    # -- latents
 
     @torch.no_grad()
     def mean_latent(self, n=4096, device=None):
@@ -268,13 +256,10 @@ class Generator(nn.Module):
         return self.mapping(z).mean(0, keepdim=True)
 
     def make_w_plus(self, latents, input_is_w=False, truncation=1.0, truncation_latent=None, mixing_index=None):
-        """Turn z / w codes into W+ [B, n_latent, style_dim].
-
-        latents: a tensor [B, D], or a list of one or two of them (two = style mixing: the first code drives
-        the styles before `mixing_index`, the second the rest; a random index if None), or, with input_is_w,
-        a W+ tensor [B, n_latent, D]. Truncation pulls every w towards `truncation_latent` (default: the
-        mean latent, estimated on the spot).
-        """
+        """z / w codes -> W+ [B, n_latent, style_dim]. latents: a tensor [B, D], or a list of one or two (style
+        mixing: the first drives the styles before `mixing_index`, random if None, the second the rest), or with
+        input_is_w a W+ tensor [B, n_latent, D]. Truncation pulls every w towards `truncation_latent` (default:
+        the mean latent, estimated on the spot)."""
         if isinstance(latents, torch.Tensor) and latents.ndim == 3:
             if not input_is_w:
                 raise ValueError("a [B, n_latent, D] latent is a W+ code: pass input_is_w=True")
@@ -297,8 +282,6 @@ class Generator(nn.Module):
         if not randomize_noise:
             return [getattr(self, f"noise_{i}") for i in range(len(self.noise_resolutions))]
         return [torch.randn(batch, 1, r, r, device=self.constant.device) for r in self.noise_resolutions]
-
-    # -- synthesis
 
     def synthesis(self, w_plus, noise):
         """W+ [B, n_latent, D] and noise maps -> (image [B, C, R, R], mask logits [B, K, R, R])."""
@@ -334,14 +317,12 @@ def mask_probabilities(mask_logits):
 def mask_classes(mask_logits):
     """Predicted class map [B, H, W] of mask logits [B, K, H, W]: argmax, or sigmoid > 0.5 (logit > 0) for one
     channel. The one decision used everywhere: stage 1's samples, stage 2's validation, invert.py, generate.py."""
-    if mask_logits.shape[1] == 1:
-        return (mask_logits[:, 0] > 0).long()
-    return mask_logits.argmax(1)
+    return (mask_logits[:, 0] > 0).long() if mask_logits.shape[1] == 1 else mask_logits.argmax(1)
 
 
-# Binary tasks (one foreground class: lungs, lesions, the liver). The official code gives them one mask
-# channel (its GeneratorSeg's default, seg_dim 1): D_m sees that channel, stage 2 a binary cross-entropy and a
-# Dice on it, and the decision is logit > 0 (sigmoid > 0.5). "softmax" keeps two channels, as any K.
+# Binary tasks (one foreground class: lungs, lesions, the liver): "sigmoid", the official form (GeneratorSeg's
+# seg_dim 1), gives them one mask channel: D_m sees it, stage 2 takes a binary cross-entropy and a Dice on it, the
+# decision is logit > 0 (sigmoid > 0.5). "softmax" keeps two channels, as any K.
 BINARY_FORMS = ("sigmoid", "softmax")
 
 
@@ -358,10 +339,6 @@ def one_hot_mask(mask, num_classes):
     return F.one_hot(mask.long(), num_classes).permute(0, 3, 1, 2).float()
 
 
-# How D_m sees a mask. "logits", the official code's: the generator's raw logits against the real one-hot
-# mask shifted to {-1, +1} (its dataset.py normalises masks like images, (x - 0.5) / 0.5), so the generator
-# learns logits of about +-1. "probabilities", ours: softmax (sigmoid for K = 1) against one-hot in {0, 1},
-# the same range for both, so D_m judges the shape and alignment of a mask, not the scale of its logits.
 DM_MASK_INPUTS = ("logits", "probabilities")
 
 
@@ -378,12 +355,8 @@ def generated_mask_input(mask_logits, dm_mask="logits"):
 
 
 def generated_pair(image, mask_logits, dm_mask="logits"):
-    """The (image, mask) pair D_m judges for the generator: the stop-gradient of SemanticGAN.
-
-    The image is detached, so the generator's loss from D_m reaches the mask branch (tSeg, and through it
-    the shared synthesis layers) but never the image branch (tImage): D_m can only make masks agree with
-    images, never bend images towards masks.
-    """
+    """The (image, mask) pair D_m judges for the generator, the image detached (the stop-gradient): D_m can make
+    masks agree with images, never bend images towards masks."""
     return image.detach(), generated_mask_input(mask_logits, dm_mask)
 
 
@@ -444,10 +417,8 @@ class ResBlock(nn.Module):
 
 
 def minibatch_stddev(x, group_size=4):
-    """Append the average standard deviation of features over groups of samples (StyleGAN, Sec. 3).
-
-    The group is the largest divisor of the batch that is <= group_size, so any batch size works.
-    """
+    """Append the average standard deviation of features over groups of samples (StyleGAN, Sec. 3); a group is
+    the largest divisor of the batch <= group_size, so any batch size works."""
     B, C, H, W = x.shape
     group = math.gcd(B, group_size)
     std = x.reshape(group, -1, C, H, W).var(0, unbiased=False).add(1e-8).sqrt()  # [B/group, C, H, W]
@@ -463,10 +434,8 @@ class ImageDiscriminator(nn.Module):
         super().__init__()
         log_size = check_resolution(resolution)
         ch = lambda r: stylegan_channels(r, channel_multiplier, max_channels)  # noqa: E731
-        blocks = [ConvLayer(image_channels, ch(resolution), 1)]
-        for log_r in range(log_size, 2, -1):
-            blocks.append(ResBlock(ch(2 ** log_r), ch(2 ** (log_r - 1)), blur_kernel))
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.Sequential(ConvLayer(image_channels, ch(resolution), 1), *[
+            ResBlock(ch(2 ** log_r), ch(2 ** (log_r - 1)), blur_kernel) for log_r in range(log_size, 2, -1)])
         self.stddev_group = stddev_group
         self.final_conv = ConvLayer(ch(4) + 1, ch(4), 3)
         self.final_linear = EqualLinear(ch(4) * 4 * 4, ch(4), activation="lrelu")
@@ -497,12 +466,9 @@ class PatchConv(nn.Conv2d):
 
 
 class PatchDiscriminator(nn.Module):
-    """One scale of pix2pixHD's discriminator; returns every layer's output (the last is the logit map).
-
-    As the official NLayerDiscriminator with norm 'spectralinstance': the first convolution (stride 2) and
-    the last (to 1 channel) are plain, with a bias; the n_layers in between (stride 2, 2, then 1) have
-    spectral norm, no bias and an instance norm (no affine parameters).
-    """
+    """One scale of D_m, as the official NLayerDiscriminator with norm 'spectralinstance' (the n_layers middle
+    convolutions normalized, InstanceNorm without affine parameters); returns every layer's output, the last
+    the logit map."""
 
     def __init__(self, in_channels, base_channels=64, n_layers=3, max_channels=512):
         super().__init__()
@@ -526,11 +492,8 @@ class PatchDiscriminator(nn.Module):
 
 
 class MaskDiscriminator(nn.Module):
-    """D_m: multi-scale patch discriminator on (image, mask) concatenated.
-
-    forward(image, mask) -> a list with, per scale (finest first), the list of that scale's layer outputs;
-    [-1] of each is the logit map. `mask` is [B, K, H, W], as real_mask_input / generated_mask_input make it.
-    """
+    """D_m: forward(image, mask [B, K, H, W] from real_mask_input / generated_mask_input) -> per scale (finest
+    first) the list of that scale's layer outputs, [-1] of each the logit map."""
 
     def __init__(self, image_channels=3, num_classes=8, num_scales=3, base_channels=64, n_layers=3,
                  max_channels=512):
@@ -621,10 +584,8 @@ class Encoder(nn.Module):
         self.lateral_middle = nn.Conv2d(widths[2], pyramid, 1)
         self.lateral_fine = nn.Conv2d(widths[1], pyramid, 1)
         self.top = nn.Conv2d(widths[3], pyramid, 1) if widths[3] != pyramid else nn.Identity()
-        self.heads = nn.ModuleList()
-        for i in range(self.n_latent):
-            spatial = resolution // (16 if i < self.coarse else 8 if i < self.middle else 4)
-            self.heads.append(Map2Style(pyramid, style_dim, spatial))
+        factors = [16] * self.coarse + [8] * (self.middle - self.coarse) + [4] * (self.n_latent - self.middle)
+        self.heads = nn.ModuleList(Map2Style(pyramid, style_dim, resolution // f) for f in factors)
         self.register_buffer("latent_avg", torch.zeros(style_dim))
 
     def forward(self, x):
@@ -646,8 +607,8 @@ def _upsample_add(x, lateral):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The files that hold the networks (a stage-1 checkpoint of train_gan.py, model.pt of train_encoder.py),
-# read here so that inference needs no training script; and the precision the networks run in
+# Reading a stage-1 checkpoint of train_gan.py and model.pt of train_encoder.py (so that inference needs no
+# training script), and the precision the networks run in
 
 
 class CheckpointError(Exception):
@@ -665,11 +626,10 @@ def short_error(error):
 
 
 def load_checkpoint(path, advice="delete it to resume from the one before, or pass another --resume"):
-    """What torch.save wrote at `path`, read with weights_only=True: the files of this project hold
-    state_dicts and plain data only, so reading one cannot run code. One class beyond plain data is allowed,
-    argparse.Namespace, which the official SemanticGAN and rosinality checkpoints store their arguments in (it
-    only holds attributes). A missing or unreadable file, or one that needs code to unpickle, is a
-    CheckpointError ending in `advice`."""
+    """What torch.save wrote at `path`, read with weights_only=True (this project's files hold state_dicts and
+    plain data only, so reading one cannot run code), allowing argparse.Namespace, which holds the arguments of
+    the official SemanticGAN and rosinality checkpoints. A missing or unreadable file, or one that needs code to
+    unpickle, is a CheckpointError ending in `advice`."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -688,8 +648,7 @@ def load_checkpoint(path, advice="delete it to resume from the one before, or pa
         if needs:  # torch's message runs over several lines: name the class instead
             raise CheckpointError(f"checkpoint {path} cannot be read: unpickling it needs code ({needs[1]}), which "
                                   f"is never run here; save its state_dicts and plain data only, or {advice}")
-        raise CheckpointError(f"checkpoint {path} cannot be read ({short_error(e)}); "
-                              f"{advice}")
+        raise CheckpointError(f"checkpoint {path} cannot be read ({short_error(e)}); {advice}")
 
 
 def generator_config(ckpt):
@@ -713,12 +672,11 @@ def load_generator(ckpt, path, device):
     return G.to(device).eval().requires_grad_(False)
 
 
-# model.pt, the inference bundle that train_encoder.make_bundle writes: "G_ema" and "E" (state_dicts) with
-# "generator" and "encoder" (their constructors' arguments), "mean_latent", "preprocessing" (resolution,
-# channels, fit), "num_classes" (background included) and "class_names", "lpips" (the network stage 2 used),
-# "step", "validation", and both stages' arguments ("args", "stage1_args"). BUNDLE_FORMAT names this layout.
-# Optional, so that older files keep loading: "labeled_errors", the encoder's reconstruction errors of the
-# labeled training images ({"lpips_net", "lpips": [...], "mse": [...]}), what invert.py flags images against.
+# model.pt (train_encoder.make_bundle), the layout BUNDLE_FORMAT names: "G_ema" and "E" (state_dicts), "generator" and
+# "encoder" (their constructors' arguments), "mean_latent", "preprocessing" (resolution, channels, fit), "num_classes"
+# (background included), "class_names", "lpips" (the network stage 2 used), "step", "validation", "args" and
+# "stage1_args"; optional (older files lack it): "labeled_errors", the encoder's reconstruction errors of the labeled
+# training images ({"lpips_net", "lpips": [...], "mse": [...]}), what invert.py flags images against.
 BUNDLE_FORMAT = "semanticgan-model-1"
 
 

@@ -2,7 +2,7 @@
 
     python prepare.py jsrt SRC OUT                 SRC: the folder the release was extracted to
     python prepare.py celebamask SRC OUT --size 256
-    python prepare.py --help                       this list, and the options
+    python prepare.py --help                       this text, the releases and their layouts, the options
 
 and the commands that look at a folder of that format, split it, or write demo scenes into one:
 
@@ -11,66 +11,29 @@ and the commands that look at a folder of that format, split it, or write demo s
     python prepare.py split --data LABELED --out DIR      seeded train.txt / val.txt / test.txt
     python prepare.py demo OUT [--seed 1] [--count 100]   demo scenes as a labeled folder (seed 1: unseen)
 
-SemanticGAN (Li et al., CVPR 2021, Sec. 4) trains and tests on faces, chest X-rays, skin lesions and liver
-CT/MRI, each downloaded from its authors in a layout of its own. Each converter here reads one release as
-it is distributed and writes the folder format that data.py reads and the training scripts train on:
+SemanticGAN (Li et al., CVPR 2021, Sec. 4) trains and tests on faces, chest X-rays, skin lesions and liver CT/MRI,
+each downloaded from its authors in a layout of its own. Each converter reads one release as it is distributed and
+writes the folder format that data.py reads:
 
     OUT/images/NAME.png     8-bit grey or RGB
     OUT/masks/NAME.png      same name and size, pixel = class index (0 = background); labeled sets only
     OUT/classes.txt         the class names, line 1 = class 0
 
-Files are found anywhere under SRC (searched recursively; the folder names above SRC never count), images
-and masks matched by name; images without a mask and masks without an image are left out, and the summary
-line counts them. A release without any mask is written as an unlabeled set. An image
-keeps its size (or goes onto its mask's grid where the two differ) unless --size N squares both at N px
-(--fit, as in data.py; masks with nearest neighbours).
+Files are found anywhere under SRC (the folder names above SRC never count) and matched by name; images without a
+mask and masks without an image are left out and counted. A release without masks is written as an unlabeled set.
+An image keeps its size (or goes onto its mask's grid where they differ) unless --size N squares both (--fit, as in
+data.py; masks with nearest neighbours). Volume sets become axial slices as a radiologist views them (anterior up,
+the patient's right on the left) whatever a file's orientation, named PATIENT_zSLICE so that invert.py can average
+DICE per patient; slices without liver are left out unless --all-slices.
 
-What is read is checked to be the release named, so that another set in SRC is refused rather than
-converted into nonsense: a binary mask (the chest X-ray and skin sets) holds 0 and one other value, with
-at most 1% of its pixels in between (an anti-aliased edge); a chest X-ray is grey; ChestX-ray14 takes only
-files named like its own. OUT must be a new or empty folder, apart from SRC: an OUT that is SRC or inside
-it, an OUT/images or OUT/masks that SRC lies in, or an OUT that already holds images or masks is refused
-before anything is written, since the writer would replace files it did not create.
+What is read is checked to be the release named, so that another set in SRC is refused rather than converted into
+nonsense: a binary mask (the chest X-ray and skin sets) holds 0 and one other value, with at most 1% of its pixels
+in between (an anti-aliased edge); a chest X-ray is grey; ChestX-ray14 takes only files named like its own. OUT must
+be a new or empty folder, outside SRC and not holding it. nibabel (lits) and pydicom (chaos) are optional, imported
+only by those converters. Every problem with the input raises a DataError, whose message is one line naming the file
+and what to do; the command prints it as `error: ...` and exits with status 2.
 
-The releases (NAME), and the layout each expects under SRC (its converter's docstring says more):
-
-  celebamask    CelebAMask-HQ (Lee et al., CVPR 2020), original release: CelebA-HQ-img/N.jpg and
-                CelebAMask-HQ-mask-anno/K/NNNNN_PART.png (one binary PNG per face part), painted and merged
-                into the paper's 8 face classes (data.FACE8_CLASSES), written at the masks' 512 px
-  celebamask19  CelebAMask-HQ as 19-class index maps (the output of the authors' g_mask.py): CelebA-HQ-img/
-                (or images/) and CelebAMask-HQ-mask/ (or masks/), merged into the 8 face classes
-  metfaces40    MetFaces-40 (the SemanticGAN authors' 40 annotated portraits; out-of-domain faces): image/
-                and label/ (or masks/) with the same names, 8-class index maps or the official code's colours
-  jsrt          JSRT (Shiraishi et al. 2000) with the SCR lung masks (van Ginneken et al. 2006): **/NAME.IMG
-                (raw 12-bit) and **/left lung/NAME.gif, **/right lung/NAME.gif; lungs = class 1
-  montgomery    Montgomery County set (Jaeger et al. 2014), also `nlm`: **/CXR_png/NAME.png and
-                **/ManualMask/leftMask|rightMask/NAME.png; lungs = class 1
-  shenzhen      Shenzhen set (Jaeger et al. 2014), also `sz`, with the Kaggle lung masks (Stirenko et al.
-                2018): **/CXR_png/NAME.png and **/mask/NAME_mask.png; lungs = class 1
-  nih           NIH chest X-rays with lung masks (Tang et al., XLSor, 2019): **/images/NAME.png and
-                **/masks/NAME.png (or NAME_mask.png); lungs = class 1
-  chestxray14   ChestX-ray14 (Wang et al. 2017), the unlabeled X-ray pool: the PNGs of images_0XX.tar.gz
-                (NNNNNNNN_NNN.png) anywhere under SRC; other PNGs are left out and counted
-  isic2018      ISIC 2018 task 1 (Codella et al. 2019): **/ISIC_N.jpg and **/ISIC_N_segmentation.png;
-                lesion = class 1
-  ph2           PH2 (Mendonca et al. 2013): **/IMDn/IMDn_Dermoscopic_Image/IMDn.bmp and
-                **/IMDn/IMDn_lesion/IMDn_lesion.bmp; lesion = class 1
-  dermquest     University of Waterloo skin-cancer set (Amelard et al.), its DermQuest part ("Quest" in the
-                paper): **/dermquest/N_orig.jpg and N_contour.png; lesion = class 1
-  dermis        the same set's DermIS part ("IS"): **/dermis/N_orig.jpg and N_contour.png; lesion = class 1
-  lits          LiTS (Bilic et al. 2019) CT volumes: **/volume-N.nii and **/segmentation-N.nii (NIfTI, read
-                with nibabel), axial slices in a CT window (--window); liver (and tumour) = class 1
-  chaos         CHAOS (Kavur et al. 2021) MRI T1-DUAL: **/MR/N/T1DUAL/DICOM_anon/InPhase|OutPhase/*.dcm and
-                **/MR/N/T1DUAL/Ground/*.png (DICOM, read with pydicom; --phase); liver = class 1
-
-The volume sets are written slice by slice as a radiologist views an axial slice (anterior up, the patient's
-right on the left), whatever orientation a file stores, and named PATIENT_zSLICE, so that invert.py can
-average DICE per patient; slices without liver are left out unless --all-slices.
-
-Needs: data.py (the folder format, reading images and masks, DataError); nibabel (lits) and pydicom (chaos),
-optional packages imported only by those two converters. Every problem with the input raises a DataError,
-whose message is one line naming the file and what to do; the command prints it as `error: ...` and exits
-with status 2.
+The releases (NAME) and the layout each expects under SRC (the first paragraph of its converter's docstring):
 """
 
 import argparse
@@ -78,6 +41,7 @@ import importlib
 import math
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +67,10 @@ class DatasetWriter:
             raise data.DataError(f"{self.out}: two inputs would both be written as {name}.png; rename one")
         self.names.add(name)
 
-    def finish(self, image, resample=Image.Resampling.LANCZOS):
-        return image if self.size is None else data.fit_square(image, self.size, self.fit, resample)
+    def save(self, folder, name, image, resample=Image.Resampling.LANCZOS):
+        (self.out / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        image = image if self.size is None else data.fit_square(image, self.size, self.fit, resample)
+        image.save(self.out / folder / f"{name}.png")
 
     def pair(self, name, image, mask):
         """`image` a Pillow image; `mask` class indices [H, W]. An image of another size than its mask is
@@ -114,16 +80,13 @@ class DatasetWriter:
         if image.size != mask.size:
             shrink = image.size[0] >= mask.size[0]
             image = image.resize(mask.size, Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
-        for folder in ("images", "masks"):
-            (self.out / folder / name).parent.mkdir(parents=True, exist_ok=True)
-        self.finish(image).save(self.out / "images" / f"{name}.png")
-        self.finish(mask, Image.Resampling.NEAREST).save(self.out / "masks" / f"{name}.png")
+        self.save("images", name, image)
+        self.save("masks", name, mask, Image.Resampling.NEAREST)
         self.pairs += 1
 
     def image(self, name, image):
         self.claim(name)
-        (self.out / "images" / name).parent.mkdir(parents=True, exist_ok=True)
-        self.finish(image).save(self.out / "images" / f"{name}.png")
+        self.save("images", name, image)
         self.images += 1
 
     def classes(self, names):
@@ -183,9 +146,8 @@ def release_image(path, channels, what):
 
 def release_binary_mask(path, what, class_name):
     """A binary mask of release `what` as bool [H, W], any non-zero pixel = the class (as data.binary_mask).
-    A released binary mask holds 0 and one other value (255 or 1), with at most a thin anti-aliased edge
-    in between; more in-between pixels than 1% mean a class-index map of another set (a face's 19 parts),
-    which would otherwise become one big foreground, so it is refused."""
+    More in-between pixels than 1% (more than an anti-aliased edge) mean a class-index map of another set
+    (a face's 19 parts), which would otherwise become one big foreground, so it is refused."""
     image = data.decode(data.open_image_file(path), path)
     if image.mode in ("P", "PA"):  # through the palette's colours: in a GIF black need not be index 0
         image = image.convert("L")
@@ -198,9 +160,9 @@ def release_binary_mask(path, what, class_name):
     return values > 0
 
 
-def write_binary_set(src, out, options, images, masks, what, layout, channels, class_name):
-    """The common case: images and binary masks (any non-zero pixel = class 1) matched by name, each
-    checked to be what the release holds (release_image, release_binary_mask)."""
+def write_binary_set(src, out, options, images, masks, what, layout, channels, class_name, read_mask=None):
+    """The common case: images and binary masks (any non-zero pixel = class 1) matched by name, each checked
+    (release_image, release_binary_mask, or `read_mask(mask source)` -> bool [H, W])."""
     writer = DatasetWriter(out, options.size, options.fit)
     pairs, no_mask, no_image = match_pairs(images, masks, src, what, layout)
     if pairs is None:
@@ -209,9 +171,23 @@ def write_binary_set(src, out, options, images, masks, what, layout, channels, c
         return writer.summary(what, " (no masks found: an unlabeled set)")
     writer.classes(["background", class_name])
     for name, image_path, mask_source in pairs:
-        mask = mask_source() if callable(mask_source) else release_binary_mask(mask_source, what, class_name)
+        mask = read_mask(mask_source) if read_mask else release_binary_mask(mask_source, what, class_name)
         writer.pair(name, release_image(image_path, channels, what), mask)
     return writer.summary(what, skipped_note(no_mask, no_image))
+
+
+def write_face_set(src, out, options, images, masks, what, layout, read_mask):
+    """RGB face images with masks of the 8 face classes, read_mask(mask source) -> class indices [H, W];
+    `what`: (the release, the command, the masks it needs)."""
+    release, command, kind = what
+    pairs, no_mask, no_image = match_pairs(images, masks, src, release, layout)
+    if pairs is None:
+        raise data.DataError(f"{src}: no {kind} masks found; expected {layout}")
+    writer = DatasetWriter(out, options.size, options.fit)
+    writer.classes(data.FACE8_CLASSES)
+    for name, image_path, mask_source in pairs:
+        writer.pair(name, data.load_image(image_path, 3), read_mask(mask_source))
+    return writer.summary(command, skipped_note(no_mask, no_image))
 
 
 def folder_pairs(src, image_folders, mask_folders, mask_suffixes=("",)):
@@ -221,12 +197,8 @@ def folder_pairs(src, image_folders, mask_folders, mask_suffixes=("",)):
                                       and not in_folder_named(p, *mask_folders))}
     masks = {}
     for path in find(src, lambda p: in_folder_named(p, *mask_folders) and is_image_file(p)):
-        name = path.stem
-        for suffix in sorted(mask_suffixes, key=len, reverse=True):
-            if suffix and name.endswith(suffix):
-                name = name[:-len(suffix)]
-                break
-        masks[name] = path
+        suffix = next((x for x in sorted(mask_suffixes, key=len, reverse=True) if x and path.stem.endswith(x)), "")
+        masks[path.stem[:len(path.stem) - len(suffix)]] = path
     return images, masks
 
 
@@ -235,15 +207,13 @@ def folder_pairs(src, image_folders, mask_folders, mask_suffixes=("",)):
 
 
 def convert_celebamask(src, out, options):
-    """CelebAMask-HQ, original release (Lee et al., MaskGAN, CVPR 2020):
+    """CelebAMask-HQ (Lee et al., CVPR 2020), original release: CelebA-HQ-img/N.jpg and
+    CelebAMask-HQ-mask-anno/K/NNNNN_PART.png (one binary PNG per face part), painted and merged into the
+    paper's 8 face classes (data.FACE8_CLASSES), written at the masks' 512 px
 
-        SRC/CelebA-HQ-img/{i}.jpg                                  1024 x 1024, i = 0..29999
-        SRC/CelebAMask-HQ-mask-anno/{i // 2000}/{i:05d}_{part}.png  512 x 512, one binary PNG per part
-
-    Parts are painted in the order of data.CELEBAMASK19_CLASSES (as the authors' g_mask.py does: a later
-    part wins where two overlap) and merged into the paper's 8 classes (data.CELEBAMASK19_TO_8); images are
-    written at the masks' 512 px."""
-    src = Path(src)
+    Images are 1024 x 1024 (N = 0..29999), part masks 512 x 512 in K = N // 2000. Parts are painted in the
+    order of data.CELEBAMASK19_CLASSES (as the authors' g_mask.py does: a later part wins where two
+    overlap), then merged by data.CELEBAMASK19_TO_8."""
     images = {p.stem: p for p in find(src, lambda p: in_folder_named(p, "CelebA-HQ-img") and is_image_file(p))}
     parts = {}
     for path in find(src, lambda p: in_folder_named(p, "CelebAMask-HQ-mask-anno") and p.suffix == ".png"):
@@ -251,53 +221,44 @@ def convert_celebamask(src, out, options):
         if match and match.group(2) in data.CELEBAMASK19_CLASSES:
             parts.setdefault(str(int(match.group(1))), {})[match.group(2)] = path
 
-    def painted(files):
-        def paint():
-            mask = None
-            for value, part in enumerate(data.CELEBAMASK19_CLASSES[1:], start=1):
-                if part in files:
-                    region = data.binary_mask(files[part])
-                    mask = np.zeros(region.shape, np.uint8) if mask is None else mask
-                    if region.shape != mask.shape:
-                        raise data.DataError(f"{files[part]}: {region.shape[1]}x{region.shape[0]}, unlike the "
-                                             "other parts of this face; re-download the annotations")
-                    mask[region] = data.CELEBAMASK19_TO_8[value]
-            return mask
-        return paint
+    def paint(files):
+        mask = None
+        for value, part in enumerate(data.CELEBAMASK19_CLASSES[1:], start=1):
+            if part in files:
+                region = data.binary_mask(files[part])
+                mask = np.zeros(region.shape, np.uint8) if mask is None else mask
+                if region.shape != mask.shape:
+                    raise data.DataError(f"{files[part]}: {region.shape[1]}x{region.shape[0]}, unlike the "
+                                         "other parts of this face; re-download the annotations")
+                mask[region] = data.CELEBAMASK19_TO_8[value]
+        return mask
 
-    masks = {name: painted(files) for name, files in parts.items()}
     layout = "SRC/CelebA-HQ-img/N.jpg and SRC/CelebAMask-HQ-mask-anno/K/NNNNN_part.png"
-    writer = DatasetWriter(out, options.size, options.fit)
-    pairs, no_mask, no_image = match_pairs(images, masks, src, "CelebAMask-HQ", layout)
-    if pairs is None:
-        raise data.DataError(f"{src}: no CelebAMask-HQ-mask-anno part masks found; expected {layout}")
-    writer.classes(data.FACE8_CLASSES)
-    for name, image_path, paint in pairs:
-        writer.pair(name, data.load_image(image_path, 3), paint())
-    return writer.summary("celebamask", skipped_note(no_mask, no_image))
+    return write_face_set(src, out, options, images, parts, ("CelebAMask-HQ", "celebamask",
+                                                             "CelebAMask-HQ-mask-anno part"), layout, paint)
 
 
 def convert_celebamask19(src, out, options):
-    """CelebAMask-HQ as 19-class index maps (the output of the authors' g_mask.py, or any copy in this
-    format such as ../shared/data/celebamask): an image folder (CelebA-HQ-img, images or image) and a mask
-    folder (CelebAMask-HQ-mask, mask, masks, label or labels) whose PNGs hold values 0..18 in the order of
-    data.CELEBAMASK19_CLASSES; merged into the paper's 8 classes."""
+    """CelebAMask-HQ as 19-class index maps (the output of the authors' g_mask.py): CelebA-HQ-img/ (or
+    images/) and CelebAMask-HQ-mask/ (or masks/), merged into the 8 face classes
+
+    Any copy in this format works (../shared/data/celebamask): an image folder (CelebA-HQ-img, images or
+    image) and a mask folder (CelebAMask-HQ-mask, mask, masks, label or labels) whose PNGs hold 0..18 in the
+    order of data.CELEBAMASK19_CLASSES."""
     images, masks = folder_pairs(src, ("CelebA-HQ-img", "images", "image"),
                                  ("CelebAMask-HQ-mask", "mask", "masks", "label", "labels"))
-    layout = "SRC/CelebA-HQ-img/N.jpg (or images/) and SRC/CelebAMask-HQ-mask/N.png (or masks/)"
-    pairs, no_mask, no_image = match_pairs(images, masks, src, "CelebAMask-HQ", layout)
-    if pairs is None:
-        raise data.DataError(f"{src}: no index-map masks found; expected {layout}")
-    writer = DatasetWriter(out, options.size, options.fit)
-    writer.classes(data.FACE8_CLASSES)
     lut = data.lookup_table(data.CELEBAMASK19_TO_8)
-    for name, image_path, mask_path in pairs:
+
+    def merged(mask_path):
         values = data.load_mask(mask_path)
         if values.size and int(values.max()) >= len(data.CELEBAMASK19_CLASSES):
             raise data.DataError(f"{mask_path}: value {int(values.max())} is not one of the 19 CelebAMask-HQ "
                                  "classes (0..18); is this a 19-class index map?")
-        writer.pair(name, data.load_image(image_path, 3), lut[values])
-    return writer.summary("celebamask19", skipped_note(no_mask, no_image))
+        return lut[values]
+
+    layout = "SRC/CelebA-HQ-img/N.jpg (or images/) and SRC/CelebAMask-HQ-mask/N.png (or masks/)"
+    return write_face_set(src, out, options, images, masks, ("CelebAMask-HQ", "celebamask19", "index-map"),
+                          layout, merged)
 
 
 # The official code's colours for the 8 face classes (CelebAMaskDataset.color_map), used to read colour
@@ -307,21 +268,16 @@ FACE8_COLOURS = ((0, 0, 0), (0, 0, 205), (132, 112, 255), (25, 25, 112), (187, 2
 
 
 def convert_metfaces40(src, out, options):
-    """MetFaces-40 (40 MetFaces portraits annotated by the SemanticGAN authors, Google Drive release of
-    nv-tlabs/semanticGAN_code), for out-of-domain tests. We have not seen the release; we expect the
-    official code's label_data layout: an image folder (image or images) and a label folder (label, labels,
-    mask or masks) with the same names, labels either 8-class index maps (0..7) or colour maps in the
-    official code's colours (FACE8_COLOURS), which are turned into indices."""
+    """MetFaces-40 (the SemanticGAN authors' 40 annotated portraits; out-of-domain faces): image/ and
+    label/ (or masks/) with the same names, 8-class index maps or the official code's colours
+
+    The Google Drive release of nv-tlabs/semanticGAN_code, which we have not seen: we expect the official
+    code's label_data layout, an image folder (image or images) and a label folder (label, labels, mask or
+    masks), labels 0..7 or colours of FACE8_COLOURS, turned into indices."""
     images, masks = folder_pairs(src, ("image", "images"), ("label", "labels", "mask", "masks"))
     layout = "SRC/image/NAME.png and SRC/label/NAME.png (8 classes)"
-    pairs, no_mask, no_image = match_pairs(images, masks, src, "MetFaces-40", layout)
-    if pairs is None:
-        raise data.DataError(f"{src}: no label masks found; expected {layout}")
-    writer = DatasetWriter(out, options.size, options.fit)
-    writer.classes(data.FACE8_CLASSES)
-    for name, image_path, mask_path in pairs:
-        writer.pair(name, data.load_image(image_path, 3), face8_from_annotation(mask_path))
-    return writer.summary("metfaces40", skipped_note(no_mask, no_image))
+    return write_face_set(src, out, options, images, masks, ("MetFaces-40", "metfaces40", "label"), layout,
+                          face8_from_annotation)
 
 
 def face8_from_annotation(path):
@@ -329,10 +285,9 @@ def face8_from_annotation(path):
     if image.mode in ("RGB", "RGBA"):
         rgb = np.asarray(image)[..., :3].astype(np.int32)
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
-            code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-            values = np.full(code.shape, -1, np.int64)
-            for index, (r, g, b) in enumerate(FACE8_COLOURS):
-                values[code == (r << 16) | (g << 8) | b] = index
+            values = np.full(rgb.shape[:2], -1, np.int64)
+            for index, colour in enumerate(FACE8_COLOURS):
+                values[(rgb == colour).all(axis=-1)] = index
             if (values < 0).any():
                 raise data.DataError(f"{path}: colours that are not among the 8 face-class colours; save an index "
                                      "map (value = class 0..7)")
@@ -361,51 +316,36 @@ def read_jsrt(path):
 
 
 def convert_jsrt(src, out, options):
-    """JSRT (Shiraishi et al. 2000) with the SCR lung masks (van Ginneken et al. 2006):
+    """JSRT (Shiraishi et al. 2000) with the SCR lung masks (van Ginneken et al. 2006): **/NAME.IMG (raw 12-bit)
+    and **/left lung/NAME.gif, **/right lung/NAME.gif; lungs = class 1
 
-        SRC/**/JPCLN001.IMG ...          2048 x 2048, big-endian 12-bit, no header (see read_jsrt)
-        SRC/**/left lung/JPCLN001.gif    SCR masks, 1024 x 1024, one GIF per lung
-        SRC/**/right lung/JPCLN001.gif   (the fold1/ fold2/ copies of SCR are both found)
-
-    Left and right lung are merged into class 1 (lung); the image is averaged 2 x 2 onto the masks'
-    1024 px grid and mapped linearly from 12 to 8 bits after the inversion. Without SCR masks the images
-    are written as an unlabeled set."""
-    src = Path(src)
+    The .IMG is 2048 x 2048 (read_jsrt), the SCR masks one 1024 x 1024 GIF per lung (the fold1/ fold2/
+    copies of SCR are both found). The lungs are merged; the image is averaged 2 x 2 onto the masks' grid and
+    mapped linearly from 12 to 8 bits after the inversion. Without SCR masks the images are an unlabeled set."""
     images = {p.stem: p for p in find(src, lambda p: p.suffix.lower() == ".img")}
     lungs = {}
     for side in ("left lung", "right lung"):
         for path in find(src, lambda p: p.parent.name.lower() == side and p.suffix.lower() == ".gif"):
             lungs.setdefault(path.stem, {})[side] = path
-
-    def merged(files):
-        def union():
-            if len(files) < 2:
-                missing = "right" if "left lung" in files else "left"
-                raise data.DataError(f"{next(iter(files.values()))}: no {missing}-lung mask of the same name; "
-                                     "re-download SCR")
-            left, right = (release_binary_mask(files[s], "jsrt", "lung") for s in ("left lung", "right lung"))
-            return left | right
-        return union
-
-    masks = {name: merged(files) for name, files in lungs.items()}
     writer = DatasetWriter(out, options.size, options.fit)
     layout = "SRC/**/JPCLN001.IMG and SRC/**/left lung/JPCLN001.gif, SRC/**/right lung/JPCLN001.gif"
-    pairs, no_mask, no_image = match_pairs(images, masks, src, "JSRT .IMG", layout)
-
-    def jsrt_image(path):
-        return Image.fromarray(read_jsrt(path), "F")
+    pairs, no_mask, no_image = match_pairs(images, lungs, src, "JSRT .IMG", layout)
 
     def to_8bit(image_f):
         return Image.fromarray((np.asarray(image_f) * (255 / 4095) + 0.5).clip(0, 255).astype(np.uint8), "L")
 
     if pairs is None:
         for name in sorted(images):
-            writer.image(name, to_8bit(jsrt_image(images[name])))
+            writer.image(name, to_8bit(Image.fromarray(read_jsrt(images[name]), "F")))
         return writer.summary("jsrt", " (no SCR masks found: an unlabeled set)")
     writer.classes(["background", "lung"])
-    for name, image_path, union in pairs:
-        mask = union()
-        image = jsrt_image(image_path)
+    for name, image_path, files in pairs:
+        if len(files) < 2:
+            missing = "right" if "left lung" in files else "left"
+            raise data.DataError(f"{next(iter(files.values()))}: no {missing}-lung mask of the same name; "
+                                 "re-download SCR")
+        left, right = (release_binary_mask(files[s], "jsrt", "lung") for s in ("left lung", "right lung"))
+        mask, image = left | right, Image.fromarray(read_jsrt(image_path), "F")
         if image.size != (mask.shape[1], mask.shape[0]):  # average in float, before the 8-bit rounding
             image = image.resize((mask.shape[1], mask.shape[0]), Image.Resampling.BOX)
         writer.pair(name, to_8bit(image), mask)
@@ -413,15 +353,11 @@ def convert_jsrt(src, out, options):
 
 
 def convert_montgomery(src, out, options):
-    """Montgomery County (NLM) set (Jaeger et al. 2014):
+    """Montgomery County set (Jaeger et al. 2014): **/CXR_png/NAME.png and
+    **/ManualMask/leftMask|rightMask/NAME.png; lungs = class 1
 
-        SRC/**/CXR_png/MCUCXR_0001_0.png             4020 x 4892 or 4892 x 4020
-        SRC/**/ManualMask/leftMask/MCUCXR_0001_0.png  the same size, 0 / 255
-        SRC/**/ManualMask/rightMask/MCUCXR_0001_0.png
-
-    Both lungs become class 1. Images keep their size and aspect (the loader's --fit squares them;
-    --size here squares them at conversion)."""
-    src = Path(src)
+    Images are 4020 x 4892 or 4892 x 4020, masks the same size (0 / 255). Images keep their size and aspect
+    (the loader's --fit squares them; --size here squares them at conversion)."""
     images = {p.stem: p for p in find(src, lambda p: p.parent.name == "CXR_png" and is_image_file(p))}
     sides = {}
     for side in ("leftMask", "rightMask"):
@@ -429,16 +365,14 @@ def convert_montgomery(src, out, options):
             sides.setdefault(path.stem, {})[side] = path
 
     def union(files):
-        return lambda: np.logical_or.reduce([release_binary_mask(p, "montgomery", "lung") for p in files.values()])
+        return np.logical_or.reduce([release_binary_mask(p, "montgomery", "lung") for p in files.values()])
 
-    masks = {name: union(files) for name, files in sides.items()}
     layout = "SRC/**/CXR_png/NAME.png and SRC/**/ManualMask/leftMask|rightMask/NAME.png"
-    return write_binary_set(src, out, options, images, masks, "montgomery", layout, 1, "lung")
+    return write_binary_set(src, out, options, images, sides, "montgomery", layout, 1, "lung", union)
 
 
 def convert_cxr_folders(name, layout_note):
-    """Shenzhen and the NIH test set: images and lung masks in folders, matched by name (a mask may be
-    named NAME.png or NAME_mask.png)."""
+    """Shenzhen and NIH: images and lung masks in folders, matched by name (NAME.png or NAME_mask.png)."""
     def convert(src, out, options):
         images, masks = folder_pairs(src, ("CXR_png", "images", "image", "img"),
                                      ("mask", "masks", "label", "labels", "ManualMask"), ("_mask",))
@@ -448,25 +382,31 @@ def convert_cxr_folders(name, layout_note):
 
 convert_shenzhen = convert_cxr_folders(
     "shenzhen", "SRC/**/CXR_png/CHNCXR_0001_0.png and SRC/**/mask/CHNCXR_0001_0_mask.png")
-convert_shenzhen.__doc__ = """Shenzhen (SZ) set (Jaeger et al. 2014): SRC/**/CXR_png/CHNCXR_0001_0.png.
-    The original release has no lung masks; the usual ones (Stirenko et al. 2018, on Kaggle) are
-    mask/CHNCXR_0001_0_mask.png; names with or without _mask in a mask/ or masks/ folder are matched.
-    566 of the 662 images have masks: the others are left out and counted. Lungs become class 1."""
+convert_shenzhen.__doc__ = """Shenzhen set (Jaeger et al. 2014) with the Kaggle lung masks (Stirenko et al.
+    2018): **/CXR_png/NAME.png and **/mask/NAME_mask.png; lungs = class 1
+
+    The original release has no lung masks; names with or without _mask in a mask/ or masks/ folder are
+    matched. 566 of the 662 images have masks: the others are left out and counted."""
 
 convert_nih = convert_cxr_folders("nih", "SRC/**/images/NAME.png and SRC/**/masks/NAME.png (or NAME_mask.png)")
-convert_nih.__doc__ = """NIH chest X-rays with lung masks (the ChestX-ray8 images annotated by Tang et al.,
-    XLSor, 2019, the paper's NIH test set). We are not sure of that release's layout: images in a folder
-    named images (or image, img, CXR_png) and masks in one named masks (or mask, label, labels), matched
-    by name (NAME.png or NAME_mask.png). Lungs become class 1."""
+convert_nih.__doc__ = """NIH chest X-rays with lung masks (Tang et al., XLSor, 2019): **/images/NAME.png and
+    **/masks/NAME.png (or NAME_mask.png); lungs = class 1
+
+    The ChestX-ray8 images XLSor annotated, the paper's NIH test set. We are not sure of that release's
+    layout: the image folder may also be named image, img or CXR_png, the mask folder mask, label or labels."""
 
 
 # ChestX-ray14's file names: patient number, underscore, follow-up number (00000001_000.png).
 CHESTXRAY14_NAME = re.compile(r"\d{8}_\d{3}")
 
 
-def chestxray14_pngs(src):
-    """The PNGs under SRC named like ChestX-ray14's, and how many other PNGs were left out: the pool takes
-    every file it finds, so a labeled folder's masks (or another set) must not slip into it."""
+def convert_chestxray14(src, out, options):
+    """ChestX-ray14 (Wang et al. 2017), the unlabeled X-ray pool: the PNGs of images_0XX.tar.gz
+    (NNNNNNNN_NNN.png) anywhere under SRC; other PNGs are left out and counted
+
+    Only those names are taken, since the pool takes every file it finds and a labeled folder's masks (or
+    another set) must not slip into it; a colour one is refused. 1024 x 1024, written as 8-bit grey (a few
+    are RGBA: alpha is dropped). No masks."""
     pngs = find(src, lambda p: p.suffix.lower() == ".png")
     if not pngs:
         raise data.DataError(f"{src}: no PNG images found; extract images_0XX.tar.gz under it first")
@@ -474,15 +414,6 @@ def chestxray14_pngs(src):
     if not named:
         raise data.DataError(f"{pngs[0]}: not named like ChestX-ray14's NNNNNNNN_NNN.png (e.g. 00000001_000.png), "
                              f"nor is any of the {len(pngs)} PNGs under SRC; is this the ChestX-ray14 release?")
-    return named, len(pngs) - len(named)
-
-
-def convert_chestxray14(src, out, options):
-    """ChestX-ray14 (NIH, Wang et al. 2017) as the unlabeled pool: the PNGs of images_001.tar.gz ...
-    images_012.tar.gz, extracted anywhere under SRC (images/00000001_000.png, 1024 x 1024). Only PNGs
-    named NNNNNNNN_NNN.png are taken (the others are counted), and a colour one is refused. Written as
-    8-bit grey (a few of them are RGBA: alpha is dropped). No masks."""
-    named, others = chestxray14_pngs(src)
     images = {}
     for path in named:
         if path.stem in images:
@@ -491,6 +422,7 @@ def convert_chestxray14(src, out, options):
     writer = DatasetWriter(out, options.size, options.fit)
     for name in sorted(images):
         writer.image(name, release_image(images[name], 1, "chestxray14"))
+    others = len(pngs) - len(named)
     note = f"{others} PNGs not named like ChestX-ray14's NNNNNNNN_NNN.png" if others else ""
     return writer.summary("chestxray14", skipped_note(0, 0, note))
 
@@ -500,14 +432,11 @@ def convert_chestxray14(src, out, options):
 
 
 def convert_isic2018(src, out, options):
-    """ISIC 2018 task 1 (lesion segmentation, Codella et al. 2019):
+    """ISIC 2018 task 1, lesion segmentation (Codella et al. 2019): **/ISIC_N.jpg and **/ISIC_N_segmentation.png;
+    lesion = class 1
 
-        SRC/ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg
-        SRC/ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png   (0 / 255)
-
-    (the validation and test folders work the same; searched recursively). The lesion becomes class 1.
-    Images keep their size; the loader's --fit squares them."""
-    src = Path(src)
+    As in ISIC2018_Task1-2_Training_Input/ and ISIC2018_Task1_Training_GroundTruth/ (masks 0 / 255); the
+    validation and test folders work the same. Images keep their size; the loader's --fit squares them."""
     images = {p.stem: p for p in find(src, lambda p: re.fullmatch(r"ISIC_\d+", p.stem) is not None
                                       and p.suffix.lower() in (".jpg", ".jpeg", ".png"))}
     masks = {p.stem[:-len("_segmentation")]: p for p in find(src, lambda p: p.stem.endswith("_segmentation")
@@ -517,23 +446,19 @@ def convert_isic2018(src, out, options):
 
 
 def convert_ph2(src, out, options):
-    """PH2 (Mendonca et al. 2013):
+    """PH2 (Mendonca et al. 2013): **/IMDn/IMDn_Dermoscopic_Image/IMDn.bmp and
+    **/IMDn/IMDn_lesion/IMDn_lesion.bmp; lesion = class 1
 
-        SRC/**/IMD002/IMD002_Dermoscopic_Image/IMD002.bmp
-        SRC/**/IMD002/IMD002_lesion/IMD002_lesion.bmp          (0 / 255)
-
-    The lesion becomes class 1 (the IMDxxx_roi colour-region masks are not used)."""
-    src = Path(src)
-    images = {p.stem: p for p in find(src, lambda p: p.parent.name.endswith("_Dermoscopic_Image")
-                                      and is_image_file(p))}
+    Masks are 0 / 255; the IMDn_roi colour-region masks are not used."""
+    images = {p.stem: p for p in find(src, lambda p: p.parent.name.endswith("_Dermoscopic_Image") and is_image_file(p))}
     masks = {p.stem[:-len("_lesion")]: p for p in find(src, lambda p: p.parent.name.endswith("_lesion")
                                                        and p.stem.endswith("_lesion") and is_image_file(p))}
     layout = "SRC/**/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp and IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp"
     return write_binary_set(src, out, options, images, masks, "ph2", layout, 3, "lesion")
 
 
-def convert_waterloo(name, folder):
-    """The University of Waterloo skin-cancer set (images from DermIS and DermQuest with lesion masks)."""
+def convert_waterloo(folder, subset, paper):
+    """A part of the University of Waterloo skin-cancer set (images from DermIS and DermQuest with lesion masks)."""
     def convert(src, out, options):
         src = Path(src)
         found = find(src, lambda p: p.parent.name.lower() == folder and is_image_file(p))
@@ -545,26 +470,26 @@ def convert_waterloo(name, folder):
         images = {key(p, "_orig"): p for p in found if p.stem.endswith("_orig")}
         masks = {key(p, "_contour"): p for p in found if p.stem.endswith("_contour")}
         layout = f"SRC/**/{folder}/N_orig.jpg and SRC/**/{folder}/N_contour.png"
-        return write_binary_set(src, out, options, images, masks, name, layout, 3, "lesion")
-    convert.__doc__ = f"""{name}: the {folder} part of the University of Waterloo skin-cancer detection
-    set (Amelard et al.), as we know it: SRC/**/{{melanoma,notmelanoma}}/{folder}/N_orig.jpg with the
-    lesion mask N_contour.png (0 / 255 or 0 / 1) beside it. We are not sure of the exact folder names of
-    every copy: any folder named {folder} (any case) is used. The paper calls DermIS "IS" and DermQuest
-    "Quest". The lesion becomes class 1; names are CLASSFOLDER_N."""
+        return write_binary_set(src, out, options, images, masks, folder, layout, 3, "lesion")
+    convert.__doc__ = f"""University of Waterloo skin-cancer set (Amelard et al.), its {subset} part ("{paper}" in the
+    paper): **/{folder}/N_orig.jpg and N_contour.png; lesion = class 1
+
+    As we know it: SRC/**/{{melanoma,notmelanoma}}/{folder}/N_orig.jpg with the mask N_contour.png (0 / 255 or
+    0 / 1) beside it; not sure of every copy's folder names, we take any folder named {folder} (any case).
+    Names are CLASSFOLDER_N."""
     return convert
 
 
-convert_dermquest = convert_waterloo("dermquest", "dermquest")
-convert_dermis = convert_waterloo("dermis", "dermis")
+convert_dermquest = convert_waterloo("dermquest", "DermQuest", "Quest")
+convert_dermis = convert_waterloo("dermis", "DermIS", "IS")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Liver: LiTS (CT, NIfTI) and CHAOS (MRI, DICOM)
 
 
-# Medical volumes are read with nibabel (NIfTI) and pydicom (DICOM): they follow the orientation in the
-# headers, which hospitals and scanners do not store alike. Both are optional, imported only by the
-# `lits` and `chaos` converters.
+# Volumes are read with nibabel (NIfTI) and pydicom (DICOM), which follow the orientation in the headers: hospitals
+# and scanners do not store it alike.
 
 def optional_module(name, converter, install):
     try:
@@ -575,11 +500,10 @@ def optional_module(name, converter, install):
 
 
 def read_ras_volume(nibabel, path):
-    """A NIfTI volume (NIfTI-1 or -2; .nii, .nii.gz or an .hdr/.img pair) as float32 [X, Y, Z], with its
-    scaling applied, turned into nibabel's closest canonical orientation, RAS+: whatever order and
-    direction the file stores its axes in (its qform/sform affine says), voxel axes 0, 1, 2 then run
-    towards the patient's Right, Anterior and Superior. This is `nibabel.as_closest_canonical`, applied
-    to the scaled float32 array, so an int16 CT is never held as float64."""
+    """A NIfTI volume (NIfTI-1 or -2; .nii, .nii.gz or .hdr/.img) as float32 [X, Y, Z], scaled, in RAS+: whatever
+    axes its qform/sform affine says it stores, voxel axes 0, 1, 2 then run towards the patient's Right,
+    Anterior and Superior. This is `nibabel.as_closest_canonical` applied to the scaled float32 array, so an
+    int16 CT is never held as float64."""
     try:
         image = nibabel.load(str(path))
         voxels = np.asarray(image.dataobj, dtype=np.float32)
@@ -594,17 +518,15 @@ def read_ras_volume(nibabel, path):
 
 
 def axial_slice(ras_voxels, z):
-    """Axial slice z of an RAS+ volume as a radiologist views it, float32 [rows, columns]: anterior at
-    the top, the patient's right on the left of the image (the layout of an axial DICOM, so CT slices
-    face the same way as CHAOS's MRI slices)."""
+    """Axial slice z of an RAS+ volume as a radiologist views it, float32 [rows, columns]: anterior at the top,
+    the patient's right on the left (an axial DICOM's layout, so CT slices face as CHAOS's MRI slices do)."""
     return np.ascontiguousarray(ras_voxels[::-1, ::-1, z].T)
 
 
 def read_dicom_slice(pydicom, path):
-    """One single-frame DICOM image read with pydicom (compressed transfer syntaxes too, where pydicom's
-    decoder plugins are installed). Returns (pixels float32 [rows, columns] with the modality rescale
-    applied and MONOCHROME1 inverted, its ImageOrientationPatient or None, its position along the slice
-    normal or None, its InstanceNumber or None)."""
+    """One single-frame DICOM image (compressed too, where pydicom's decoder plugins are installed): (pixels
+    float32 [rows, columns], modality rescale applied and MONOCHROME1 inverted, its ImageOrientationPatient,
+    its position along the slice normal, its InstanceNumber), each of the last three None when absent."""
     try:
         dataset = pydicom.dcmread(str(path))
         pixels = pydicom.pixels.apply_modality_lut(dataset.pixel_array, dataset).astype(np.float32)
@@ -627,11 +549,10 @@ def read_dicom_slice(pydicom, path):
 
 
 def dicom_to_display(pixels, orientation):
-    """Flip or transpose a DICOM slice into the layout of the standard axial view, whatever its
-    ImageOrientationPatient (the patient-space directions of its rows and columns, in DICOM's LPS axes:
-    x to the patient's Left, y to Posterior, z to Superior): columns running towards the patient's left
-    (x) and rows towards posterior (y) for an axial slice; for a coronal or sagittal one, rows run from
-    head to feet. Masks stored in the slice's pixel order get the same operation."""
+    """Flip or transpose a DICOM slice into the standard axial view, whatever its ImageOrientationPatient (the
+    directions of its rows and columns in DICOM's LPS axes: x to the patient's Left, y to Posterior, z to
+    Superior): columns run towards the patient's left (x) and rows towards posterior (y) for an axial slice,
+    rows from head to feet for a coronal or sagittal one. Masks in the slice's pixel order get the same."""
     if orientation is None:
         return pixels
     along_row, along_column = np.array(orientation[:3]), np.array(orientation[3:])
@@ -650,22 +571,17 @@ def window_to_8bit(values, low, high):
 
 
 def convert_lits(src, out, options):
-    """LiTS (Bilic et al. 2019) CT volumes to axial slices:
+    """LiTS (Bilic et al. 2019) CT volumes: **/volume-N.nii and **/segmentation-N.nii (NIfTI, read
+    with nibabel), axial slices in a CT window (--window); liver (and tumour) = class 1
 
-        SRC/**/volume-N.nii (or .nii.gz, .hdr)  CT in Hounsfield units
-        SRC/**/segmentation-N.nii               0 background, 1 liver, 2 tumour
-        SRC/**/test-volume-N.nii                the test volumes: no segmentation (an unlabeled pool)
-
-    LiTS gathers volumes from several hospitals, which do not store their axes alike; every volume (and
-    its segmentation) is read with nibabel and turned into the RAS+ orientation (`read_ras_volume`), and
-    its axial slices are written as a radiologist views them (`axial_slice`: anterior up, the patient's
-    right on the left), so all slices, and CHAOS's, face the same way. Names are lits{N:03d}_z{z:04d},
-    z counted from the feet (patient_id() reads the patient back). CT window: --window, default level 40
-    width 400 HU (-160..240), linear to 0..255. Liver and tumour become class 1 (liver). Labeled volumes
-    keep only the slices that show liver unless --all-slices; the test volumes (or volumes without a
-    segmentation, when no volume has one) give all their slices as unlabeled images. Volumes without a
-    segmentation next to labeled ones are left out and counted."""
-    src = Path(src)
+    Also .nii.gz or .hdr; segmentations hold 0 background, 1 liver, 2 tumour; **/test-volume-N.nii (no
+    segmentation) is an unlabeled pool. LiTS gathers volumes from several hospitals, which do not store their
+    axes alike: each volume and segmentation is turned into RAS+ (read_ras_volume) and its axial slices are
+    written as a radiologist views them (axial_slice), so all slices, and CHAOS's, face the same way. Names
+    are lits{N:03d}_z{z:04d}, z counted from the feet (patient_id() reads the patient back). --window
+    defaults to level 40 width 400 HU (-160..240), linear to 0..255. The test volumes (or all volumes, when
+    none has a segmentation) give all their slices as unlabeled images; volumes without a segmentation next
+    to labeled ones are left out and counted."""
     volumes, segmentations, tests = {}, {}, {}
     for path in find(src, lambda p: p.name.lower().endswith((".nii", ".nii.gz", ".hdr"))):
         match = re.fullmatch(r"(test-)?(volume|segmentation)-(\d+)\.(nii|nii\.gz|hdr)", path.name.lower())
@@ -677,34 +593,32 @@ def convert_lits(src, out, options):
     nibabel = optional_module("nibabel", "lits", "nibabel")
     low, high = options.window
     writer = DatasetWriter(out, options.size, options.fit)
-    labeled = {n: p for n, p in volumes.items() if n in segmentations}
+    labeled, empty = {n: p for n, p in volumes.items() if n in segmentations}, 0
     if labeled:
         writer.classes(["background", "liver"])
-        empty = 0
-        for number, path in sorted(labeled.items()):
+    for prefix, table in (("lits", labeled),) if labeled else (("lits", volumes), ("litstest", tests)):
+        for number, path in sorted(table.items()):
             voxels = read_ras_volume(nibabel, path)
-            labels = read_ras_volume(nibabel, segmentations[number])
-            if labels.shape != voxels.shape:
+            labels = read_ras_volume(nibabel, segmentations[number]) if labeled else None
+            if labeled and labels.shape != voxels.shape:
                 raise data.DataError(f"{segmentations[number]}: shape {labels.shape} differs from its volume's "
                                      f"{voxels.shape} (both in RAS+ orientation); re-download it")
             for z in range(voxels.shape[2]):
-                liver = axial_slice(labels, z) > 0.5
-                if not liver.any() and not options.all_slices:
+                liver = None if labels is None else axial_slice(labels, z) > 0.5
+                if liver is not None and not liver.any() and not options.all_slices:
                     empty += 1
                     continue
-                image = window_to_8bit(axial_slice(voxels, z), low, high)
-                writer.pair(f"lits{number:03d}_z{z:04d}", Image.fromarray(image, "L"), liver)
-        note = skipped_note(0, 0, f"{empty} slices without liver" if empty else "")
-        missing = len(volumes) - len(labeled) + len(tests)
-        note += f"; left out {missing} volumes without a segmentation" if missing else ""
-        return writer.summary("lits", note)
-    for prefix, table in (("lits", volumes), ("litstest", tests)):
-        for number, path in sorted(table.items()):
-            voxels = read_ras_volume(nibabel, path)
-            for z in range(voxels.shape[2]):
-                image = window_to_8bit(axial_slice(voxels, z), low, high)
-                writer.image(f"{prefix}{number:03d}_z{z:04d}", Image.fromarray(image, "L"))
-    return writer.summary("lits", " (no segmentations: an unlabeled set)")
+                name, image = f"{prefix}{number:03d}_z{z:04d}", window_to_8bit(axial_slice(voxels, z), low, high)
+                if liver is None:
+                    writer.image(name, Image.fromarray(image, "L"))
+                else:
+                    writer.pair(name, Image.fromarray(image, "L"), liver)
+    if not labeled:
+        return writer.summary("lits", " (no segmentations: an unlabeled set)")
+    note = skipped_note(0, 0, f"{empty} slices without liver" if empty else "")
+    missing = len(volumes) - len(labeled) + len(tests)
+    note += f"; left out {missing} volumes without a segmentation" if missing else ""
+    return writer.summary("lits", note)
 
 
 def natural_key(path):
@@ -713,15 +627,13 @@ def natural_key(path):
 
 def percentile_to_8bit(series):
     """MRI has no physical unit: each series is mapped from its 0.5th to its 99.5th percentile."""
-    stack = np.stack(series)
-    low, high = np.percentile(stack, [0.5, 99.5])
+    low, high = np.percentile(np.stack(series), [0.5, 99.5])
     return [window_to_8bit(s, low, high if high > low else low + 1) for s in series]
 
 
 def read_dicom_series(pydicom, files):
-    """The slices of one DICOM series, read with pydicom: a list of (pixels, orientation, position,
-    instance, path), in acquisition order (InstanceNumber, then file name: the order the CHAOS ground
-    truth PNGs follow)."""
+    """The slices of one DICOM series, [(pixels, orientation, position, instance, path)], in acquisition order
+    (InstanceNumber, then file name: the order the CHAOS ground truth PNGs follow)."""
     slices = [read_dicom_slice(pydicom, f) + (f,) for f in files]
     return sorted(slices, key=lambda s: (s[3] if s[3] is not None else 0, natural_key(s[4])))
 
@@ -735,23 +647,17 @@ def anatomical_order(slices):
 
 
 def convert_chaos(src, out, options):
-    """CHAOS (Kavur et al. 2021) MRI T1-DUAL to slices with liver masks:
+    """CHAOS (Kavur et al. 2021) MRI T1-DUAL: **/MR/N/T1DUAL/DICOM_anon/InPhase|OutPhase/*.dcm and
+    **/MR/N/T1DUAL/Ground/*.png (DICOM, read with pydicom; --phase); liver = class 1
 
-        SRC/**/MR/{patient}/T1DUAL/DICOM_anon/InPhase/*.dcm
-        SRC/**/MR/{patient}/T1DUAL/DICOM_anon/OutPhase/*.dcm
-        SRC/**/MR/{patient}/T1DUAL/Ground/*.png      one PNG per slice, shared by both phases
-
-    Ground truth intensities, from the challenge's data description (chaos.grand-challenge.org, "Data"):
-    liver 63 (55..70), right kidney 126 (110..135), left kidney 189 (175..200), spleen 252 (240..255);
-    liver becomes class 1, the rest background. DICOMs are read with pydicom. A phase's slices are paired
-    with the Ground PNGs in acquisition order (InstanceNumber, else file name, against the PNGs' names),
-    and their counts must agree; we are not sure every copy numbers them alike, so check a few with
-    `data.py show`. Each pair is then flipped or transposed into the standard axial view
-    (`dicom_to_display`) and numbered by its position along the slice normal from the feet up, not by
-    file name: chaos{patient}-{in|out}_z{k:03d} (the patient id includes the phase: the paper scores
-    T1-in and T1-out separately). --phase picks in, out or both; slices without liver are left out unless
-    --all-slices. Patients without Ground (the test set) are written as unlabeled images."""
-    src = Path(src)
+    Ground holds one PNG per slice, shared by both phases; its intensities (chaos.grand-challenge.org, "Data"):
+    liver 63 (55..70), right kidney 126 (110..135), left kidney 189 (175..200), spleen 252 (240..255), all but
+    the liver background here. A phase's slices are paired with the Ground PNGs in acquisition order
+    (InstanceNumber, else file name, against the PNGs' names), and their counts must agree; we are not sure
+    every copy numbers them alike, so check a few with `prepare.py show`. Each pair is then turned into the
+    standard axial view (dicom_to_display) and numbered by its position along the slice normal from the feet
+    up: chaos{N}-{in|out}_z{k:03d} (the phase is in the patient id: the paper scores T1-in and T1-out
+    separately). Patients without Ground (the test set) are written as unlabeled images."""
     phases = {"in": "InPhase", "out": "OutPhase"}
     wanted = list(phases) if options.phase == "both" else [options.phase]
     series = find(src, lambda p: p.suffix.lower() == ".dcm" and p.parent.name in phases.values()
@@ -769,8 +675,8 @@ def convert_chaos(src, out, options):
     for t1dual in labeled or t1dual_folders:
         ground = sorted(find(t1dual / "Ground", is_image_file), key=natural_key) if labeled else []
         for phase in wanted:
-            files = find(t1dual / "DICOM_anon" / phases[phase], lambda p: p.suffix.lower() == ".dcm")
-            slices = read_dicom_series(pydicom, files)
+            slices = read_dicom_series(pydicom, find(t1dual / "DICOM_anon" / phases[phase],
+                                                     lambda p: p.suffix.lower() == ".dcm"))
             images = percentile_to_8bit([pixels for pixels, *_ in slices])
             name = f"chaos{t1dual.parent.name}-{phase}"
             if labeled and len(ground) != len(images):
@@ -810,6 +716,18 @@ CONVERTERS = {
 }
 
 
+def releases_help():
+    """The list that ends --help: each release's names and the first paragraph of its converter's docstring."""
+    lines = []
+    for convert_release in dict.fromkeys(CONVERTERS.values()):
+        name, *aliases = [n for n, f in CONVERTERS.items() if f is convert_release]
+        text = " ".join(convert_release.__doc__.split("\n\n")[0].split())
+        text = f"(also {', '.join(aliases)}) {text}" if aliases else text
+        lines.append(textwrap.fill(text, 110, initial_indent=f"  {name:<14}", subsequent_indent=" " * 16,
+                                   break_on_hyphens=False))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The data commands: look at a folder (check, show), split it (split), write demo scenes (demo)
 
@@ -820,8 +738,8 @@ def command_check(args):
     labeled, unlabeled, info = data.build_datasets(args)
     if isinstance(unlabeled, data.ImageFolder) and labeled is not None:  # each file once: pairs are checked whole
         paired = {p.image.resolve() for p in labeled.pairs}
-        unlabeled = data.ImageFolder([p for p in unlabeled.paths if p.resolve() not in paired], unlabeled.resolution,
-                                unlabeled.channels, unlabeled.fit)
+        unlabeled = data.ImageFolder([p for p in unlabeled.paths if p.resolve() not in paired],
+                                     unlabeled.resolution, unlabeled.channels, unlabeled.fit)
     problems, checked = [], 0
     workers = data.default_workers() if args.workers is None else args.workers
     for dataset in (labeled, unlabeled):
@@ -861,8 +779,8 @@ def command_show(args):
     if Path(args.out).exists():
         raise data.DataError(f"--out {args.out} exists; pass another file name (or remove it)")
     if args.data != "demo" and data.inside(args.out, args.data):
-        raise data.DataError(f"--out {args.out} lies data.inside --data, where the grid would be read as an image; pass a "
-                        "file outside the data")
+        raise data.DataError(f"--out {args.out} lies inside --data, where the grid would be read as an image; "
+                             "pass a file outside the data")
     labeled, unlabeled, info = data.build_datasets(args, augment=None if args.show_augmented else False)
     rows = []
     if labeled is not None:
@@ -912,15 +830,14 @@ def command_demo(args):
     out = Path(args.out)
     if any(any((out / part).iterdir()) for part in ("images", "masks") if (out / part).is_dir()):
         raise data.DataError(f"{out} already holds a data set; pass a new or empty folder")
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    writer = DatasetWriter(out)
+    writer.classes(demo.class_names)
     for index in range(args.count):
         picture, mask = demo.render(index)
         pixels = (picture * 255 + 0.5).astype(np.uint8)
-        Image.fromarray(pixels[..., 0] if args.channels == 1 else pixels).save(out / "images" / f"scene{index:05d}.png")
-        Image.fromarray(mask).save(out / "masks" / f"scene{index:05d}.png")
-    (out / "classes.txt").write_text("".join(f"{name}\n" for name in demo.class_names))
-    print(f"wrote {args.count} demo scenes (seed {args.seed}, {args.resolution} px, {args.num_classes} classes) to {out}")
+        writer.pair(f"scene{index:05d}", Image.fromarray(pixels[..., 0] if args.channels == 1 else pixels), mask)
+    print(f"wrote {args.count} demo scenes (seed {args.seed}, {args.resolution} px, {args.num_classes} classes) "
+          f"to {out}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -928,10 +845,9 @@ def command_demo(args):
 
 
 def check_out(src, out):
-    """Refuse an OUT the writer would write release files over, before anything is written: SRC itself or
-    a folder inside it, an OUT/images or OUT/masks that SRC lies in, or an OUT that already holds a data
-    set (the writer replaces files of the same name it did not create). Paths are compared resolved, so a
-    symlink to SRC is SRC."""
+    """Refuse, before anything is written, an OUT whose files the writer would replace: SRC or a folder inside it,
+    an OUT/images or OUT/masks that SRC lies in, an OUT that already holds a data set (the writer replaces files
+    of the same name it did not create). Paths are compared resolved: a symlink to SRC is SRC."""
     if data.inside(out, src):
         raise data.DataError(f"{out}: OUT is SRC ({src}) or inside it; converting would write into the release: "
                              "pass an OUT outside SRC")
@@ -969,7 +885,8 @@ def parse_window(text):
 
 def build_parser():
     """`prepare.py NAME SRC OUT` for each release, and the data commands; every one a sub-command."""
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=f"{__doc__}\n{releases_help()}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="NAME or COMMAND")
     for name in sorted(CONVERTERS):
         sub = commands.add_parser(name, help=f"convert the {name} release")
@@ -978,7 +895,7 @@ def build_parser():
         sub.add_argument("--size", type=cli.number(int, low=4), default=None, help="also square and resize to SIZE px")
         sub.add_argument("--fit", choices=data.FITS, default="pad", help="how --size squares (default pad)")
         sub.add_argument("--window", type=parse_window, default=(-160.0, 240.0),
-                         help="lits: CT window in HU, written --window=LOW,HIGH (default -160,240: level 40, width 400)")
+                         help="lits: CT window in HU, --window=LOW,HIGH (default -160,240: level 40, width 400)")
         sub.add_argument("--all-slices", action="store_true", help="lits, chaos: keep slices without liver")
         sub.add_argument("--phase", choices=("in", "out", "both"), default="both", help="chaos: T1 phase")
         sub.set_defaults(run=convert, name=name)
@@ -1000,7 +917,7 @@ def build_parser():
     demo = commands.add_parser("demo", help="write demo scenes as a labeled folder")
     demo.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
     demo.add_argument("--count", type=cli.POSITIVE_INT, default=100)
-    demo.add_argument("--seed", type=cli.COUNT, default=1, help="scene seed (training uses 0; default 1: unseen scenes)")
+    demo.add_argument("--seed", type=cli.COUNT, default=1, help="scene seed (training uses 0; default 1: unseen)")
     demo.add_argument("--resolution", type=cli.number(int, low=4), default=256)
     demo.add_argument("--channels", type=int, choices=(1, 3), default=3)
     demo.add_argument("--num-classes", type=cli.number(int, low=2, high=data.MAX_CLASSES), default=4)

@@ -2,14 +2,11 @@
 
     OUT/written.jsonl      every file the run wrote, listed before it was written (Written)
     OUT/metrics.csv, .json with --eval: DICE and Jaccard per image and class, mIoU, DICE per patient
-    OUT/segmentations.csv  per image the trust signals: reconstruction errors, the agreement of the encoder's
-                           and the optimised mask, the classes' areas, the flag
+    OUT/segmentations.csv  per image the trust signals and the flag (an image the generator cannot explain)
     OUT/index.html         a report to look at: every image with its overlay, scores and signals, worst first
 
-The flag marks an image the generator cannot explain: its encoder reconstruction error against the labeled
-training images' (stored in model.pt by train_encoder.py), above --flag-factor. Names go into the CSV files
-as text a spreadsheet will not run as a formula, and into every file as printable text (data.printable).
-Needs: losses.py (the reconstruction errors, the metrics) and data.py; never the training scripts.
+Names go into every file as printable text, and into the CSV files as text a spreadsheet will not run as a
+formula. Needs: losses.py and data.py; never the training scripts.
 """
 
 import collections
@@ -93,11 +90,10 @@ REPORT_FILES = ("index.html", "segmentations.csv", "metrics.csv", "metrics.json"
 
 
 class Written:
-    """The files invert.py writes into --out, each listed in OUT/written.jsonl (a JSON string per line, its
-    path inside OUT) before it is written, so that a run stopped half way is listed too. A later run into
-    the same OUT replaces exactly what an earlier one listed (with --overwrite, which removes those files
-    first, so that no earlier mask or metrics.json stays beside the new report) and never a file that is
-    not listed: this tool did not write it."""
+    """The files invert.py writes into --out, each listed in OUT/written.jsonl (a JSON string per line, its path
+    inside OUT) before it is written. A later run into the same OUT replaces exactly what an earlier one listed
+    (--overwrite removes those files first: no earlier mask or metrics.json stays beside the new report), never
+    a file that is not listed: this tool did not write it."""
 
     LIST = "written.jsonl"
 
@@ -114,8 +110,8 @@ class Written:
                                      "--out") from None
 
     def start(self, planned, overwrite):
-        """Check the run's `planned` paths against what is there, remove the earlier run's files (with
-        `overwrite`, else refuse) and start the list afresh. Returns a note, or ''."""
+        """Check `planned` against what is there, remove an earlier run's files (`overwrite`, else refuse), start
+        the list afresh. Returns a note, or ''."""
         if self.out.exists() and not self.out.is_dir():
             raise data.DataError(f"--out {self.out} is a file; pass a folder (it is created if need be)")
         foreign = [p for p in planned if p.exists() and self.inside(p) not in self.earlier]
@@ -144,6 +140,14 @@ class Written:
         return path
 
 
+def check_apart(out, reads):
+    """--out must hold none of the files the run reads ((option, path) pairs; the images are checked as they
+    are collected)."""
+    for option, path in reads:
+        if path and data.inside(path, out):
+            raise data.DataError(f"--out {out} holds {option} {path}; pass an --out that holds none of the inputs")
+
+
 def start(inputs, out, reconstruction, overwrite):
     """Before the first image: names for every input's outputs that clash with no other's and fit the file
     system, checked against what --out holds (an earlier run's files removed with `overwrite`). Returns the
@@ -170,9 +174,8 @@ def spreadsheet_cell(text):
 
 
 def summary_rows(results, class_names, steps):
-    """The summary table as data, for print_table and the report: (column titles, rows of (label, values)),
-    a DICE and a Jaccard column for the optimised masks and for the encoder alone; None where a row has
-    no Jaccard (mIoU, DICE per patient)."""
+    """The summary table as (column titles, rows of (label, values)): DICE and Jaccard of the optimised masks
+    and of the encoder alone; None where a row has no Jaccard (mIoU, DICE per patient)."""
     kinds = [k for k in ("optimised", "encoder_only") if k in results]
     titles = {"optimised": f"{steps} steps", "encoder_only": "encoder"}
     columns = [f"{metric} {titles[k]}" for k in kinds for metric in ("DICE", "Jaccard")]
@@ -189,8 +192,7 @@ def summary_rows(results, class_names, steps):
 
 
 def print_table(results, class_names, steps):
-    """Per foreground class DICE and Jaccard, their mean, mIoU and DICE per patient; a column pair for the
-    optimised masks and one for the encoder alone."""
+    """summary_rows on the console."""
     columns, rows = summary_rows(results, class_names, steps)
     width = max(14, max(len(n) for n in class_names))
     print(f"{'':<{width}}" + "".join(f"{c:>{18 if c.startswith('DICE') else 21}}" for c in columns))
@@ -222,21 +224,14 @@ def write_metrics(out, scores, results, class_names, argv, model_path, steps, im
 
 
 # ----------------------------------------------------------------------------------------------------
-# Trust signals: how well the generator explains each image
+# Trust signals: how well the generator explains each image (segmentations.csv and the report): the final
+# reconstruction's LPIPS and MSE and the encoder's, how far the optimisation moved the mask (agreement_miou,
+# the encoder's mask against the optimised one; 1 with --steps 0) and each class's share of the mask.
 #
-# Per image, with or without --eval (OUT/segmentations.csv and the report): the reconstruction error, LPIPS
-# and MSE (losses.reconstruction_errors), of the final G_x(w+*) and of the encoder's G_x(E(x)); how far the
-# optimisation moved the mask (agreement_miou: the mIoU between the encoder's mask and the optimised one,
-# background included, over the classes either has; 1 with --steps 0); each foreground class's share of the
-# pixels of the written mask.
-#
-# The flag compares the encoder's error, not the final one, with the labeled training images' encoder
-# errors, which train_encoder.py stores in model.pt ("labeled_errors"): it is what stage 2 measures on those
-# images in one forward, it does not depend on this run's --steps, --lr or loss weights, and it is the error
-# that tells an image the generator never learned: with W+ and the noise maps free, the optimisation fits
-# much of any image, so the final error is reported but not flagged on. The rule: error_ratio is the larger
-# of encoder LPIPS / the labeled images' largest LPIPS and encoder MSE / their largest MSE; an image is
-# flagged when error_ratio > --flag-factor (1.5).
+# The flag compares the encoder's error, not the final one, with the labeled training images' (stored in
+# model.pt by stage 2): it does not depend on this run's --steps or weights, and with W+ and the noise free the
+# optimisation fits much of any image. error_ratio is the larger of encoder LPIPS / the labeled images' largest
+# and encoder MSE / theirs; an image is flagged when error_ratio > --flag-factor (1.5).
 
 
 LABELED_ERRORS_MAX = 256  # labeled images measured for the flag's reference, the first in the data's order
@@ -244,11 +239,9 @@ LABELED_ERRORS_MAX = 256  # labeled images measured for the flag's reference, th
 
 @torch.no_grad()
 def labeled_errors(E, G, percept, dataset, batch, device):
-    """The reference invert.py flags an image against: the encoder's reconstruction errors of the labeled
-    training images (losses.reconstruction_errors of G_x(E(x)), per image), as invert.py measures a new
-    image's at its step 0: E in eval mode, fp32, at 256 px at most; G's fixed noise maps where invert.py draws
-    each image's own (both N(0, 1) maps). {"lpips_net": the LPIPS network, "lpips": [...], "mse": [...]};
-    train_encoder.py stores it in model.pt."""
+    """The flag's reference, which train_encoder.py stores in model.pt: the encoder's reconstruction errors of
+    the labeled training images, as invert.py measures a new image's at its step 0 (E in eval mode, fp32, 256 px
+    at most; G's fixed noise maps where invert.py draws each image's own). {"lpips_net", "lpips", "mse"}."""
     was_training = E.training
     E.eval()
     count, lpips_values, mses = min(LABELED_ERRORS_MAX, len(dataset)), [], []
@@ -317,8 +310,8 @@ def write_segmentations(out, rows, class_names, written):
         writer.writerow(["name", "flagged", *SIGNALS] + [f"area_{n}" for n in class_names[1:]])
         for row in rows:
             flagged = "" if row["flagged"] is None else int(row["flagged"])
-            writer.writerow([spreadsheet_cell(row["name"]), flagged] + ["" if row[k] is None else f"{row[k]:.6f}" for k in SIGNALS]
-                            + [f"{a:.6f}" for a in row["areas"]])
+            signals = ["" if row[k] is None else f"{row[k]:.6f}" for k in SIGNALS]
+            writer.writerow([spreadsheet_cell(row["name"]), flagged, *signals] + [f"{a:.6f}" for a in row["areas"]])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,18 +369,18 @@ def summary_html(results, class_names, steps):
     return "<table>\n" + "\n".join(lines) + "\n</table>"
 
 
-def report_settings(args, argv, model_path, bundle, lpips_net, precision, done, skipped, flags):
-    """(label, text) pairs for the top of the report: what ran, on what, and the flag."""
-    images = f"{done} segmented"
-    if skipped:
-        images += f"; {len(skipped)} unreadable file(s) skipped: {', '.join(str(p) for p in skipped[:5])}"
-    return [("command", " ".join(argv)),
-            ("model", f"{model_path} (step {bundle.get('step')}, {bundle['preprocessing']['resolution']} px, "
-                      f"{bundle['num_classes']} classes)"),
+def report_settings(r, flags):
+    """(label, text) pairs for the top of the report: what ran (invert.run's namespace `r`), and the flag."""
+    args, images = r.args, f"{len(r.rows)} segmented"
+    if r.skipped:
+        images += f"; {len(r.skipped)} unreadable file(s) skipped: {', '.join(str(p) for p in r.skipped[:5])}"
+    return [("command", " ".join(r.argv)),
+            ("model", f"{r.model_path} (step {r.bundle.get('step')}, {r.bundle['preprocessing']['resolution']} px, "
+                      f"{r.bundle['num_classes']} classes)"),
             ("inversion", f"{args.steps} steps, lr {args.lr}, weights LPIPS {args.lpips_weight}, MSE "
                           f"{args.mse_weight}, encoder {args.encoder_weight}, noise {args.noise_weight}"
-                          f"{'' if args.optimize_noise else ' (noise maps fixed)'}; LPIPS {lpips_net}; "
-                          f"seed {args.seed}; {precision}"),
+                          f"{'' if args.optimize_noise else ' (noise maps fixed)'}; LPIPS {r.lpips_net}; "
+                          f"seed {args.seed}; {r.precision}"),
             ("images", images), ("flag", flags), ("written", time.strftime("%Y-%m-%d %H:%M:%S %z"))]
 
 
@@ -433,7 +426,8 @@ def write_report(out, rows, files, scores, class_names, settings, summary, steps
         lines.append(f"<tr{marked} data-name='{html.escape(data.printable(name), quote=True)}'>" + "".join(cells)
                      + "</tr>")
     page = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
-            f"<title>Segmentations in {html.escape(data.printable(out))}</title><style>{REPORT_STYLE}</style></head><body>",
+            f"<title>Segmentations in {html.escape(data.printable(out))}</title><style>{REPORT_STYLE}</style>",
+            "</head><body>",
             f"<h1>Segmentations: {len(rows)} images</h1>", "<table>"]
     page += [f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(data.printable(v))}</td></tr>"
              for k, v in settings]
@@ -450,26 +444,25 @@ def write_report(out, rows, files, scores, class_names, settings, summary, steps
 # All of it, for the images done
 
 
-def write_summaries(args, argv, model_path, bundle, lpips_net, precision, class_names, scores, rows, files, written,
-                    reference, why_not, skipped, start):
-    """The table, metrics.*, segmentations.csv and the report for the images done; returns the last line."""
-    done = len(rows)
-    summary = f"done: {done} images segmented into {data.printable(args.out)} in {time.time() - start:.1f} s"
+def write_summaries(r):
+    """The table, metrics.*, segmentations.csv and the report for the images done (`r`: invert.run's
+    namespace); returns the last line."""
+    args, done = r.args, len(r.rows)
+    summary = f"done: {done} images segmented into {data.printable(args.out)} in {time.time() - r.start:.1f} s"
     results = None
-    if scores["optimised"].rows:  # with --eval
-        results = {k: s.summary(class_names) for k, s in scores.items()}
-        print_table(results, class_names, args.steps)
-        write_metrics(args.out, scores, results, class_names, argv, model_path, args.steps, done, written)
+    if r.scores["optimised"].rows:  # with --eval
+        results = {k: s.summary(r.class_names) for k, s in r.scores.items()}
+        print_table(results, r.class_names, args.steps)
+        write_metrics(args.out, r.scores, results, r.class_names, r.argv, r.model_path, args.steps, done, r.written)
         summary += "; metrics.csv and metrics.json written"
     if done:
-        flags = flag_summary(rows, reference, why_not, args.flag_factor)
-        if reference:
+        flags = flag_summary(r.rows, r.reference, r.why_not, args.flag_factor)
+        if r.reference:
             print(flags, flush=True)
-        write_segmentations(args.out, rows, class_names, written)
-        settings = report_settings(args, argv, model_path, bundle, lpips_net, precision, done, skipped, flags)
-        write_report(args.out, rows, files, scores if results else None, class_names, settings,
-                     summary_html(results, class_names, args.steps) if results else "", args.steps, written)
+        write_segmentations(args.out, r.rows, r.class_names, r.written)
+        write_report(args.out, r.rows, r.files, r.scores if results else None, r.class_names, report_settings(r, flags),
+                     summary_html(results, r.class_names, args.steps) if results else "", args.steps, r.written)
         summary += f"; segmentations.csv and the report {data.printable(Path(args.out) / 'index.html')} written"
-    if skipped:
-        summary += f"; skipped {len(skipped)} unreadable file(s), the first {data.printable(skipped[0])}"
+    if r.skipped:
+        summary += f"; skipped {len(r.skipped)} unreadable file(s), the first {data.printable(r.skipped[0])}"
     return summary

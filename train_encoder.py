@@ -12,30 +12,24 @@ frozen: G_x(E(x)) must reproduce the image, and for labeled pairs G_y(E(x)) the 
     L_s = 1 CE(y, G_y(E(x))) + 1 Dice(y, G_y(E(x))) + 10 LPIPS + 1 MSE          labeled pairs (x, y)
 
 As the official semanticGAN/train_enc.py (weights, clips and schedule are its defaults):
- * every iteration takes two optimiser steps on separate batches, each with its own optimiser (and so its
-   own moment estimates): the unlabeled batch (L_u, gradient norm clipped at 2.0), then the labeled batch
-   (L_s, clipped at 5.0);
+ * every iteration takes two optimiser steps on separate batches, each with its own optimiser (and moment
+   estimates): the unlabeled batch (L_u, gradient norm clipped at 2.0), then the labeled one (L_s, at 5.0);
  * the mask losses have temperatures (losses.py): CE on logits / 0.1 (binary CE on logits / 0.3 for one
-   class) and Dice on sigmoid(logits / 0.3) without the background. They fit a generator whose D_m saw raw
-   logits against masks in {-1, +1} (stage 1's default, --dm-mask logits), which learns logits of about
-   +-1; for a generator trained with --dm-mask probabilities, whose logits have no fixed scale, both
-   temperatures default to 1;
- * G_ema runs in eval mode with fresh random noise on every forward and no truncation;
- * learning rate 1e-3, constant, then a cosine down to 1e-5 from 30% of --iter to the end: the official
-   30k-to-100k decay for our default --iter 100000 (the official default of 800k iterations spends the
-   last 700k at 1e-5);
- * the optimiser: the official Ranger is RAdam + Lookahead + gradient centralisation, which torch does not
-   have; `--optimizer radam` (default) is torch's RAdam with Ranger's betas (0.95, 0.999) and eps 1e-5,
-   `--optimizer adam` the official alternative, Adam (0.9, 0.999);
- * validation every 100 iterations: the encoder alone (no optimisation), as a segmenter, on held-back
-   pairs: per-image DICE for one foreground class, the data set's mIoU (background included) otherwise.
+   class), Dice on sigmoid(logits / 0.3) without the background; they fit the logits of about +-1 that the
+   official D_m input teaches (--dm-mask logits); for --dm-mask probabilities generators both default to 1;
+ * G_ema in eval mode, fresh random noise on every forward, no truncation;
+ * lr 1e-3, then a cosine down to 1e-5 from 30% of --iter: the official 30k-to-100k decay for our default
+   --iter 100000 (the official 800k iterations spend the last 700k at 1e-5);
+ * the official Ranger (RAdam + Lookahead + gradient centralisation) is not in torch: `--optimizer radam`
+   is torch's RAdam with Ranger's betas (0.95, 0.999) and eps 1e-5, `--optimizer adam` the official other;
+ * validation every 100 iterations: the encoder alone as a segmenter of held-back pairs, per-image DICE for
+   one foreground class, the data set's mIoU otherwise.
 
-Ours: the encoder is pSp's (IR-SE body, feature pyramid, map2style heads) and starts from G's mean latent
-(the official one is a feature pyramid over a ResNet-50 and starts from W = 0); the best validation score
-is kept as best.pt; checkpoints resume exactly; BN returns to training mode after validation (the official
-code leaves the encoder in eval mode after its first validation). Every validation also scores the encoder
-on G's own samples (`own_dice` / `own_miou`: G_y(w) against G_y(E(G_x(w))), --own-samples fixed latents),
-the upper bound of what it can recover.
+Ours: pSp's encoder (IR-SE body, feature pyramid, map2style heads) starting from G's mean latent (the official
+one is a pyramid over a ResNet-50 starting from W = 0); best.pt at the best validation; exact resume; BN back in
+training mode after validation (the official code leaves it in eval mode after the first). Every validation
+also scores the encoder on G's own samples (`own_dice` / `own_miou`: G_y(w) against G_y(E(G_x(w)))), the
+upper bound of what it can recover.
 
 Outputs in --out: the progress line and log.jsonl; samples-STEP.png (input | reconstruction | predicted mask |
 true mask); checkpoint-STEP.pt (`--resume auto`); model.pt, the inference bundle invert.py reads (G_ema, E,
@@ -68,7 +62,7 @@ import weights
 # The frozen generator and the encoder
 
 
-def encoder_config(args, G):
+def encoder_config(args, G):  # E reads G's images and writes G's W+
     return dict(resolution=G.resolution, image_channels=G.image_channels, style_dim=G.style_dim,
                 units=args.encoder_units, max_channels=args.max_channels)
 
@@ -150,95 +144,75 @@ def encode(E, G, images, autocast):
     return reconstruction.float(), mask_logits.float()
 
 
-def segmentation_score(batches, labels):
-    """Mean per-image DICE of class 1 for one foreground class (labels == 2), else the data set's mIoU, over
-    batches of (predicted classes, true classes) [B, H, W]."""
+@torch.no_grad()
+def encoder_score(E, G, batches, autocast, kind):
+    """{kind_dice}: the mean per-image DICE of class 1 for one foreground class, else {kind_miou}: the data
+    set's mIoU, of the encoder alone's masks G_y(E(x)) against the true ones over `batches` of (images,
+    masks); E in eval mode meanwhile."""
+    was_training, labels = E.training, losses.label_count(G.num_classes)
+    E.eval()
     dices, intersection, union = [], torch.zeros(labels, dtype=torch.long), torch.zeros(labels, dtype=torch.long)
-    for prediction, truth in batches:
+    for images, truth in batches:
+        prediction = model.mask_classes(encode(E, G, images, autocast)[1]).cpu()
         if labels == 2:
             dices.append(losses.dice_jaccard(prediction, truth, 1)[0])
         else:
             i, u = losses.intersection_union(prediction, truth, labels)
             intersection, union = intersection + i, union + u
-    return torch.cat(dices).mean().item() if labels == 2 else losses.mean_iou(intersection, union)
-
-
-@torch.no_grad()
-def validate(E, G, dataset, batch, device, autocast):
-    """{'val_dice': mean per-image DICE of class 1} for one foreground class, else {'val_miou': the data
-    set's mIoU}: the encoder alone, E in eval mode (and back to training mode after)."""
-    was_training = E.training
-    E.eval()
-    labels = losses.label_count(G.num_classes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=0)
-
-    def predicted_and_true():
-        for images, masks in loader:
-            _, mask_logits = encode(E, G, images.to(device), autocast)
-            yield model.mask_classes(mask_logits).cpu(), masks
-
-    score = segmentation_score(predicted_and_true(), labels)
     E.train(was_training)
-    return {"val_dice" if labels == 2 else "val_miou": score}
+    score = torch.cat(dices).mean().item() if labels == 2 else losses.mean_iou(intersection, union)
+    return {f"{kind}_dice" if labels == 2 else f"{kind}_miou": score}
+
+
+def validate(E, G, dataset, batch, device, autocast):
+    """{'val_dice' or 'val_miou'}: the encoder alone as a segmenter of held-back pairs."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=0)
+    return encoder_score(E, G, ((images.to(device), masks) for images, masks in loader), autocast, "val")
 
 
 @torch.no_grad()
 def own_sample_score(E, G, count, batch, device, autocast, seed=0):
     """{'own_dice' or 'own_miou'}: how well E recovers the masks of G's own samples, G_y(w) against
-    G_y(E(G_x(w))), for `count` fixed latents (no truncation, G's fixed noise), scored as validate() scores.
-    The upper bound of the encoder's task: if it is high while the validation score is low, G does not yet
-    draw the data's anatomy; if it is low, the encoder is the limit."""
-    was_training = E.training
-    E.eval()
-    labels = losses.label_count(G.num_classes)
+    G_y(E(G_x(w))), for `count` fixed latents (no truncation, G's fixed noise). The upper bound of the
+    encoder's task: if it is high while the validation score is low, G does not yet draw the data's anatomy;
+    if it is low, the encoder is the limit."""
     z = torch.randn(count, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(device)
 
-    def recovered_and_drawn():
+    def drawn():
         for chunk in z.split(batch):
             with autocast():
                 image, mask_logits = G(chunk, randomize_noise=False)
             # the encoder reads images in [-1, 1], as the data streams give them
-            _, recovered = encode(E, G, image.float().clamp(-1, 1), autocast)
-            yield model.mask_classes(recovered).cpu(), model.mask_classes(mask_logits.float()).cpu()
+            yield image.float().clamp(-1, 1), model.mask_classes(mask_logits.float()).cpu()
 
-    score = segmentation_score(recovered_and_drawn(), labels)
-    E.train(was_training)
-    return {"own_dice" if labels == 2 else "own_miou": score}
-
-
-def tile_row(image, reconstruction, predicted, truth):
-    """[H, 4W, 3] uint8: input | reconstruction | predicted mask | true mask (black if unknown)."""
-    coloured = [data.colour_mask(m.cpu().numpy()) if m is not None else np.zeros_like(data.image_to_uint8(image))
-                for m in (predicted, truth)]
-    return np.concatenate([data.image_to_uint8(image), data.image_to_uint8(reconstruction)] + coloured, axis=1)
+    return encoder_score(E, G, drawn(), autocast, "own")
 
 
 @torch.no_grad()
 def save_grid(E, G, labeled, unlabeled, path, batch, autocast):
-    """Rows for fixed labeled pairs (with their masks) and fixed unlabeled images, from the encoder alone."""
-    was_training = E.training
+    """A row per fixed labeled pair and per fixed unlabeled image, from the encoder alone: input |
+    reconstruction | predicted mask | true mask (black if unknown)."""
+    was_training, rows = E.training, []
     E.eval()
-    rows = []
-    device = G.constant.device
     for images, masks in ((labeled[0], labeled[1]), (unlabeled, None)):
         for start in range(0, images.shape[0], batch):
-            chunk = images[start:start + batch].to(device)
+            chunk = images[start:start + batch].to(G.constant.device)
             reconstruction, mask_logits = encode(E, G, chunk, autocast)
             for k, (image, rec, predicted) in enumerate(zip(chunk, reconstruction, model.mask_classes(mask_logits))):
-                truth = None if masks is None else masks[start + k]
-                rows.append(tile_row(image, rec, predicted, truth))
+                blank = np.zeros_like(data.image_to_uint8(image))
+                truth = blank if masks is None else data.colour_mask(masks[start + k].numpy())
+                rows.append(np.concatenate([data.image_to_uint8(image), data.image_to_uint8(rec),
+                                            data.colour_mask(predicted.cpu().numpy()), truth], axis=1))
     E.train(was_training)
     grid = Image.fromarray(np.concatenate(rows, axis=0))
-    zoom = max(1, 128 // rows[0].shape[0])
+    zoom = max(1, 128 // rows[0].shape[0])  # small demo resolutions are enlarged (nearest) to be seen
     grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(path)
 
 
 def fixed_samples(dataset, count):
     """The first `count` samples of a dataset built without augmentation, stacked: (images, masks) or images."""
     items = [dataset[i] for i in range(min(count, len(dataset)))]
-    if isinstance(items[0], (tuple, list)):
-        return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
-    return torch.stack(items)
+    return tuple(map(torch.stack, zip(*items))) if isinstance(items[0], (tuple, list)) else torch.stack(items)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,16 +232,12 @@ def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=Non
             "labeled_errors": labeled_errors}
 
 
-def save_bundle(bundle, path):
-    training.save_checkpoint(bundle, path, keep=None)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The training loop
 
 
-# Stage-1 options that stage 2 inherits unless given: the same data, the same labeled subset. Checkpoints of
-# before 2026-12-06 name two of them as the options were then called (OLD_NAMES).
+# Stage-1 options stage 2 inherits unless given (the same data, the same labeled subset), and two of their
+# names in checkpoints of before 2026-12-06.
 INHERITED = ("data", "labeled_dir", "resolution", "channels", "num_classes", "class_map", "num_labels",
              "labels_seed", "split", "fit", "augment", "flip", "skip_unpaired", "demo_length")
 OLD_NAMES = {"labeled": "labeled_dir", "labels": "num_labels"}
@@ -275,21 +245,19 @@ OLD_NAMES = {"labeled": "labeled_dir", "labels": "num_labels"}
 
 def check_fits(args, G, info, labeled):
     """The data must be what G generates: its resolution, image channels and classes."""
+    Error = training.TrainingError
     if labeled is None:
-        raise training.TrainingError("stage 2 needs labeled pairs for the mask losses: pass --labeled-dir (or "
-                                     "--num-labels N > 0)")
+        raise Error("stage 2 needs labeled pairs for the mask losses: pass --labeled-dir (or --num-labels N > 0)")
     if args.resolution != G.resolution:
-        raise training.TrainingError(f"{args.ckpt} generates {G.resolution} px images, not --resolution "
-                                     f"{args.resolution}: leave --resolution out (it is taken from the checkpoint) "
-                                     f"or pass {G.resolution}")
+        raise Error(f"{args.ckpt} generates {G.resolution} px images, not --resolution {args.resolution}: leave "
+                    f"--resolution out (it is taken from the checkpoint) or pass {G.resolution}")
     if info["channels"] != G.image_channels:
-        raise training.TrainingError(f"the data has {info['channels']} image channels, {args.ckpt} generates "
-                                     f"{G.image_channels}: pass --channels {G.image_channels} or the data stage 1 "
-                                     "trained on")
+        raise Error(f"the data has {info['channels']} image channels, {args.ckpt} generates {G.image_channels}: "
+                    f"pass --channels {G.image_channels} or the data stage 1 trained on")
     classes = losses.label_count(G.num_classes)
     if info["num_classes"] != classes:
-        raise training.TrainingError(f"the data has {info['num_classes']} classes, {args.ckpt} generates masks of "
-                                     f"{classes}: pass --num-classes {classes} (or the stage-1 --class-map)")
+        raise Error(f"the data has {info['num_classes']} classes, {args.ckpt} generates masks of {classes}: pass "
+                    f"--num-classes {classes} (or the stage-1 --class-map)")
 
 
 def restore(resume, args, G, E, optimizers):
@@ -356,14 +324,14 @@ def _train(args, ckpt, rank, world, device):
             fixed_samples(plain_unlabeled, args.grid))
     if rank == 0:
         announce(args, info, G, E, world, device, precision, temperatures, validation_source)
-    progress = training.Progress(os.path.join(args.out, "log.jsonl"), 2 * args.batch * world, args.iter, step, device,
-                                 elapsed=state.get("elapsed", 0.0), tensorboard=training.tensorboard_writer(args, rank, step))
+    progress = training.Progress(os.path.join(args.out, "log.jsonl"), 2 * args.batch * world, args.iter, step,
+                                 device, state.get("elapsed", 0.0), training.tensorboard_writer(args, rank, step))
 
     def one_step(step, unlabeled_images, labeled_pair, identities):
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
-        batch = (unlabeled_images.to(device, non_blocking=True), *(t.to(device, non_blocking=True) for t in labeled_pair))
+        batch = [t.to(device, non_blocking=True) for t in (unlabeled_images, *labeled_pair)]
         return train_step(net, G, percept, optimizers, batch, args, temperatures, autocast)
 
     def measure(step, checkpoint):  # the encoder alone as a segmenter, every rank the same numbers
@@ -386,9 +354,10 @@ def _train(args, ckpt, rank, world, device):
             return make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, step, validated, vars(args),
                                ckpt["args"], report.labeled_errors(E, G, percept, plain_labeled, args.batch, device))
         if measured and best["due"]:
-            save_bundle(bundle({k: v.item() for k, v in measured.items()}), os.path.join(args.out, "best.pt"))
+            best_bundle = bundle({k: v.item() for k, v in measured.items()})
+            training.save_checkpoint(best_bundle, os.path.join(args.out, "best.pt"))
         if checkpoint:
-            save_bundle(bundle(), os.path.join(args.out, "model.pt"))
+            training.save_checkpoint(bundle(), os.path.join(args.out, "model.pt"))
         if checkpoint and not stopping:
             grid_path = os.path.join(args.out, f"samples-{step:08d}.png")
             save_grid(E, G, *grid, grid_path, args.batch, autocast)
@@ -415,14 +384,11 @@ def build_parser():
     p.set_defaults(**{k: None for k in INHERITED})  # None: taken from the stage-1 checkpoint
     g = p.add_argument_group("training (defaults: the official configuration)")
     g.add_argument("--out", default="runs/encoder", help="output folder: model.pt, best.pt, checkpoints, grids, log")
-    g.add_argument("--iter", type=cli.POSITIVE_INT, default=100000,
-                   help="iterations (each an unlabeled and a labeled step)")
+    g.add_argument("--iter", type=cli.POSITIVE_INT, default=100000, help="iterations (an unlabeled and a labeled step)")
     g.add_argument("--batch", type=cli.POSITIVE_INT, default=16, help="batch per GPU / process, of each kind")
     g.add_argument("--lr", type=cli.POSITIVE, default=1e-3)
-    g.add_argument("--lr-min", type=cli.NON_NEGATIVE, default=1e-5,
-                   help="learning rate at the end of the cosine decay")
-    g.add_argument("--lr-decay-start", type=cli.FRACTION, default=0.3,
-                   help="fraction of --iter where the decay starts")
+    g.add_argument("--lr-min", type=cli.NON_NEGATIVE, default=1e-5, help="learning rate at the end of the decay")
+    g.add_argument("--lr-decay-start", type=cli.FRACTION, default=0.3, help="fraction of --iter where it starts")
     g.add_argument("--optimizer", choices=["radam", "adam"], default="radam")
     g.add_argument("--lpips", choices=losses.Perceptual.NETS, default="vgg",
                    help="LPIPS network; random = untrained backbone (tests, offline demos)")

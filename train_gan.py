@@ -20,11 +20,12 @@ Every iteration (the official schedule, rosinality/stylegan2-pytorch as extended
  5. Path length every 4 steps on half a batch (weight 2, scaled by 4).
  6. G_ema <- G_ema + (1 - 0.5 ** (32 / 10000)) (G - G_ema).
 
-Starting from existing weights: --init PATH fills the networks from a checkpoint of this project, of the
-official SemanticGAN code (g, g_ema, d_img, d_seg) or of a rosinality/stylegan2-pytorch StyleGAN2 (g_ema, d;
-its tSeg and D_m start fresh), at step 0 with fresh optimisers; the networks' shape is read from the file,
-the classes come from the data. --train seg then trains only tSeg and D_m on top of the frozen generator:
-steps 1, 3 (D_r's half) and 5 are skipped, G's loss is D_m's, G_ema follows in tSeg alone.
+Starting from existing weights: --init PATH fills the networks from a checkpoint of this project, of the official
+SemanticGAN code (g, g_ema, d_img, d_seg) or of a rosinality/stylegan2-pytorch StyleGAN2 (g_ema, d; its tSeg and D_m
+start fresh), at step 0 with fresh optimisers; the networks' shape is the file's, the classes the data's. --train
+seg then trains only tSeg and D_m on top of the frozen generator: the images do not change, so D_r has nothing to
+learn (steps 1 and 3's half are skipped), nor has step 5 (its gradient reaches frozen layers only); G's loss is
+D_m's, G_ema follows in tSeg alone.
 
 Masks: K classes (background included) give K mask channels, except a task with one foreground class, which
 gets one channel as in the official code (--binary sigmoid: D_m sees that logit against the real mask in
@@ -33,23 +34,21 @@ gets one channel as in the official code (--binary sigmoid: D_m sees that logit 
 Batch: --batch is per GPU (as in the official code); the global batch is batch x GPUs and kimg counts
 global images. The labeled and the unlabeled stream each deliver --batch samples per GPU and step.
 
-Mixed precision: on a GPU the networks run under bf16 autocast by default (--precision); bf16 keeps fp32's
-exponent range, so no loss scaling and no clamping of activations is needed. D_r's R1 (every 16th step)
-runs in fp32: its double backward in bf16 measurably weakens it (docs/precision.md); D_m's R1 and
-the path length run in bf16. The optimisers and G_ema stay in fp32.
+Mixed precision: on a GPU the networks run under bf16 autocast by default (--precision); bf16 keeps fp32's exponent
+range, so no loss scaling and no clamping of activations is needed. The optimisers, G_ema and D_r's R1 stay in fp32
+(D_m's R1 and the path length run in bf16): in bf16 D_r's R1 weight gradient (a double backward) is 46% off fp32's at
+trained weights (beyond batch noise) and R1_D_r stays 1.5x the fp32 runs' for 10 kimg (docs/precision.md).
 
-Mask quality at every snapshot, without an encoder: mask_area and mask_parts in the log are the mean area
-and the mean number of connected regions of each class in the masks of 64 fixed latents of G_ema, divided
-by the same of the labeled masks as D_m sees them (1 = like the labels). A mask branch that degrades while
-the images stay good, masks shrinking to slivers or breaking up, shows as mask_area falling or mask_parts
-rising.
+Mask quality at every snapshot, without an encoder: mask_area, mask_parts and mask_holes in the log are the
+mean area and number of regions of each class (holes: of the background) in the masks of 64 fixed latents of
+G_ema, over the same of the labeled masks as D_m sees them (1 = alike). Masks that shrink to slivers or break
+up while the images stay good show as mask_area falling or mask_parts rising.
 
-Every --snap-every steps a sample grid and a checkpoint (G, G_ema, D_r, D_m, the optimisers, the path-length
-mean, the data streams' positions, every RNG): `--resume auto` continues the latest exactly as if the run had
-not stopped. The run machinery (checkpoints, resume and rollback, SIGTERM, the progress line, DDP) is
-training.py's, shared with stage 2.
+Every --snap-every steps a sample grid and a checkpoint (the networks, the optimisers, the path-length mean, the
+data streams' positions, every RNG): `--resume auto` continues the latest exactly as if the run had not stopped.
 
-Needs: model.py (the networks), weights.py (--init from other code), losses.py, data.py, training.py.
+Needs: model.py (the networks), weights.py (--init from other code), losses.py, data.py, training.py (the run
+machinery: checkpoints, resume and rollback, SIGTERM, the progress line, DDP; shared with stage 2).
 """
 
 import argparse
@@ -71,14 +70,13 @@ import training
 import weights
 
 # ----------------------------------------------------------------------------------------------------
-# Set-up
+# Set-up: the networks and their optimisers
 
 
 def build_networks(args, image_channels, num_classes, device, shapes=None):
-    """G, G_ema, D_r, D_m for data of `num_classes` classes (background included): the mask has
-    model.mask_channels of them (one for a binary task in the official --binary sigmoid form). `shapes`
-    (weights.official_shapes of an --init file): D_r and D_m take the widths of the file's, where it has them.
-    With --train seg all but tSeg and D_m is frozen (no gradients) from the start."""
+    """G, G_ema, D_r, D_m for `num_classes` classes (background included; model.mask_channels: one channel for
+    a binary task with --binary sigmoid). D_r and D_m take the widths of `shapes` (weights.official_shapes of an
+    --init file) where it has them. --train seg freezes all but tSeg and D_m from the start."""
     channels = model.mask_channels(num_classes, args.binary)
     G = model.Generator(args.resolution, channels, image_channels, style_dim=args.style_dim, n_mlp=args.n_mlp,
                         channel_multiplier=args.channel_multiplier, max_channels=args.max_channels)
@@ -94,8 +92,7 @@ def build_networks(args, image_channels, num_classes, device, shapes=None):
     G, D_r, D_m = G.to(device), D_r.to(device), D_m.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     if args.train == "seg":
-        G.requires_grad_(False)
-        G.t_seg.requires_grad_(True)
+        G.requires_grad_(False).t_seg.requires_grad_(True)
         D_r.requires_grad_(False)
     return G, G_ema, D_r, D_m
 
@@ -103,8 +100,7 @@ def build_networks(args, image_channels, num_classes, device, shapes=None):
 def build_optimizers(args, G, D_r, D_m):
     """Adam with the lazy-regularisation correction: a regulariser applied every k steps makes the
     effective step c = k / (k + 1) of the plain one, so lr * c and betas ** c (StyleGAN2 App. B). With
-    --train seg G's optimiser holds tSeg alone, which no regulariser touches (path length is skipped): the
-    plain step."""
+    --train seg G's optimiser holds tSeg alone, which no regulariser touches: the plain step."""
     def adam(params, every):
         c = every / (every + 1) if every else 1.0
         return torch.optim.Adam(params, lr=args.lr * c, betas=(0 ** c, 0.99 ** c))
@@ -142,50 +138,51 @@ def rows_of(outputs, rows):
     return [[t[rows] for t in scale] for scale in outputs]
 
 
+def _float(outputs):
+    return [[t.float() for t in scale] for scale in outputs]
+
+
 @torch.no_grad()
 def mismatched_logits_for_the_log(D_m, images, masks):
     """D_m's outputs for real images with other images' masks, in eval mode: spectral norm's power iteration
     does not advance, so measuring leaves training exactly as it was."""
-    net = training.unwrap(D_m)
-    net.eval()
+    net = training.unwrap(D_m).eval()
     outputs = _float(net(images, masks))
     net.train()
     return outputs
 
 
+def _update(optimizer, loss):
+    """One optimiser step on `loss`; returns the loss detached."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_step(step, nets, optimizers, batch, args, state, autocast):
     """One iteration of the schedule in the module docstring. Returns the losses (detached tensors)."""
-    G, D_r, D_m = nets
-    opt_G, opt_D_r, opt_D_m = optimizers
+    (G, D_r, D_m), (opt_G, opt_D_r, opt_D_m) = nets, optimizers
     real_images, labeled_images, labeled_masks, *identities = batch  # identities: labeled_stream.indices
-    B = real_images.shape[0]
-    style_dim = training.unwrap(G).style_dim
-    num_classes = training.unwrap(G).num_classes
-    real_pair_mask = model.real_mask_input(labeled_masks, num_classes, args.dm_mask)
-    # --train seg: the image branch and the synthesis layers are frozen, so the images do not change and D_r,
-    # which judges nothing else, has nothing to learn: its steps are skipped, and G's loss is D_m's alone
-    images_train = args.train == "all"
-    out = {}
+    B, net, r1_due = real_images.shape[0], training.unwrap(G), step % args.r1_every == 0
+    z = lambda n: sample_z(n, net.style_dim, args.mixing, real_images.device)  # noqa: E731
+    real_pair_mask = model.real_mask_input(labeled_masks, net.num_classes, args.dm_mask)
+    images_train, out = args.train == "all", {}  # not --train seg (module docstring)
 
     # 1-2. discriminator steps on one batch of fakes, or one each (G frozen)
     G.requires_grad_(False)
     D_r.requires_grad_(images_train)
     D_m.requires_grad_(True)
     with torch.no_grad(), autocast():
-        fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
+        fake_images, fake_masks = G(z(B))
     if images_train:
         with autocast():
             loss = losses.d_logistic_loss(D_r(real_images).float(), D_r(fake_images).float())
-        opt_D_r.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_D_r.step()
-        out["D_r"] = loss.detach()
-
+        out["D_r"] = _update(opt_D_r, loss)
     if not args.shared_fakes:
         with torch.no_grad(), autocast():
-            fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
-    # mismatched pairs: each real image with another labeled image's mask, a pair whose image is real and
-    # whose mask does not fit it (a batch of one image repeated has none)
+            fake_images, fake_masks = G(z(B))
+    # mismatched pairs: each real image with another labeled image's mask (none in a batch of one image repeated)
     partners = mismatched_partners(identities[0] if identities else torch.arange(len(labeled_images)))
     paired = (partners >= 0).nonzero()[:, 0].to(labeled_images.device)
     partners = partners[partners >= 0].to(labeled_images.device)
@@ -198,89 +195,63 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
             loss = losses.d_hinge_loss_mismatched(real_outputs, fake_outputs, mismatched_outputs)
         else:
             loss = losses.d_hinge_loss(real_outputs, fake_outputs)
-        if mismatched_outputs is None and len(paired) and step % args.r1_every == 0:  # only for the log
+        if mismatched_outputs is None and len(paired) and r1_due:  # only for the log
             mismatched_outputs = mismatched_logits_for_the_log(D_m, labeled_images[paired], real_pair_mask[partners])
-    opt_D_m.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_D_m.step()
-    out["D_m"] = loss.detach()
-    if mismatched_outputs is not None and step % args.r1_every == 0:
+    out["D_m"] = _update(opt_D_m, loss)
+    if mismatched_outputs is not None and r1_due:
         # does D_m care whether a mask fits its image? Its mean logit on the real pairs minus on the same
         # images with another's mask, averaged over its scales: about 0 when it judges the images alone
         out["D_m_fit"] = ((losses.d_m_score(rows_of(real_outputs, paired)) - losses.d_m_score(mismatched_outputs))
                           / len(real_outputs)).detach()
 
-    # 3. lazy R1 on both discriminators. D_r's runs in fp32 whatever --precision says: under bf16 its weight
-    # gradient (a double backward) is 46% off fp32's at trained weights, more than one batch differs from the
-    # next, and a bf16 run keeps R1_D_r 1.5x the fp32 runs' for 10 kimg (docs/precision.md)
-    if step % args.r1_every == 0 and images_train:
+    # 3. lazy R1 on both discriminators, D_r's in fp32 whatever --precision says (module docstring). "+ 0 * the
+    # output": every parameter of the discriminator takes part, which DDP requires of each backward
+    if r1_due and images_train:
         images = real_images.detach().requires_grad_(True)
         logits = D_r(images)
         penalty = losses.r1_penalty(logits.float().sum(), images)
-        opt_D_r.zero_grad(set_to_none=True)
-        # "+ 0 * logits": every parameter of D_r takes part, which DDP requires of each backward
-        (args.r1 / 2 * penalty * args.r1_every + 0 * logits.float().sum()).backward()
-        opt_D_r.step()
+        _update(opt_D_r, args.r1 / 2 * penalty * args.r1_every + 0 * logits.float().sum())
         out["R1_D_r"] = penalty.detach()
-    if step % args.r1_every == 0:
+    if r1_due:
         pair = [labeled_images.detach().requires_grad_(True), real_pair_mask.detach().requires_grad_(True)]
         with autocast():
             outputs = D_m(*pair)
         score = losses.d_m_score(outputs)
         penalty = losses.r1_penalty(score, pair)
-        opt_D_m.zero_grad(set_to_none=True)
-        (args.r1 / 2 * penalty * args.r1_every + 0 * score).backward()
-        opt_D_m.step()
+        _update(opt_D_m, args.r1 / 2 * penalty * args.r1_every + 0 * score)
         out["R1_D_m"] = penalty.detach()
 
     # 4. generator step (--train seg: tSeg alone)
-    (G if images_train else training.unwrap(G).t_seg).requires_grad_(True)
+    (G if images_train else net.t_seg).requires_grad_(True)
     D_r.requires_grad_(False)
     D_m.requires_grad_(False)
     with autocast():
-        fake_images, fake_masks = G(sample_z(B, style_dim, args.mixing, real_images.device))
+        fake_images, fake_masks = G(z(B))
         adv_r = losses.g_nonsaturating_loss(D_r(fake_images).float()) if images_train else None
         fake_outputs = _float(D_m(*model.generated_pair(fake_images, fake_masks, args.dm_mask)))
         with torch.no_grad():
             real_outputs = _float(D_m(labeled_images, real_pair_mask))
         adv_m = losses.g_hinge_loss(fake_outputs)
         feature_matching = losses.feature_matching_loss(fake_outputs, real_outputs)
-    loss = adv_m + args.fm_weight * feature_matching + (adv_r if images_train else 0)
-    opt_G.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_G.step()
-    out["G"] = loss.detach()
+    out["G"] = _update(opt_G, adv_m + args.fm_weight * feature_matching + (adv_r if images_train else 0))
     if images_train:
         out["G_r"] = adv_r.detach()
     out.update(G_m=adv_m.detach(), G_fm=feature_matching.detach())
 
-    # 5. lazy path-length regularisation on half a batch. Not with --train seg: the path length is the image's
-    # sensitivity to w, whose gradient reaches the frozen layers only (the mapping, the synthesis convolutions,
-    # tImage), so it would change nothing that trains
+    # 5. lazy path length (not with --train seg: it is the image's sensitivity to w)
     if images_train and args.pl_weight > 0 and step % args.pl_every == 0:
-        pl_batch = max(1, B // PL_BATCH_SHRINK)
         with autocast():
-            images, masks, w_plus = G(sample_z(pl_batch, style_dim, args.mixing, real_images.device),
-                                      return_latents=True)
+            images, masks, w_plus = G(z(max(1, B // PL_BATCH_SHRINK)), return_latents=True)
         penalty, state["mean_path_length"], path_length = losses.path_length_penalty(
             images.float(), w_plus, state["mean_path_length"], sync=args.pl_mean_sync)
-        opt_G.zero_grad(set_to_none=True)
-        # "+ 0 * outputs": the tSeg layers and the last biases take part (with zero gradient), which DDP
-        # requires of each backward
-        (args.pl_weight * penalty * args.pl_every + 0 * (images.float().sum() + masks.float().sum())).backward()
-        opt_G.step()
+        # "+ 0 * outputs": the tSeg layers and the last biases take part (with zero gradient), for DDP
+        _update(opt_G, args.pl_weight * penalty * args.pl_every + 0 * (images.float().sum() + masks.float().sum()))
         out.update(PL=penalty.detach(), path_length=path_length)
 
-    # 6. exponential moving average of G (--train seg: of tSeg, the rest of G_ema stays as it was)
-    if images_train:
-        accumulate(state["G_ema"], training.unwrap(G), EMA_DECAY)
-    else:
-        accumulate(state["G_ema"].t_seg, training.unwrap(G).t_seg, EMA_DECAY)
+    # 6. G_ema (--train seg: its tSeg alone, the rest stays as it was)
+    ema, source = (state["G_ema"], net) if images_train else (state["G_ema"].t_seg, net.t_seg)
+    accumulate(ema, source, EMA_DECAY)
     return out
-
-
-def _float(outputs):
-    return [[t.float() for t in scale] for scale in outputs]
 
 
 @torch.no_grad()
@@ -293,9 +264,7 @@ def accumulate(ema, net, decay):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mask quality without an encoder: the generated masks' area and number of parts, against the labeled masks'.
-# A mask branch that degrades while the images stay good (masks shrinking to slivers or breaking into pieces)
-# shows in the log as mask_area falling below 1 or mask_parts rising above it, not only in the grids.
+# Mask quality without an encoder (module docstring): the generated masks' area and parts against the labels'
 
 MASK_STATS_SIZE = 64  # the statistics are taken at 64 px at most (nearest), so that they cost little
 
@@ -304,8 +273,7 @@ def mask_parts(masks):
     """The number of 4-connected foreground regions of each boolean mask [N, H, W]: every foreground pixel
     takes the largest label among itself and its foreground neighbours until nothing changes, and the
     labels left are the regions."""
-    N, H, W = masks.shape
-    inside = masks.float()
+    (N, H, W), inside = masks.shape, masks.float()
     labels = torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(1, H, W) * inside
     while True:
         p = torch.nn.functional.pad(labels, (1, 1, 1, 1))
@@ -317,10 +285,9 @@ def mask_parts(masks):
 
 
 def mask_statistics(class_maps, num_labels):
-    """(area [L-1], parts [L-1], background parts) of class maps [N, H, W]: for each foreground class, its
-    mean share of the pixels and its mean number of regions over the masks that contain it (0 where none
-    does: a collapsed mask branch has no region of the class); and the background's mean number of regions,
-    which counts holes: a hole in a lung is a background region of its own."""
+    """(area [L-1], parts [L-1], background parts) of class maps [N, H, W]: per foreground class its mean share of
+    the pixels and its mean number of regions over the masks that contain it (0 where none does: a collapsed mask
+    branch has none); and the background's mean number of regions, which counts holes (a region of their own)."""
     if class_maps.shape[-1] > MASK_STATS_SIZE:
         class_maps = torch.nn.functional.interpolate(class_maps[:, None].float(), size=MASK_STATS_SIZE)[:, 0].long()
     area, parts = [], []
@@ -335,10 +302,8 @@ def mask_statistics(class_maps, num_labels):
 
 @torch.no_grad()
 def mask_quality(G_ema, latents, batch, reference):
-    """{'mask_area', 'mask_parts', 'mask_holes'}: the generated masks' area and number of regions per class
-    divided by the labeled masks' (`reference`, from mask_statistics), averaged over the classes the labels
-    contain, and their number of background regions divided by the labels' (holes and cut-off corners); 1 is
-    "like the labels"."""
+    """{'mask_area', 'mask_parts', 'mask_holes'}: mask_statistics of G_ema's masks of `latents` over the labeled
+    masks' (`reference`), averaged over the classes the labels contain; 1 is "like the labels"."""
     maps = torch.cat([model.mask_classes(G_ema(chunk, randomize_noise=False)[1].float()).cpu()
                       for chunk in latents.split(batch)])
     area, parts, background = mask_statistics(maps, losses.label_count(G_ema.num_classes))
@@ -357,6 +322,7 @@ def labeled_mask_statistics(labeled, num_labels, batch, seed, count=64):
 
 # ----------------------------------------------------------------------------------------------------
 # Samples: image | coloured mask | overlay, from fixed latents of G_ema
+
 
 @torch.no_grad()
 def save_grid(G_ema, latents, path, batch, columns=4):
@@ -377,21 +343,21 @@ def save_grid(G_ema, latents, path, batch, columns=4):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# Resuming: a stage-1 checkpoint of the same networks, --train, data and mask form
 
 
-# Arguments that must match for a resumed run to make sense (the rest, e.g. --iter or --snap, may change).
-ARCHITECTURE_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "max_channels", "dm_mask")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The training loop
+# The networks and optimisers a checkpoint holds, and all it must hold for --resume to continue it.
+CHECKPOINTED = ("G", "G_ema", "D_r", "D_m", "opt_G", "opt_D_r", "opt_D_m")
+RESUMED = {*CHECKPOINTED, "step", "mean_path_length", "labeled_stream", "unlabeled_stream", "rng", "image_channels",
+           "num_classes", "args"}
+# Options that must match for a resumed run to make sense (the rest, e.g. --iter or --snap-every, may change).
+NETWORK_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "max_channels")  # and an --init file's
+ARCHITECTURE_ARGS = NETWORK_ARGS + ("dm_mask",)
 
 
 def check_resumable(ckpt, path):
-    """A CheckpointError (one line, pointing to --init where that is what was meant) unless `ckpt` is a
-    stage-1 checkpoint of train_gan.py, which alone holds what --resume continues: the optimisers, the
-    step, the data streams, the RNGs."""
+    """A CheckpointError (one line, pointing to --init where that is what was meant) unless `ckpt` is a stage-1
+    checkpoint of train_gan.py, which alone holds what --resume continues: optimisers, step, data streams, RNGs."""
     source = weights.checkpoint_source(ckpt)
     if isinstance(ckpt, dict) and ckpt.get("stage") == "encoder":
         raise model.CheckpointError(f"{path} is a checkpoint of train_encoder.py: resume it with train_encoder.py "
@@ -408,24 +374,40 @@ def check_resumable(ckpt, path):
                                 f"from its weights pass --init {path}")
 
 
-# What a stage-1 checkpoint must hold for --resume to continue it.
-RESUMED = {"G", "G_ema", "D_r", "D_m", "opt_G", "opt_D_r", "opt_D_m", "step", "mean_path_length", "labeled_stream",
-           "unlabeled_stream", "rng", "image_channels", "num_classes", "args"}
+def restore(ckpt, resume, nets, optimizers, state, args, image_channels, num_classes):
+    """Load a stage-1 checkpoint into the networks, the optimisers and the path-length mean, after checking
+    that it was trained with the same networks, --train, data shape and mask form."""
+    G, saved = nets[0], ckpt["args"]
+    for key in ARCHITECTURE_ARGS:
+        if saved.get(key) != getattr(args, key):
+            raise training.TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
+                                         f"{saved.get(key)}, not {getattr(args, key)}: pass the same value to resume")
+    trained = saved.get("train", "all")  # older checkpoints: all
+    if trained != args.train:
+        raise training.TrainingError(f"checkpoint {resume} was trained with --train {trained}, not {args.train}: "
+                                     "pass the same value to resume (a new run can start from it: --init "
+                                     f"{resume} --train {args.train})")
+    if (ckpt["image_channels"], ckpt["num_classes"]) != (image_channels, num_classes):
+        raise training.TrainingError(f"checkpoint {resume} has {ckpt['image_channels']} image channels and "
+                                     f"{ckpt['num_classes']} classes, the data {image_channels} and {num_classes}")
+    saved_channels = ckpt.get("mask_channels", ckpt["num_classes"])  # older checkpoints: one per class
+    if saved_channels != G.num_classes:
+        form = "sigmoid" if saved_channels == 1 else "softmax"
+        raise training.TrainingError(f"checkpoint {resume} has {saved_channels} mask channel(s), --binary "
+                                     f"{args.binary} makes {G.num_classes}: pass --binary {form} to resume it")
+    for part, key in zip((*nets, *optimizers), CHECKPOINTED):
+        part.load_state_dict(ckpt[key])
+    state["mean_path_length"] = ckpt["mean_path_length"].to(G.constant.device)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Starting from existing weights (--init): a checkpoint of this project, of the official SemanticGAN code, or a
-# StyleGAN2 generator of rosinality/stylegan2-pytorch (model.py maps them onto these networks)
-
-
-NETWORK_ARGS = ("resolution", "style_dim", "n_mlp", "channel_multiplier", "max_channels")
+# Starting from existing weights (--init; weights.py maps other code's networks onto these)
 
 
 def read_init(args, resume=None):
-    """The networks of --init: {"path", "source", "tensors" (official layout), "shapes"} (weights.read_networks).
-    The shape is the file's: --resolution and the network options are set from it, and one given with another
-    value is a training.TrainingError. Resuming, the file read is the checkpoint `resume` (of the same shape, which
-    --init gave it), so that a run continues when its --init file has gone."""
+    """The networks of --init: {"path", "source", "tensors" (official layout), "shapes"} (weights.read_networks),
+    whose shape sets --resolution and the network options (one given otherwise is a TrainingError). Resuming, the
+    file read is the checkpoint `resume` (of the same shape), so that a run continues when its --init file has gone."""
     path = resume or args.init
     source, tensors, shapes = weights.read_networks(path, "pass --init a checkpoint of train_gan.py, of the official "
                                                   "train_seg_gan.py or of rosinality/stylegan2-pytorch")
@@ -435,51 +417,34 @@ def read_init(args, resume=None):
         if given != parser.get_default(key) and given != generator[key]:
             option = "--" + key.replace("_", "-")
             raise training.TrainingError(f"{'--resume' if resume else '--init'} {path} holds a generator with {option} "
-                                f"{generator[key]}, not {given}: leave {option} out (the file's is used)")
+                                         f"{generator[key]}, not {given}: leave {option} out (the file's is used)")
         setattr(args, key, generator[key])
     return {"path": path, "source": source, "tensors": tensors, "shapes": shapes}
 
 
-def check_image_channels(init, image_channels):
-    """An --init generator of other images than the data's (an RGB FFHQ generator, grey radiographs) cannot
-    be trained on them: a training.TrainingError saying so."""
-    made = init["shapes"]["generator"]["image_channels"]
-    if made != image_channels:
-        kind = {1: "grey", 3: "RGB"}
-        raise training.TrainingError(f"--init {init['path']} generates {kind.get(made, made)} images ({made} channels), the data "
-                            f"is {kind.get(image_channels, image_channels)} ({image_channels}): pass --channels {made} "
-                            f"to read the images as {kind.get(made, made)}, or --init a generator of "
-                            f"{image_channels}-channel images")
-
-
 def start_from(init, G, G_ema, D_r, D_m, args):
-    """Fill the networks from --init (step 0, fresh optimisers): G and G_ema, D_r and D_m where the file has
-    them. The classes are the data's: a file with another number of mask channels, or none (a StyleGAN2
-    generator), leaves tSeg (and D_m's first layers, which read the mask) as initialised. Returns the line
-    that says what came from where."""
+    """Fill G and G_ema, and D_r and D_m where the file has them, from --init. A file with another number of
+    mask channels than the data's, or none (a StyleGAN2 generator), leaves tSeg (and D_m's first layers, which read
+    the mask) as initialised. Returns the line that says what came from where."""
     tensors, path, saved = init["tensors"], init["path"], init["shapes"]["generator"]["num_classes"]
     other_classes = saved != G.num_classes
     trained = init["shapes"].get("dm_mask")  # what the file's D_m saw of a mask, and its tSeg learnt to give it
     if trained and not other_classes and trained != args.dm_mask:
         raise training.TrainingError(f"--init {path} learnt its masks for a D_m that saw {trained}, this run gives D_m "
-                            f"{args.dm_mask}: pass --dm-mask {trained}")
+                                     f"{args.dm_mask}: pass --dm-mask {trained}")
     # --train seg learns tSeg on the generator that is used afterwards, G_ema ("g" holds the last iterate)
     g = "g" if "g" in tensors and args.train == "all" else "g_ema"
     weights.load_official(G, tensors[g], path, g, fresh=r"t_seg\." if other_classes else None)
     weights.load_official(G_ema, tensors["g_ema"], path, "g_ema", fresh=r"t_seg\." if other_classes else None)
     taken, fresh = [f"G from {g}", "G_ema from g_ema"], []
-    d_img = "d" if init["source"] == "rosinality" else "d_img"
-    if "d_img" in tensors:
-        weights.load_official(D_r, tensors["d_img"], path, d_img)
-        taken.append(f"D_r from {d_img}")
-    else:
-        fresh.append("D_r")
-    if "d_seg" in tensors:
-        weights.load_official(D_m, tensors["d_seg"], path, "d_seg",
-                            fresh=r"scales\.\d+\.layers\.0\." if other_classes else None)
-        taken.append("D_m from d_seg")
-    else:
-        fresh.append("D_m")
+    for net, name, key, keep in ((D_r, "D_r", "d_img", None),
+                                 (D_m, "D_m", "d_seg", r"scales\.\d+\.layers\.0\." if other_classes else None)):
+        shown = "d" if key == "d_img" and init["source"] == "rosinality" else key  # as the file names it
+        if key in tensors:
+            weights.load_official(net, tensors[key], path, shown, fresh=keep)
+            taken.append(f"{name} from {shown}")
+        else:
+            fresh.append(name)
     if saved is None:
         fresh.append("tSeg (the file has no mask branch)")
     elif other_classes:
@@ -489,33 +454,25 @@ def start_from(init, G, G_ema, D_r, D_m, args):
             + (f"; fresh: {', '.join(fresh)}" if fresh else "") + "; step 0, fresh optimisers")
 
 
-def restore(ckpt, resume, nets, optimizers, state, args, image_channels, num_classes):
-    """Load a stage-1 checkpoint into the networks, the optimisers and the path-length mean, after checking
-    that it was trained with the same networks, --train, data shape and mask form."""
-    G, G_ema, D_r, D_m = nets
-    for key in ARCHITECTURE_ARGS:
-        if ckpt["args"].get(key) != getattr(args, key):
-            raise training.TrainingError(f"checkpoint {resume} was trained with --{key.replace('_', '-')} "
-                                         f"{ckpt['args'].get(key)}, not {getattr(args, key)}: pass the same value to "
-                                         "resume")
-    trained = ckpt["args"].get("train", "all")  # older checkpoints: all
-    if trained != args.train:
-        raise training.TrainingError(f"checkpoint {resume} was trained with --train {trained}, not {args.train}: pass "
-                                     f"the same value to resume (a new run can start from it: --init {resume} --train "
-                                     f"{args.train})")
-    if (ckpt["image_channels"], ckpt["num_classes"]) != (image_channels, num_classes):
-        raise training.TrainingError(f"checkpoint {resume} has {ckpt['image_channels']} image channels and "
-                                     f"{ckpt['num_classes']} classes, the data {image_channels} and {num_classes}")
-    saved_channels = ckpt.get("mask_channels", ckpt["num_classes"])  # older checkpoints: one per class
-    if saved_channels != G.num_classes:
-        form = "sigmoid" if saved_channels == 1 else "softmax"
-        raise training.TrainingError(f"checkpoint {resume} has {saved_channels} mask channel(s), --binary "
-                                     f"{args.binary} makes {G.num_classes}: pass --binary {form} to resume it")
-    for net, key in zip(nets, ("G", "G_ema", "D_r", "D_m")):
-        net.load_state_dict(ckpt[key])
-    for optimizer, key in zip(optimizers, ("opt_G", "opt_D_r", "opt_D_m")):
-        optimizer.load_state_dict(ckpt[key])
-    state["mean_path_length"] = ckpt["mean_path_length"].to(G.constant.device)
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def check_data(args, labeled, info, init):
+    """Labeled pairs for D_m, two of them for --dm-mismatched, and an --init generator of the data's images."""
+    if labeled is None:
+        raise training.TrainingError("D_m needs labeled pairs: pass a folder with images/ and masks/ via "
+                                     "--labeled-dir (or as --data), or --data demo")
+    if args.dm_mismatched and info["labeled_count"] < 2:
+        raise training.TrainingError("--dm-mismatched pairs labeled images with other labeled images' masks: it "
+                                     "needs 2 labeled pairs or more")
+    made, image_channels = init and init["shapes"]["generator"]["image_channels"], info["channels"]
+    if init and made != image_channels:
+        kind = {1: "grey", 3: "RGB"}
+        theirs, ours = kind.get(made, made), kind.get(image_channels, image_channels)
+        raise training.TrainingError(f"--init {init['path']} generates {theirs} images ({made} channels), the data is "
+                                     f"{ours} ({image_channels}): pass --channels {made} to read the images as "
+                                     f"{theirs}, or --init a generator of {image_channels}-channel images")
 
 
 def announce(args, info, G, D_r, D_m, world, device, precision, label_statistics):
@@ -568,33 +525,29 @@ def _train(args, rank, world, device):
         taken = start_from(init, G, G_ema, D_r, D_m, args)
         if rank == 0:
             print(taken, flush=True)
-    nets = (G, D_r, D_m)
-    if world > 1:  # a network without trainable parameters (D_r with --train seg) takes no part in any backward
-        nets = tuple(torch.nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda"
-                                                               else None)
-                     if any(p.requires_grad for p in m.parameters()) else m for m in nets)
-    fixed = lambda count, offset: torch.randn(count, args.style_dim,  # noqa: E731
-                                              generator=torch.Generator().manual_seed(args.seed + offset)).to(device)
-    grid_latents, quality_latents = fixed(args.grid, 12345), fixed(64, 54321)
+    # DDP, but not for a network without trainable parameters (D_r with --train seg): it takes part in no backward
+    ids = [device.index] if device.type == "cuda" else None
+    nets = tuple(torch.nn.parallel.DistributedDataParallel(m, device_ids=ids)
+                 if world > 1 and any(p.requires_grad for p in m.parameters()) else m for m in (G, D_r, D_m))
+    seeded = ((args.grid, args.seed + 12345), (64, args.seed + 54321))  # fixed latents: the grid's, mask quality's
+    grid_latents, quality_latents = (torch.randn(n, args.style_dim, generator=torch.Generator().manual_seed(seed))
+                                     .to(device) for n, seed in seeded)
     label_statistics = labeled_mask_statistics(labeled, losses.label_count(G.num_classes), args.batch, args.seed + 2)
     if rank == 0:
         announce(args, info, G, D_r, D_m, world, device, precision, label_statistics)
     progress = training.Progress(os.path.join(args.out, "log.jsonl"), args.batch * world, args.iter, step, device,
-                                 elapsed=ckpt.get("elapsed", 0.0), tensorboard=training.tensorboard_writer(args, rank, step))
+                                 ckpt.get("elapsed", 0.0), training.tensorboard_writer(args, rank, step))
 
     def one_step(step, real_images, labeled_pair, identities):
-        batch = (real_images.to(device, non_blocking=True), *(t.to(device, non_blocking=True) for t in labeled_pair),
-                 identities)
+        batch = (*(t.to(device, non_blocking=True) for t in (real_images, *labeled_pair)), identities)
         return train_step(step, nets, optimizers, batch, args, state, autocast)
 
     def measure(step, checkpoint):  # the masks' quality, at every snapshot
         return mask_quality(G_ema, quality_latents, args.batch, label_statistics) if checkpoint else {}
 
-    def checkpoint_state(step):
-        return {"G": training.unwrap(G).state_dict(), "G_ema": G_ema.state_dict(), "D_r": training.unwrap(D_r).state_dict(),
-                "D_m": training.unwrap(D_m).state_dict(), **{k: o.state_dict() for k, o in
-                                                             zip(("opt_G", "opt_D_r", "opt_D_m"), optimizers)},
-                "mean_path_length": state["mean_path_length"].detach().cpu(), "image_channels": image_channels,
+    def checkpoint_state(step):  # G, D_r, D_m unwrapped (nets holds the DDP wrappers)
+        saved = {key: part.state_dict() for key, part in zip(CHECKPOINTED, (G, G_ema, D_r, D_m, *optimizers))}
+        return {**saved, "mean_path_length": state["mean_path_length"].detach().cpu(), "image_channels": image_channels,
                 "num_classes": num_classes, "mask_channels": G_ema.num_classes}
 
     def write(step, measured, checkpoint, stopping):
@@ -607,19 +560,7 @@ def _train(args, rank, world, device):
                                checkpoint_state, write, rank, world, device)
     if rank == 0:
         print(f"done: {step} steps; checkpoints and samples in {args.out}", flush=True)
-    return {"G": training.unwrap(G), "G_ema": G_ema, "D_r": training.unwrap(D_r), "D_m": training.unwrap(D_m)}
-
-
-def check_data(args, labeled, info, init):
-    """Labeled pairs for D_m, two of them for --dm-mismatched, and an --init generator of the data's images."""
-    if labeled is None:
-        raise training.TrainingError("D_m needs labeled pairs: pass a folder with images/ and masks/ via "
-                                     "--labeled-dir (or as --data), or --data demo")
-    if args.dm_mismatched and info["labeled_count"] < 2:
-        raise training.TrainingError("--dm-mismatched pairs labeled images with other labeled images' masks: it "
-                                     "needs 2 labeled pairs or more")
-    if init:
-        check_image_channels(init, info["channels"])
+    return {"G": G, "G_ema": G_ema, "D_r": D_r, "D_m": D_m}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -629,13 +570,12 @@ def check_data(args, labeled, info, init):
 def build_parser():
     """The options, each checked when parsed (cli.number: one error line for a bad value)."""
     p = cli.ArgumentParser(description="Stage 1 of SemanticGAN: train G (image + mask), D_r and D_m.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data.add_data_args(p, resolutions=model.RESOLUTIONS)
     g = p.add_argument_group("training (defaults: the official configuration)")
     g.add_argument("--out", default="runs/semanticgan", help="output folder: checkpoints, sample grids, log.jsonl")
     g.add_argument("--iter", type=cli.POSITIVE_INT, default=800000, help="training iterations")
-    g.add_argument("--kimg", type=cli.POSITIVE, default=None,
-                   help="budget in thousands of global images (overrides --iter)")
+    g.add_argument("--kimg", type=cli.POSITIVE, help="budget in thousands of global images (overrides --iter)")
     g.add_argument("--batch", type=cli.POSITIVE_INT, default=16,
                    help="batch per GPU / process (global = batch x processes)")
     g.add_argument("--lr", type=cli.POSITIVE, default=0.002)
@@ -658,10 +598,10 @@ def build_parser():
     g.add_argument("--pl-mean-sync", action=argparse.BooleanOptionalAction, default=True,
                    help="all processes share one path-length running mean (the official code keeps one each)")
     g.add_argument("--mixing", type=cli.FRACTION, default=0.9, help="style-mixing probability")
-    g.add_argument("--init", default=None, metavar="PATH", help="start from these weights (step 0, fresh "
-                   "optimisers): a checkpoint or --out folder of this project, a checkpoint of the official "
-                   "train_seg_gan.py, or a rosinality/stylegan2-pytorch StyleGAN2 (its tSeg and D_m start fresh); "
-                   "the networks' shape is the file's, the classes the data's")
+    g.add_argument("--init", metavar="PATH", help="start from these weights (step 0, fresh optimisers): a checkpoint "
+                   "or --out folder of this project, a checkpoint of the official train_seg_gan.py, or a "
+                   "rosinality/stylegan2-pytorch StyleGAN2 (its tSeg and D_m start fresh); the networks' shape is the "
+                   "file's, the classes the data's")
     g.add_argument("--train", choices=["all", "seg"], default="all", help="seg: only tSeg and D_m train, the image "
                    "branch and the synthesis layers stay frozen and D_r's step is skipped (a segmenter on top of "
                    "an --init generator)")

@@ -4,25 +4,15 @@
     training.train_loop(...)             the loop: a step, the progress line, measurements, checkpoints
     training.main(run)                   the one-line errors, the exit status of a signal
 
-Set-up: one process per GPU under torchrun (DDP over NCCL, gloo on CPUs), or a single process.
-
-Where a run writes: --out holds one run. Checkpoints are written atomically (a temporary file, fsync,
-os.replace), the last --keep stay, and they hold state_dicts and plain data only (read with
-torch.load(weights_only=True)). A run never writes among another run's checkpoints, a resume from an
-earlier checkpoint than the latest moves the later snapshots aside, and an --out inside the data is refused.
-
-Stopping: SIGTERM (what SLURM and Kubernetes send before they kill a job) or Ctrl-C ends the current step,
-writes a checkpoint and exits with 128 + the signal, every rank at the same step (Agreement); a watchdog
-stops a step that never ends (StopOnSignal).
-
-Progress: every --log-every seconds a line on the console and a JSON record in OUT/log.jsonl (and TensorBoard
-with --tensorboard); a loss that is not finite stops the run, a measurement that is not finite is logged as
-null.
+One process per GPU under torchrun (DDP over NCCL, gloo on CPUs), or a single process. --out holds one run; its
+checkpoints hold state_dicts and plain data only (read with torch.load(weights_only=True)). SIGTERM (what SLURM and
+Kubernetes send before they kill a job) or Ctrl-C stops every rank at the same step with a checkpoint written.
 
 Needs: model.py (CheckpointError, reading checkpoints), losses.py (LPIPSUnavailable) and data.py (the streams).
 """
 
 import _thread
+import contextlib
 import datetime
 import glob
 import json
@@ -48,7 +38,7 @@ import model
 
 
 # ----------------------------------------------------------------------------------------------------
-# Set-up: errors the user can fix, processes and devices
+# Set-up: errors the user can fix, processes and devices, the options both stages share
 
 
 class TrainingError(Exception):
@@ -58,25 +48,48 @@ class TrainingError(Exception):
 
 def setup_distributed():
     """(rank, world_size, device) from torchrun's environment, or a single process."""
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return rank, world, torch.device("cuda", local_rank)
-    return rank, world, torch.device("cpu")
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed(run, *args):
+    """run(*args, rank, world, device) in a torchrun job (or alone); the process group is torn down however it ends."""
+    rank, world, device = setup_distributed()
+    try:
+        return run(*args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def unwrap(net):
     return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
 
 
+def add_run_args(group, what):
+    """--out's neighbours: resuming, snapshots (in steps, both stages), the log, the precision."""
+    group.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
+    group.add_argument("--resume", default=None, help="a checkpoint of this run, or 'auto' for the latest in --out "
+                       "(fresh start if none); an earlier one rolls the run back")
+    group.add_argument("--new-data", action="store_true", help=f"with --resume: keep {what}, the optimisers and "
+                       "the step, and start fresh seeded data streams (the data changed since the checkpoint)")
+    group.add_argument("--snap-every", type=cli.POSITIVE_INT, default=2000,
+                       help="steps between sample grids and checkpoints")
+    group.add_argument("--keep", type=cli.POSITIVE_INT, default=3, help="checkpoints kept")
+    group.add_argument("--log-every", type=cli.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
+    group.add_argument("--tensorboard", action="store_true", help="also write the progress numbers and the sample "
+                       "grids as TensorBoard event files in --out (needs pip install tensorboard)")
+
+
 # ----------------------------------------------------------------------------------------------------
-# Where a run writes: --out, checkpoints (atomic, rotated), resume and rollback
+# Where a run writes, and how it resumes: checkpoints (atomic, rotated), RNGs, data streams, rollback
 
 
 def checkpoint_path(out_dir, step):
@@ -93,11 +106,11 @@ def checkpoint_step(path):
     return int(re.search(r"-(\d{8})\.\w+$", path)[1])
 
 
-def save_checkpoint(payload, path, keep):
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a run killed at any
-    moment leaves the previous checkpoint intact and never a half-written file under a checkpoint's name.
-    A write that fails (disk full, quota, --out removed or read-only) is a TrainingError: training on
-    without a way back would only lose more work."""
+def save_checkpoint(payload, path, keep=None):
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a run killed at any moment
+    leaves the previous checkpoint intact and never a half-written file under a checkpoint's name. A write that
+    fails (disk full, quota, --out removed or read-only) is a TrainingError: training on without a way back would
+    only lose more work. Only the last `keep` checkpoint-STEP.pt stay (None: rotate nothing, for other files)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -111,12 +124,9 @@ def save_checkpoint(payload, path, keep):
         raise TrainingError(f"cannot write {path} ({model.short_error(error)}): {kept}; free space or fix the "
                             "folder, then continue with --resume auto") from None
     finally:
-        if os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-    if keep:  # only the last `keep` checkpoint-STEP.pt stay (None: rotate nothing, for other files)
+        with contextlib.suppress(OSError):  # gone already after os.replace
+            os.remove(tmp)
+    if keep:
         for old in list_checkpoints(os.path.dirname(path))[:-keep]:
             os.remove(old)
 
@@ -132,27 +142,20 @@ def writable_folder(path):
                             "folder") from None
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def check_out_apart(out, *folders):
+    """--out must not lie inside a folder the run reads (its sample grids would become training images)."""
+    for option, folder in folders:
+        if folder and folder != "demo" and os.path.isdir(folder) and data.inside(out, folder):
+            raise TrainingError(f"--out {out} lies inside {option} {folder}: the sample grids written there would "
+                                "be read as images; pass an --out outside the data")
 
 
 def find_resume(args):
-    """The checkpoint to resume from: --resume, the latest in --out for 'auto', or None (a fresh start). A
-    run never writes its checkpoints among another run's (rotation would remove them, --resume auto would
-    mix the two): a fresh start into an --out that holds checkpoints, or a resume from a checkpoint of
-    another folder into one, is a TrainingError."""
+    """The checkpoint to resume from: --resume, for 'auto' the latest in --out, or None (a fresh start). A run never
+    writes among another run's checkpoints (rotation would remove them, --resume auto would mix the two): a fresh
+    start into an --out that holds some, or a resume from another folder into one, is a TrainingError."""
     found = list_checkpoints(args.out)
-    resume = args.resume
-    if resume == "auto":
-        resume = found[-1] if found else None
+    resume = (found[-1] if found else None) if args.resume == "auto" else args.resume
     elsewhere = resume and os.path.isfile(resume) and not os.path.samefile(os.path.dirname(os.path.abspath(resume)),
                                                                          args.out)
     if found and (not resume or elsewhere):
@@ -162,6 +165,48 @@ def find_resume(args):
         raise TrainingError("--new-data continues a run over changed data: pass it with --resume (no checkpoint "
                             f"found in {args.out})")
     return resume
+
+
+def gathered_rng_states(world):
+    """Every rank's RNG states, for the checkpoint (rank 0 writes them all)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(saved, rank, world, seed, step):
+    """This rank's RNGs as the checkpoint left them; with another number of processes, fresh ones distinct per rank."""
+    if len(saved) == world:
+        torch.set_rng_state(saved[rank]["torch"])
+        random.setstate(saved[rank]["python"])
+        if saved[rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved[rank]["cuda"])
+    else:
+        torch.manual_seed(seed + rank + 7919 * step)
+        random.seed(seed + rank + 7919 * step)
+
+
+def open_streams(args, labeled, unlabeled, rank, world, seed):
+    """The labeled and the unlabeled stream, seeded (`seed`, and `seed` + 1)."""
+    return (data.InfiniteLoader(labeled, args.batch, seed=seed, rank=rank, world_size=world, workers=args.workers,
+                                name="labeled pairs"),
+            data.InfiniteLoader(unlabeled, args.batch, seed=seed + 1, rank=rank, world_size=world,
+                                workers=args.workers, name="unlabeled pool", max_unreadable=args.max_unreadable))
+
+
+def resumed_streams(args, saved, labeled, unlabeled, rank, world):
+    """The data streams of a resumed run: where checkpoint `saved` left them, or with --new-data fresh ones
+    over the data as it is now, seeded by the step."""
+    if args.new_data:
+        return open_streams(args, labeled, unlabeled, rank, world, args.seed + 7919 * saved["step"])
+    streams = open_streams(args, labeled, unlabeled, rank, world, args.seed)
+    for stream, key in zip(streams, ("labeled_stream", "unlabeled_stream")):
+        stream.load_state_dict(saved[key])
+    return streams
 
 
 def set_aside_later_snapshots(out, step, also=()):
@@ -179,31 +224,30 @@ def set_aside_later_snapshots(out, step, also=()):
     os.makedirs(aside)
     grids = [p for p in glob.glob(os.path.join(out, "samples-*.png"))
              if re.fullmatch(r"samples-\d{8}\.png", os.path.basename(p)) and checkpoint_step(p) > step]
-    written_later = [os.path.join(out, name) for name in also
-                     if os.path.isfile(os.path.join(out, name))
-                     and model.load_checkpoint(os.path.join(out, name)).get("step", 0) > step]
+    also = [os.path.join(out, name) for name in also]
+    written_later = [p for p in also if os.path.isfile(p) and model.load_checkpoint(p).get("step", 0) > step]
     for path in later + grids + written_later:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
     log = os.path.join(out, "log.jsonl")
     if os.path.isfile(log):
         with open(log) as f:
-            lines = f.readlines()
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+            records = [(json.loads(line).get("step", 0) <= step, line) for line in f]
         with open(os.path.join(aside, "log.jsonl"), "w") as f:
-            f.writelines(line for line in lines if json.loads(line).get("step", 0) > step)
+            f.writelines(line for kept, line in records if not kept)
         with open(log + ".tmp", "w") as f:
-            f.writelines(kept)
+            f.writelines(line for kept, line in records if kept)
         os.replace(log + ".tmp", log)
     return aside
 
 
-def check_out_apart(out, *folders):
-    """--out must not lie inside the data (its sample grids would become training images) nor be a folder the
-    run reads from."""
-    for option, folder in folders:
-        if folder and folder != "demo" and os.path.isdir(folder) and data.inside(out, folder):
-            raise TrainingError(f"--out {out} lies inside {option} {folder}: the sample grids written there would "
-                                "be read as images; pass an --out outside the data")
+def resumed(args, resume, step, rank, also=()):
+    """Say where the run resumed, and move a rolled-back run's later snapshots aside (rank 0)."""
+    if rank == 0:
+        fresh = " with fresh data streams (--new-data)" if args.new_data else ""
+        print(f"resumed from {resume} at step {step}{fresh}", flush=True)
+        aside = set_aside_later_snapshots(args.out, step, also)
+        if aside:
+            print(f"rolled back: the later snapshots of {args.out} moved to {aside}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,32 +260,27 @@ class Stopped(Exception):
 
     def __init__(self, signum, step=None, out=None, waited=None):
         by = signal.Signals(signum).name if signum else "a signal to another process"
-        if step is None:
-            message = (f"stopped by {by}: the step under way had not ended {waited:.0f} s later, so no checkpoint "
-                       "was written (the last one is intact); continue with --resume auto")
-        else:
-            message = (f"stopped by {by} at step {step}: checkpoint {checkpoint_path(out, step)} written; "
-                       "continue with --resume auto")
-        super().__init__(message)
+        where = (f" at step {step}: checkpoint {checkpoint_path(out, step)} written" if step is not None else
+                 f": the step under way had not ended {waited:.0f} s later, so no checkpoint was written (the last "
+                 "one is intact)")
+        super().__init__(f"stopped by {by}{where}; continue with --resume auto")
         self.signum = signum or signal.SIGTERM
 
 
 class StopOnSignal:
-    """SIGTERM and SIGINT ask the run to stop after the current step (`signum` is then set); a second
-    Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint stays). The data loaders' workers ignore
-    both (data.leave_signals_to_the_main_process), so a signal sent to the whole job, as SLURM sends it,
-    leaves them running until the checkpoint is written.
+    """SIGTERM and SIGINT ask the run to stop after the current step (`signum` is then set); a second Ctrl-C stops at
+    once (KeyboardInterrupt; the last checkpoint stays). The loaders' workers ignore both
+    (data.leave_signals_to_the_main_process): a signal sent to the whole job, as SLURM sends it, leaves them running
+    until the checkpoint is written.
 
-    A step that cannot end (a data loader that never delivers, a wait that never returns) must not make
-    the process deaf: after the first signal a watchdog thread watches the steps, and when one has run on
-    for GRACE seconds since the signal (or 3 times the longest step so far, if that is longer) it interrupts
-    the main thread,
-    which stops with Stopped and no checkpoint. It watches the steps only, between step_started() and
-    step_ended(), never what the loop does between them (validation, checkpoints, grids: a snapshot that
-    takes its time is written whole), and the interrupt acts only if, when it arrives, a step is still
-    under way and the watchdog still armed; disarm() once the loop has agreed to stop. What it cannot do:
-    a wait inside C code (a collective whose peer died, a read from a hung file system) runs on until it
-    returns, since Python acts on a signal only between its own instructions."""
+    A step that cannot end (a loader that never delivers, a wait that never returns) must not make the process deaf:
+    after the first signal a watchdog thread interrupts the main thread (Stopped, no checkpoint) once a step has run
+    on for GRACE seconds since the signal, or 3 times the longest step so far if that is longer. It watches the
+    steps only (step_started() to step_ended()), never what the loop does between them (validation, checkpoints,
+    grids: a snapshot that takes its time is written whole), and its interrupt acts only if a step is still under
+    way and the watchdog still armed when it arrives (disarm() once the loop has agreed to stop). It cannot
+    interrupt a wait inside C code (a collective whose peer died, a read from a hung file system): Python acts on a
+    signal only between its own instructions."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     GRACE = 60.0
@@ -249,8 +288,7 @@ class StopOnSignal:
     def __init__(self):
         self.signum, self.previous, self.pid = None, {}, os.getpid()
         self.signalled_at = self.step_start = time.monotonic()
-        self.in_step = False
-        self.longest_step, self.disarmed, self.expired, self.fired = 0.0, False, None, False
+        self.in_step, self.longest_step, self.disarmed, self.expired, self.fired = False, 0.0, False, None, False
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             self.previous = {s: signal.signal(s, self.handler) for s in self.SIGNALS}
 
@@ -295,11 +333,10 @@ class StopOnSignal:
 
 
 class Agreement:
-    """Decisions that every rank must take at the same step although each has its own clock and its own
-    signals (stop now? report now?). Each step, every rank all-reduces (MAX) its flags and reads the
-    result one step later: all ranks then act at the same step, one after the first rank wanted to,
-    and the host never waits for the GPU (the flags are copied back to pinned memory behind the step
-    that produced them, so reading them waits only for that step, long finished). One process: at once."""
+    """Decisions that every rank must take at the same step though each has its own clock and signals (stop now? report
+    now?). Each step every rank all-reduces (MAX) its flags and reads the result one step later: all ranks act at
+    the same step, one after the first rank wanted to, and the host never waits for the GPU (the flags come back to
+    pinned memory behind the step that produced them, long finished when they are read). One process: at once."""
 
     def __init__(self, world, device, count):
         self.world, self.device = world, device
@@ -342,10 +379,9 @@ def warn_unreadable(stream, first=5):
 
 
 def tensorboard_writer(args, rank, step):
-    """--tensorboard: a SummaryWriter into --out on rank 0 (None on the others, or without the option), whose
-    event files get what log.jsonl gets and the sample grids. Here because train_encoder.py takes its
-    progress reporting from this file too. Without the tensorboard package, a TrainingError (one line) on
-    every rank before training starts; the package stays optional (not in requirements.txt)."""
+    """--tensorboard: a SummaryWriter into --out on rank 0 (None on the others, or without the option), whose event
+    files get what log.jsonl gets and the sample grids. Without the tensorboard package, a TrainingError (one line)
+    on every rank before training starts; the package stays optional (not in requirements.txt)."""
     if not args.tensorboard:
         return None
     try:
@@ -359,11 +395,10 @@ def tensorboard_writer(args, rank, step):
 
 
 class Progress:
-    """Sums the losses on the device (no synchronisation per step) and reports every --log-every seconds:
-    a line on the console and the same numbers as a JSON line in OUT/log.jsonl, with the wall-clock time
-    ("time", ISO 8601 with the UTC offset) and the seconds of training so far ("elapsed": a resumed run
-    continues from its checkpoint's, the time it was stopped not counted); and to TensorBoard's event files
-    when a writer is given (--tensorboard)."""
+    """Sums the losses on the device (no synchronisation per step) and reports every --log-every seconds: a line on the
+    console, the same numbers as a JSON line in OUT/log.jsonl with the wall-clock time ("time", ISO 8601 with the
+    UTC offset) and the seconds of training so far ("elapsed": a resumed run continues from its checkpoint's, the
+    time it was stopped not counted), and to TensorBoard when a writer is given (--tensorboard)."""
 
     def __init__(self, path, global_batch, total_steps, start_step, device, elapsed=0.0, tensorboard=None):
         self.path, self.global_batch, self.total_steps, self.device = path, global_batch, total_steps, device
@@ -401,15 +436,13 @@ class Progress:
         bad = [k for k, v in means.items() if not math.isfinite(v) and k not in self.measured]
         if bad:
             raise TrainingError(f"the loss {', '.join(bad)} became {means[bad[0]]} by step {step}: training diverged. "
-                                f"The last good checkpoint is untouched; resume from it with a lower --lr or a larger --r1")
+                                "The last good checkpoint is untouched; resume from it with a lower --lr or a larger "
+                                "--r1")
         now = time.time()
-        seconds = now - self.last_time
-        steps = max(step - self.last_step, 1)
-        img_per_s = steps * self.global_batch / max(seconds, 1e-9)
+        img_per_s = max(step - self.last_step, 1) * self.global_batch / max(now - self.last_time, 1e-9)
         record = {"step": step, "kimg": step * self.global_batch / 1000,
                   "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  "elapsed": now - self.started, "img_per_s": img_per_s,
-                  "sec_per_kimg": 1000 / max(img_per_s, 1e-9),
+                  "elapsed": now - self.started, "img_per_s": img_per_s, "sec_per_kimg": 1000 / max(img_per_s, 1e-9),
                   "eta_hours": (self.total_steps - step) * self.global_batch / max(img_per_s, 1e-9) / 3600,
                   **{k: v if math.isfinite(v) else None for k, v in means.items()}, **counts}
         if self.device.type == "cuda":
@@ -418,8 +451,9 @@ class Progress:
             losses_text = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
             mem = f"  mem {record['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in record else ""
             counted = "".join(f"  {k.replace('_', ' ')} {v}" for k, v in counts.items() if v)
-            print(f"step {step:>8}  kimg {record['kimg']:9.1f}  {img_per_s:7.1f} img/s  {record['sec_per_kimg']:7.2f} s/kimg  "
-                  f"eta {record['eta_hours']:6.2f} h  {losses_text}{mem}{counted}", flush=True)
+            print(f"step {step:>8}  kimg {record['kimg']:9.1f}  {img_per_s:7.1f} img/s  "
+                  f"{record['sec_per_kimg']:7.2f} s/kimg  eta {record['eta_hours']:6.2f} h  "
+                  f"{losses_text}{mem}{counted}", flush=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.tensorboard is not None:
@@ -442,103 +476,19 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The data streams: two seeded, resumable InfiniteLoaders
-
-
-def open_streams(args, labeled, unlabeled, rank, world, seed):
-    """The labeled and the unlabeled stream, seeded (`seed`, and `seed` + 1)."""
-    return (data.InfiniteLoader(labeled, args.batch, seed=seed, rank=rank, world_size=world, workers=args.workers,
-                                name="labeled pairs"),
-            data.InfiniteLoader(unlabeled, args.batch, seed=seed + 1, rank=rank, world_size=world,
-                                workers=args.workers, name="unlabeled pool", max_unreadable=args.max_unreadable))
-
-
-def resumed_streams(args, saved, labeled, unlabeled, rank, world):
-    """The data streams of a resumed run: where checkpoint `saved` left them, or with --new-data fresh ones
-    over the data as it is now, seeded by the step."""
-    if args.new_data:
-        return open_streams(args, labeled, unlabeled, rank, world, args.seed + 7919 * saved["step"])
-    streams = open_streams(args, labeled, unlabeled, rank, world, args.seed)
-    for stream, key in zip(streams, ("labeled_stream", "unlabeled_stream")):
-        stream.load_state_dict(saved[key])
-    return streams
-
-
-# ----------------------------------------------------------------------------------------------------
-# The options of a run, the same in both stages
-
-
-def add_run_args(group, what):
-    """--out's neighbours: resuming, snapshots (in steps, both stages), the log, the precision."""
-    group.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="auto = bf16 autocast on GPUs that have it, fp32 elsewhere")
-    group.add_argument("--resume", default=None, help="a checkpoint of this run, or 'auto' for the latest in --out "
-                       "(fresh start if none); an earlier one rolls the run back")
-    group.add_argument("--new-data", action="store_true", help=f"with --resume: keep {what}, the optimisers and "
-                       "the step, and start fresh seeded data streams (the data changed since the checkpoint)")
-    group.add_argument("--snap-every", type=cli.POSITIVE_INT, default=2000,
-                       help="steps between sample grids and checkpoints")
-    group.add_argument("--keep", type=cli.POSITIVE_INT, default=3, help="checkpoints kept")
-    group.add_argument("--log-every", type=cli.NON_NEGATIVE, default=10.0, help="seconds between progress lines")
-    group.add_argument("--tensorboard", action="store_true", help="also write the progress numbers and the sample "
-                       "grids as TensorBoard event files in --out (needs pip install tensorboard)")
-
-
-# ----------------------------------------------------------------------------------------------------
 # The loop both stages run, and the command's errors
-
-
-def distributed(run, *args):
-    """run(*args, rank, world, device) as this process's part of a torchrun job (or alone); the process group
-    is torn down after it, however it ends."""
-    rank, world, device = setup_distributed()
-    try:
-        return run(*args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def gathered_rng_states(world):
-    """Every rank's RNG states, for the checkpoint (rank 0 writes them all)."""
-    states = [rng_state()]
-    if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, rng_state())
-    return states
-
-
-def restore_rng_states(saved, rank, world, seed, step):
-    """This rank's RNGs as the checkpoint left them; with another number of processes, fresh streams, distinct
-    per rank."""
-    if len(saved) == world:
-        set_rng_state(saved[rank])
-    else:
-        torch.manual_seed(seed + rank + 7919 * step)
-        random.seed(seed + rank + 7919 * step)
-
-
-def resumed(args, resume, step, rank, also=()):
-    """Say where the run resumed, and move a rolled-back run's later snapshots aside (rank 0)."""
-    if rank == 0:
-        fresh = " with fresh data streams (--new-data)" if args.new_data else ""
-        print(f"resumed from {resume} at step {step}{fresh}", flush=True)
-        aside = set_aside_later_snapshots(args.out, step, also)
-        if aside:
-            print(f"rolled back: the later snapshots of {args.out} moved to {aside}", flush=True)
 
 
 def train_loop(args, step, total_steps, snapshot_every, progress, streams, one_step, measure, state, write,
                rank, world, device):
-    """Run from `step` to `total_steps`; returns the step reached. Each iteration: one_step(step, unlabeled,
-    labeled pair, the pairs' identities) -> losses, watched by the watchdog; then, outside its watch,
-    measure(step, snapshot due) -> measurements ({} for none), the progress line, and every `snapshot_every`
-    steps, at the end and on a signal a checkpoint of state(step) (rank 0), after which write(step,
-    measurements, checkpointed, stopping) writes the rest (model.pt, grids; rank 0). On a signal every rank
-    stops at the same step with that checkpoint written."""
+    """Run from `step` to `total_steps`; returns the step reached. Each iteration: one_step(step, unlabeled, labeled
+    pair, the pairs' identities) -> losses, watched by the watchdog; then, outside its watch, measure(step, snapshot
+    due) -> measurements ({} for none), the progress line, and every `snapshot_every` steps, at the end and on a
+    signal a checkpoint of state(step), after which write(step, measurements, checkpointed, stopping) writes the
+    rest (model.pt, grids), both on rank 0. On a signal every rank stops at the same step with that checkpoint
+    written."""
     labeled_stream, unlabeled_stream = streams
-    stopper, agree = StopOnSignal(), Agreement(world, device, 2)
-    last_log = time.time()
+    stopper, agree, last_log = StopOnSignal(), Agreement(world, device, 2), time.time()
     try:
         while step < total_steps:
             stopper.step_started()

@@ -1,13 +1,34 @@
-"""Weights of other code: the official SemanticGAN code's checkpoints and rosinality/stylegan2-pytorch's, read
-into this project's networks and written back (as rosinality's convert_weight.py and stylegan2-ada's
-legacy.py keep conversion apart from the networks).
+"""Other code's weights, read into this project's networks and written back (kept apart from the networks, as
+rosinality's convert_weight.py and stylegan2-ada's legacy.py do): the official SemanticGAN code's
+(nv-tlabs/semanticGAN_code; train_seg_gan.py saves "g", "g_ema", "d_img", "d_seg", "args") and those of
+rosinality/stylegan2-pytorch, the StyleGAN2 port it builds on ("g_ema", "g", "d", "args"; converted FFHQ, church,
+car and medical generators circulate in that format). train_gan.py --init reads any of the three sources
+(read_networks, load_official); stage 2 and generate.py take an official checkpoint as a stage-1 one (as_stage1).
 
     python weights.py export-official runs/jsrt official-layout.pt            # for the official scripts
     python weights.py export-official runs/jsrt image-only.pt --image-only    # rosinality's layout, G alone
 
-train_gan.py --init reads any of the three sources (read_networks, load_official); stage 2 and generate.py
-take an official checkpoint as a stage-1 one (as_stage1). Needs: model.py (the networks, CheckpointError,
-reading checkpoints) and data.py (the command line's checked options).
+The official networks are ours under other names and shapes (rosinality's generator: the official one, no to_seg*):
+
+    ours                              official
+    mapping.net.i                     style.i
+    constant                          input.input
+    conv1, convs.j                    conv1, convs.j: conv.weight with a leading 1 (its per-sample batch axis),
+                                      bias as activate.bias, noise.strength [] as noise.weight [1]
+    t_image.0, t_image.i              to_rgb1, to_rgbs.(i-1): conv.weight with a leading 1, bias [1, C, 1, 1]
+    t_seg.0, t_seg.i                  to_seg1, to_segs.(i-1): the same
+    noise_i                           noises.noise_i
+    D_r blocks.k, final_linear, out   convs.k, final_linear.0, final_linear.1
+    D_m scales.i.layers.j             scale(N-1-i)_layerj: the official forward runs its module scale(N-1) on
+                                      the full-size input and scale0 on the input pooled N-1 times; spectral
+                                      norm as the old hook stores it (weight_orig, weight_u, weight_v)
+
+The [1, 3, 3, 1] blur filters are buffers there (times 4 where they upsample), constants here: checked when read,
+written for the official load_state_dict. A file is read in three steps: its state_dicts in the official layout
+(official_tensors; a file of this project is renamed into it, so one reader serves all three sources), each
+network's constructor arguments read from their shapes (official_shapes), and the tensors loaded into networks
+built with them (load_official); whatever does not fit is a CheckpointError naming the file and the tensor.
+Needs: model.py (the networks, CheckpointError, reading checkpoints) and cli.py (cli.ArgumentParser).
 """
 
 import argparse
@@ -20,35 +41,6 @@ import torch
 import cli
 from model import (BUNDLE_FORMAT, RESOLUTIONS, CheckpointError, Generator, ImageDiscriminator, MaskDiscriminator,
                    load_checkpoint, resolve_checkpoint, short_error, stylegan_channels)
-
-# ----------------------------------------------------------------------------------------------------
-# Weights of other code: checkpoints of the official SemanticGAN code (nv-tlabs/semanticGAN_code;
-# train_seg_gan.py saves "g", "g_ema", "d_img", "d_seg" and "args") and of rosinality/stylegan2-pytorch, the
-# StyleGAN2 port the official code builds on ("g_ema", "g", "d", "args"; converted FFHQ, church, car and
-# medical generators circulate in that format), read into the networks above and written back.
-#
-# Their networks compute what ours compute under other names and shapes (rosinality's generator is the
-# official one without to_seg1 / to_segs):
-#
-#   ours                              official
-#   mapping.net.i                     style.i
-#   constant                          input.input
-#   conv1, convs.j                    conv1, convs.j: conv.weight with a leading 1 (its per-sample batch axis),
-#                                     bias as activate.bias, noise.strength [] as noise.weight [1]
-#   t_image.0, t_image.i              to_rgb1, to_rgbs.(i-1): conv.weight with a leading 1, bias [1, C, 1, 1]
-#   t_seg.0, t_seg.i                  to_seg1, to_segs.(i-1): the same
-#   noise_i                           noises.noise_i
-#   D_r blocks.k, final_linear, out   convs.k, final_linear.0, final_linear.1
-#   D_m scales.i.layers.j             scale(N-1-i)_layerj: the official forward runs its module scale(N-1) on
-#                                     the full-size input and scale0 on the input pooled N-1 times; spectral
-#                                     norm as the old hook stores it (weight_orig, weight_u, weight_v)
-#
-# The [1, 3, 3, 1] blur filters are buffers there (times 4 where they upsample) and constants here: checked
-# when read, written for the official load_state_dict. A file is read in three steps: its state_dicts in the
-# official layout (official_tensors; a file of this project is renamed into it, so that one reader serves all
-# three sources), the constructor arguments of each network read from their shapes (official_shapes), and
-# the tensors loaded into networks built with them (load_official). Whatever does not fit is a
-# CheckpointError naming the file and the tensor.
 
 SOURCES = {"semanticgan": "this project", "official": "the official SemanticGAN code",
            "rosinality": "rosinality/stylegan2-pytorch"}
@@ -114,38 +106,30 @@ def official_layout(kind, num_scales=3):
     return (lambda name: official_mask_discriminator_name(name, num_scales)), same, 1
 
 
-def _kind(net):
-    return "G" if isinstance(net, Generator) else "D_r" if isinstance(net, ImageDiscriminator) else "D_m"
-
-
 def _layout_of(net):
-    return official_layout(_kind(net), len(getattr(net, "scales", ())))
+    """official_layout of our network `net`, and what messages call it."""
+    kind = "G" if isinstance(net, Generator) else "D_r" if isinstance(net, ImageDiscriminator) else "D_m"
+    return official_layout(kind, len(getattr(net, "scales", ()))), {
+        "G": "StyleGAN2 generator", "D_r": "StyleGAN2 discriminator (D_r)",
+        "D_m": "multi-scale patch discriminator (D_m)"}[kind]
 
 
 def to_official(net):
     """Our network's state_dict in the official layout, the blur filters included (the official modules hold
     them as buffers, so their load_state_dict expects them)."""
-    name_of, shape_of, gain = _layout_of(net)
+    (name_of, shape_of, gain), _ = _layout_of(net)
     state = net.state_dict()
     out = {name_of(n): t.detach().reshape(shape_of(n, t.shape)).clone() for n, t in state.items()}
-    for n, buffer in net.named_buffers():
-        if n not in state and name_of(n) is not None:
-            out[name_of(n)] = buffer.detach() * gain
-    return out
-
-
-_DESCRIBE = {"G": "StyleGAN2 generator", "D_r": "StyleGAN2 discriminator (D_r)",
-             "D_m": "multi-scale patch discriminator (D_m)"}
+    return {**out, **{name_of(n): b.detach() * gain for n, b in net.named_buffers()
+                      if n not in state and name_of(n) is not None}}
 
 
 def load_official(net, state, path, what, fresh=None):
-    """Fill our network `net` from `state`, a state_dict in the official layout (`what` names it in messages,
-    e.g. 'g_ema'). Our tensors whose names match the regular expression `fresh` keep their values (a mask
-    branch for other classes, or one the file lacks) and their counterparts in the file are ignored; every
-    other tensor must be there in its official shape, and nothing else may be (a blur filter only as
-    [1, 3, 3, 1]). Returns `net`."""
-    name_of, shape_of, gain = _layout_of(net)
-    describe = _DESCRIBE[_kind(net)]
+    """Fill our network `net` from `state`, a state_dict in the official layout (`what` names it in messages, e.g.
+    'g_ema'), and return it. Our tensors matching the regular expression `fresh` keep their values (a mask branch
+    for other classes, or one the file lacks) and their counterparts in the file are ignored; every other tensor
+    must be there in its official shape, and nothing else may be (a blur filter only as [1, 3, 3, 1])."""
+    (name_of, shape_of, gain), describe = _layout_of(net)
     ours = net.state_dict()
     kept = {n for n in ours if fresh and re.match(fresh, n)}
     wanted = {name_of(n): n for n in ours if n not in kept}
@@ -157,15 +141,15 @@ def load_official(net, state, path, what, fresh=None):
     if missing or unexpected:
         problems = ([f"has no tensor {missing[0]}" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")]
                     if missing else []) + ([f"holds {unexpected[0]}, which has no place in it"] if unexpected else [])
-        raise CheckpointError(f"{path}: {what} {' and '.join(problems)}; expected a {describe} in the official "
-                              "layout")
+        raise CheckpointError(f"{path}: {what} {' and '.join(problems)}; expected a {describe} in the official layout")
     for theirs, n in wanted.items():
         expected = shape_of(n, ours[n].shape)
         if tuple(state[theirs].shape) != tuple(expected):
             raise CheckpointError(f"{path}: {what}'s {theirs} is {list(state[theirs].shape)}, expected "
                                   f"{list(expected)} for a {describe} of the shape its other tensors give")
     for theirs, kernel in filters.items():
-        if theirs in state and not (state[theirs].shape == kernel.shape and torch.allclose(state[theirs].float(), kernel)):
+        found = state.get(theirs)
+        if found is not None and not (found.shape == kernel.shape and torch.allclose(found.float(), kernel)):
             raise CheckpointError(f"{path}: {what}'s {theirs} is not StyleGAN2's [1, 3, 3, 1] blur filter, the only "
                                   "one this project has")
     net.load_state_dict({**{n: state[theirs].reshape(ours[n].shape) for theirs, n in wanted.items()},
@@ -198,11 +182,10 @@ def official_tensors(ckpt, path):
         keys = {"g_ema": "g_ema", "g": "g", "d_img": "d_img" if source == "official" else "d", "d_seg": "d_seg"}
         return {ours: ckpt[theirs] for ours, theirs in keys.items() if isinstance(ckpt.get(theirs), dict)}
     tensors = {}
-    for theirs, (ours, kind) in {"g_ema": ("G_ema", "G"), "g": ("G", "G"), "d_img": ("D_r", "D_r"),
-                                 "d_seg": ("D_m", "D_m")}.items():
+    for theirs, ours in (("g_ema", "G_ema"), ("g", "G"), ("d_img", "D_r"), ("d_seg", "D_m")):
         if isinstance(ckpt.get(ours), dict):
             scales = {n.split(".")[1] for n in ckpt[ours] if n.startswith("scales.")}
-            name_of, shape_of, _ = official_layout(kind, len(scales))
+            name_of, shape_of, _ = official_layout("G" if ours == "G_ema" else ours, len(scales))
             tensors[theirs] = {name_of(n): t.reshape(shape_of(n, t.shape)) for n, t in ckpt[ours].items()}
     return tensors
 
@@ -251,9 +234,8 @@ def _image_discriminator_shape(d, what):
     blocks = len(_numbers(d, r"convs\.(\d+)\.conv1\."))
     resolution = _resolution(2 ** (blocks + 2), what)
     first = _tensor(d, "convs.0.0.weight", what)
-    widths = {resolution: first.shape[0]}
-    widths.update({resolution >> k: _tensor(d, f"convs.{k}.conv2.1.weight", what).shape[0] for k in range(1, blocks + 1)})
-    channel_multiplier, max_channels = _channel_table(widths, what)
+    widths = {resolution >> k: _tensor(d, f"convs.{k}.conv2.1.weight", what).shape[0] for k in range(1, blocks + 1)}
+    channel_multiplier, max_channels = _channel_table({resolution: first.shape[0], **widths}, what)
     return dict(resolution=resolution, image_channels=first.shape[1], channel_multiplier=channel_multiplier,
                 max_channels=max_channels)
 
@@ -272,24 +254,21 @@ def _mask_discriminator_shape(d, image_channels, what):
 
 
 def official_shapes(tensors, path):
-    """The constructor arguments of the networks in `tensors` (official_tensors), read from their shapes:
-    'generator' (num_classes None for a generator without tSeg), 'image_discriminator' and
-    'mask_discriminator' (None where the file has none). Networks that cannot belong together are a
-    CheckpointError."""
-    generator = _generator_shape(tensors["g_ema"], f"{path}: g_ema")
-    shapes = {"generator": generator, "image_discriminator": None, "mask_discriminator": None}
+    """Constructor arguments read from the shapes in `tensors` (official_tensors): 'generator' (num_classes None
+    without tSeg), 'image_discriminator', 'mask_discriminator' (None if absent); a mismatch is a CheckpointError."""
+    g = _generator_shape(tensors["g_ema"], f"{path}: g_ema")
+    shapes = {"generator": g, "image_discriminator": None, "mask_discriminator": None}
     if "d_img" in tensors:
         shapes["image_discriminator"] = d_r = _image_discriminator_shape(tensors["d_img"], f"{path}: its D_r")
-        if (d_r["resolution"], d_r["image_channels"]) != (generator["resolution"], generator["image_channels"]):
+        if (d_r["resolution"], d_r["image_channels"]) != (g["resolution"], g["image_channels"]):
             raise CheckpointError(f"{path}: its D_r takes {d_r['resolution']} px images of {d_r['image_channels']} "
-                                  f"channels, its generator makes {generator['resolution']} px of "
-                                  f"{generator['image_channels']}")
+                                  f"channels, its generator makes {g['resolution']} px of {g['image_channels']}")
     if "d_seg" in tensors:
-        shapes["mask_discriminator"] = d_m = _mask_discriminator_shape(
-            tensors["d_seg"], generator["image_channels"], f"{path}: d_seg")
-        if generator["num_classes"] not in (None, d_m["num_classes"]):
+        shapes["mask_discriminator"] = d_m = _mask_discriminator_shape(tensors["d_seg"], g["image_channels"],
+                                                                       f"{path}: d_seg")
+        if g["num_classes"] not in (None, d_m["num_classes"]):
             raise CheckpointError(f"{path}: d_seg takes masks of {d_m['num_classes']} channels, its generator makes "
-                                  f"{generator['num_classes']}")
+                                  f"{g['num_classes']}")
     return shapes
 
 
@@ -299,8 +278,7 @@ def read_networks(path, advice):
     path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path, advice)
     tensors = official_tensors(ckpt, path)
-    shapes = official_shapes(tensors, path)
-    shapes["dm_mask"] = trained_dm_mask(ckpt)
+    shapes = {**official_shapes(tensors, path), "dm_mask": trained_dm_mask(ckpt)}
     return checkpoint_source(ckpt), tensors, shapes
 
 
@@ -319,20 +297,17 @@ def trained_dm_mask(ckpt):
 
 def build_official(tensors, shapes, key, path):
     """Our network for tensors[key] ('g_ema', 'g', 'd_img' or 'd_seg'), built with `shapes` and filled."""
+    kind = {"g": "generator", "g_ema": "generator", "d_img": "image_discriminator"}.get(key, "mask_discriminator")
+    network = {"generator": Generator, "image_discriminator": ImageDiscriminator}.get(kind, MaskDiscriminator)
     with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: draw them off the caller's stream
-        if key in ("g", "g_ema"):
-            net = Generator(**shapes["generator"])
-        elif key == "d_img":
-            net = ImageDiscriminator(**shapes["image_discriminator"])
-        else:
-            net = MaskDiscriminator(**shapes["mask_discriminator"])
+        net = network(**shapes[kind])
     return load_official(net, tensors[key], path, key)
 
 
 def as_stage1(ckpt, path):
-    """A checkpoint as stage 2 and generate.py read it: one of this project as it is; an official SemanticGAN
-    checkpoint as a stage-1 checkpoint holding its G_ema, with the arguments read from its tensors and the D_m
-    input it was trained with (trained_dm_mask: the official logits unless the file says). A StyleGAN2 generator without a mask branch is a CheckpointError."""
+    """A checkpoint as stage 2 and generate.py read it: this project's as it is; an official SemanticGAN one as a
+    stage-1 checkpoint holding its G_ema, with the arguments read from its tensors and the D_m input it was trained
+    with (trained_dm_mask). A StyleGAN2 generator without a mask branch is a CheckpointError."""
     source = checkpoint_source(ckpt)
     if source in (None, "semanticgan"):
         return ckpt
@@ -349,10 +324,9 @@ def as_stage1(ckpt, path):
 
 
 def export_official(ckpt, path, image_only=False):
-    """A checkpoint of this project (a stage-1 checkpoint, or a model.pt: G_ema only) in the official layout:
-    {'g', 'g_ema', 'd_img', 'd_seg', 'args'} as train_seg_gan.py saves them; with image_only, rosinality's
-    {'g', 'g_ema', 'd', 'args'} without the mask branch and D_m (a StyleGAN2 generator that --init can start
-    from). 'args' is an argparse.Namespace, as both codes write it."""
+    """A checkpoint of this project (stage-1, or a model.pt: G_ema only) in the official layout: {'g', 'g_ema',
+    'd_img', 'd_seg', 'args'} as train_seg_gan.py saves them; with image_only, rosinality's {'g', 'g_ema', 'd',
+    'args'} without mask branch and D_m (for --init). 'args' is an argparse.Namespace, as both codes write it."""
     if checkpoint_source(ckpt) != "semanticgan":
         raise CheckpointError(f"{path} is not a checkpoint of this project; pass a train_gan.py checkpoint or --out "
                               "folder")
@@ -360,22 +334,17 @@ def export_official(ckpt, path, image_only=False):
     shapes = official_shapes(tensors, path)
     out = {key: to_official(build_official(tensors, shapes, key, path)) for key in tensors}
     g = shapes["generator"]
+    args = dict(size=g["resolution"], latent=g["style_dim"], n_mlp=g["n_mlp"])
     if image_only:
         out = {("d" if key == "d_img" else key): {n: t for n, t in state.items() if not n.startswith("to_seg")}
                for key, state in out.items() if key != "d_seg"}
-        out["args"] = argparse.Namespace(size=g["resolution"], latent=g["style_dim"], n_mlp=g["n_mlp"],
-                                         channel_multiplier=g["channel_multiplier"])
+        out["args"] = argparse.Namespace(**args, channel_multiplier=g["channel_multiplier"])
         return out
-    # dm_mask is ours (the official code reads only the fields it knows): what D_m saw decides stage 2's mask
-    # temperatures when the file is read back (as_stage1)
-    out["args"] = argparse.Namespace(size=g["resolution"], latent=g["style_dim"], n_mlp=g["n_mlp"],
-                                     seg_dim=g["num_classes"], image_mode="RGB" if g["image_channels"] == 3 else "L",
-                                     channel_multiplier=g["channel_multiplier"],
-                                     dm_mask=trained_dm_mask(ckpt))
+    # dm_mask is ours (the official code ignores it): as_stage1 reads it back for stage 2's mask temperatures
+    mode = "RGB" if g["image_channels"] == 3 else "L"
+    out["args"] = argparse.Namespace(**args, seg_dim=g["num_classes"], image_mode=mode,
+                                     channel_multiplier=g["channel_multiplier"], dm_mask=trained_dm_mask(ckpt))
     return out
-
-
-# `python weights.py export-official RUN_OR_CKPT OUT.pt`: a stage-1 checkpoint in the official layout
 
 
 def build_export_parser():
@@ -405,11 +374,9 @@ def export_main(argv):
                                    args.image_only)
         torch.save(exported, tmp)
         os.replace(tmp, args.out)  # never a half-written file under the name asked for
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        print(f"error: cannot write {args.out} ({short_error(e)}); pass a writable path", file=sys.stderr)
+    except (CheckpointError, OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        print(f"error: {e}" if isinstance(e, CheckpointError) else
+              f"error: cannot write {args.out} ({short_error(e)}); pass a writable path", file=sys.stderr)
         sys.exit(2)
     finally:
         if os.path.exists(tmp):

@@ -9,7 +9,7 @@ def test_every_part_runs_and_gives_its_rows(capsys):
     rows = benchmark.main(["--tiny", "--device", "cpu"])
     printed = capsys.readouterr().out
     whats = [what for what, _ in rows]
-    for expected in ("max relative error", "bias_act (lrelu) bandwidth", "upsample2d bandwidth",
+    for expected in ("max relative error", "bias_act bandwidth", "upsample2d bandwidth",
                      "downsample2d bandwidth", "speed-up per shape", "gradfix vs PyTorch double backward, R1",
                      "gradfix vs PyTorch double backward, path length", "G / D_r / D_m forward+backward",
                      "stage-1 training", "loader throughput", "stage-2 training", "inversion"):
