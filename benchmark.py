@@ -4,21 +4,13 @@
     python benchmark.py --tiny             # tiny sizes on the CPU: shows that every part runs
     python benchmark.py --only ops,stage1  # some of the parts
 
-The parts, each timed on what training and inference really run:
-    ops        the fused CUDA ops against their references (ops/): the largest relative error of the forward,
-               the gradient and the double backward, forward+backward time and bandwidth (% of a device copy)
-    gradfix    the regularisers' double backward, conv2d_gradfix against PyTorch's own: R1 on D_r, the path
-               length on G (fp32 and fp16 autocast)
-    networks   forward+backward of G, D_r and D_m (model.py), fused ops against the reference
-    stage1     train_gan.train_step with every regulariser at its real frequency: img/s, peak memory, fp32 and
-               bf16 x fused ops and reference (the official code: 43.6 img/s, 11.5 GiB)
-    loader     data.InfiniteLoader: GPU-ready batches per second of the labeled and the unlabeled stream
-    stage2     train_encoder.train_step: img/s and peak memory, fp32 and bf16
-    inversion  invert.invert, --steps 100: images/s at batch 1 and at the best batch
-
-Times are medians (CUDA events on a GPU, perf_counter on the CPU) after warm-up runs that absorb building
-the kernels and cuDNN's autotuning. The rows printed last are README's Performance table, to paste with the
-date and the GPU. SEMANTICGAN_OPS=ref (the reference ops) is set and unset here per measurement.
+The parts: the fused CUDA ops against their references (ops/: accuracy to second order, time, bandwidth);
+gradfix's double backward in R1 on D_r and the path length on G; G, D_r and D_m forward+backward; a stage-1
+step with every regulariser at its real frequency (train_gan.train_step; the official code: 43.6 img/s, 11.5
+GiB); the data streams; a stage-2 step (train_encoder.train_step); the inversion (invert.invert, --steps 100)
+at batch 1 and at its best batch. Times are medians (CUDA events on a GPU, perf_counter on a CPU) after
+warm-up runs that absorb building the kernels and cuDNN's autotuning; SEMANTICGAN_OPS=ref switches to the
+reference ops per measurement. The rows printed last are README's table, to paste with the date and GPU.
 """
 
 import argparse

@@ -17,9 +17,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def number(kind, low=None, high=None, above=None):
-    """An argparse type for numeric options, checked when the command line is parsed: a `kind` (int or
-    float) of at least `low` (or more than `above`) and at most `high`. Anything else (a negative batch, a
-    zero learning rate, nan) is one error line naming the option and the values it takes."""
+    """An argparse type: a `kind` (int or float) of at least `low` (or more than `above`) and at most `high`."""
     noun = "a whole number" if kind is int else "a number"
     if low is not None and high is not None:
         takes = f"{noun} from {low:g} to {high:g}"
@@ -66,7 +64,7 @@ def number_list(kind, low=None, count=None):
 
 
 def choice_list(choices):
-    """An argparse type for a comma-separated subset of `choices` (--bench-precisions fp32,bf16)."""
+    """An argparse type for a comma-separated subset of `choices` (benchmark.py --only ops,stage1)."""
     def parse(text):
         values = text.split(",")
         if any(v not in choices for v in values):

@@ -2,17 +2,14 @@
 
     python generate.py --ckpt runs/jsrt/checkpoint-00800000.pt --n 20000 --truncation 0.7 --out synth/
 
-G_ema draws image/mask pairs; they are written in the folder format of data.py (images/NAME.png,
-masks/NAME.png, pixel = class), so that any segmentation network can train on them, this project's
-included. Pair i comes from its own seed (--seed and i): its latent z and its noise maps, so a pair does not
-depend on the batch it was drawn in, and a stopped run continues where it stopped (pairs whose two files
-exist are skipped); OUT/generate.json records the generator (a checksum of its weights), the seed and the
-truncation, and a run with others into the same OUT is refused, as is an OUT with images of another origin.
---truncation 0.7 pulls every w towards the mean latent (typical, cleaner pairs);
---truncation 1 keeps G's full diversity. The mask is the argmax of the mask logits (one class: logit > 0).
+G_ema draws image/mask pairs in data.py's folder format (images/NAME.png, masks/NAME.png, pixel = class), for
+any segmentation network to train on. Pair i comes from its own seed (--seed and i), so it does not depend on
+its batch, and a stopped run continues where it stopped (pairs whose two files exist are skipped);
+OUT/generate.json records the generator (a checksum of its weights), the seed and the truncation, and a run
+with others, or into an OUT of other images, is refused. --truncation 0.7 pulls every w towards the mean
+latent (typical, cleaner pairs), 1 keeps G's full diversity. The mask is the argmax (one class: logit > 0).
 
-Needs: model.py (the networks, reading a checkpoint or model.pt), weights.py (an official checkpoint) and
-data.py (writing PNGs); never the training scripts.
+Needs: model.py, weights.py (an official checkpoint) and data.py; never the training scripts.
 """
 
 import argparse

@@ -70,9 +70,7 @@ def name_outputs(inputs):
 def check_name_lengths(inputs, out):
     """Every output name must fit the file system's limit on a name (255 bytes on most): checked before the
     first image is segmented, not found out half way."""
-    folder = Path(out)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = next(p for p in (Path(out).absolute(), *Path(out).absolute().parents) if p.exists())
     try:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # Windows has no pathconf: its limit
@@ -98,9 +96,7 @@ class Written:
     LIST = "written.jsonl"
 
     def __init__(self, out):
-        self.out = Path(out)
-        self.list = self.out / self.LIST
-        self.earlier = set()
+        self.out, self.list, self.earlier = Path(out), Path(out) / self.LIST, set()
         if self.list.is_file():
             try:
                 with open(self.list, encoding="utf-8") as f:
@@ -427,15 +423,12 @@ def write_report(out, rows, files, scores, class_names, settings, summary, steps
                      + "</tr>")
     page = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
             f"<title>Segmentations in {html.escape(data.printable(out))}</title><style>{REPORT_STYLE}</style>",
-            "</head><body>",
-            f"<h1>Segmentations: {len(rows)} images</h1>", "<table>"]
+            f"</head><body><h1>Segmentations: {len(rows)} images</h1>", "<table>"]
     page += [f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(data.printable(v))}</td></tr>"
              for k, v in settings]
-    page.append("</table>")
-    if summary:
-        page += ["<h2>Scores</h2>", summary]
-    page += [f"<h2>Per image, worst first (by {order})</h2>", f"<p>{REPORT_LEGEND}</p>", "<table>"] + lines
-    page += ["</table>", "</body></html>"]
+    page += ["</table>"] + (["<h2>Scores</h2>", summary] if summary else [])
+    page += [f"<h2>Per image, worst first (by {order})</h2>", f"<p>{REPORT_LEGEND}</p>", "<table>", *lines,
+             "</table>", "</body></html>"]
     with open(written.add(Path(out) / "index.html"), "w", encoding="utf-8") as f:
         f.write("\n".join(page) + "\n")
 

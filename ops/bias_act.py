@@ -1,21 +1,13 @@
-"""bias_act: add a per-channel bias, apply an activation, scale by a gain, clamp; in one op.
+"""bias_act: y = clamp(act(x + b) * gain, -clamp, clamp), in one op.
 
-    y = clamp(act(x + b) * gain, -clamp, clamp)
+StyleGAN2 follows every (modulated) convolution and equalized-lr linear layer with this: leaky ReLU (alpha
+0.2) with gain sqrt(2), which keeps unit variance through the layer (Karras et al. 2020, App. B), or linear
+with gain 1. The clamp guards fp16 activations in the high-resolution layers.
 
-StyleGAN2 follows every (modulated) convolution and every equalized-lr linear layer with this:
-leaky ReLU (alpha 0.2) with gain sqrt(2), which keeps unit variance through the layer (Karras et al.
-2020, App. B), or linear with gain 1. The clamp guards fp16 activations in the high-resolution layers.
-
-Two implementations with identical maths, chosen by `impl`:
-
-* 'ref'  - public PyTorch ops; autograd gives every derivative order.
-* 'cuda' - one elementwise kernel (bias_act.cu) for the forward pass, one for the gradient and one for
-           the second derivative, wired as autograd Functions whose backward is again such a Function,
-           so first and second derivatives (R1 and path length need the second) are exact.
-           For linear, relu and lrelu the gradient is computed from the output's sign, so the input
-           is not kept alive for backward.
-
-`impl=None` takes 'cuda' for CUDA tensors (unless SEMANTICGAN_OPS=ref) and 'ref' otherwise.
+`impl='ref'` uses public PyTorch ops (autograd gives every derivative order); 'cuda' one elementwise kernel
+(bias_act.cu) each for the forward pass, the gradient and the second derivative, wired as autograd Functions
+whose backward is again such a Function, so the second derivative R1 and path length need is exact. For
+linear, relu and lrelu the gradient comes from the output's sign, so the input is not kept for backward.
 """
 
 import functools
@@ -36,20 +28,12 @@ ACTIVATIONS = {
 
 
 def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, impl=None):
-    """Fused bias, activation, gain and clamp.
+    """Fused bias, activation, gain and clamp; returns a tensor of x's shape, dtype and memory format.
 
-    Args:
-        x:     input tensor of any shape and float dtype.
-        b:     bias, a vector of x.shape[dim] values, or None.
-        dim:   the dimension of x that b runs along (1 = channels).
-        act:   'linear', 'relu', 'lrelu', 'tanh' or 'sigmoid'.
-        alpha: the negative slope of 'lrelu' (default 0.2); ignored by the others.
-        gain:  positive output scale; None takes the activation's default (sqrt(2) for relu and lrelu, else 1).
-        clamp: clamp the output to [-clamp, clamp]; None (or a negative value) disables it.
-        impl:  'cuda', 'ref' or None (= 'cuda' for CUDA tensors unless SEMANTICGAN_OPS=ref).
-
-    Returns:
-        A tensor of x's shape, dtype and memory format.
+    x: any shape and float dtype. b: None or a vector of x.shape[dim] values (dim 1 = channels).
+    act: a key of ACTIVATIONS. alpha: the negative slope of 'lrelu' (default 0.2). gain: positive; None takes
+    the activation's default (sqrt(2) for relu and lrelu, else 1). clamp: None or negative disables it.
+    impl: 'cuda', 'ref' or None (= 'cuda' for CUDA tensors unless SEMANTICGAN_OPS=ref).
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"bias_act: unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}")
@@ -61,7 +45,7 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, 
         raise ValueError(f"bias_act: gain must be positive, got {gain}")
     if b is not None and (b.ndim != 1 or b.shape[0] != x.shape[dim]):
         raise ValueError(f"bias_act: b has shape {tuple(b.shape)}, expected [{x.shape[dim]}] (x.shape[{dim}])")
-    if _use_cuda(x, impl):
+    if use_cuda(x, impl) and kernel_ok("bias_act_plugin", x.device, _self_check):
         b = None if b is None else b.to(x.dtype)  # a differentiable cast, so b's gradient comes back in b's dtype
         return _bias_act_cuda(dim % x.ndim, act, alpha, gain, clamp).apply(x, b)
     return _bias_act_ref(x, b, dim, act, alpha, gain, clamp)
@@ -70,27 +54,10 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, 
 def _bias_act_ref(x, b, dim, act, alpha, gain, clamp):
     if b is not None:
         x = x + b.to(x.dtype).reshape([-1 if i == dim % x.ndim else 1 for i in range(x.ndim)])
-    if act == "relu":
-        x = F.relu(x)
-    elif act == "lrelu":
-        x = F.leaky_relu(x, alpha)
-    elif act == "tanh":
-        x = torch.tanh(x)
-    elif act == "sigmoid":
-        x = torch.sigmoid(x)
-    if gain != 1:
-        x = x * gain
-    if clamp >= 0:
-        x = x.clamp(-clamp, clamp)
-    return x
-
-
-# ----------------------------------------------------------------------------------------------------
-# CUDA path
-
-
-def _use_cuda(x, impl):
-    return use_cuda(x, impl) and kernel_ok("bias_act_plugin", x.device, _self_check)
+    x = {"linear": lambda t: t, "relu": F.relu, "lrelu": lambda t: F.leaky_relu(t, alpha),
+         "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act](x)
+    x = x * gain if gain != 1 else x
+    return x.clamp(-clamp, clamp) if clamp >= 0 else x
 
 
 def _plugin():
@@ -102,15 +69,13 @@ def _plugin():
 def _self_check(device):
     """Forward, gradient and second derivative of every activation against 'ref', in float32."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for act in ACTIVATIONS:
+    for act, (_, alpha, gain, _) in ACTIVATIONS.items():
         for clamp, layout in ((None, torch.contiguous_format), (0.7, torch.channels_last)):
             x0 = torch.randn(2, 5, 3, 4, generator=gen).to(device).contiguous(memory_format=layout)
             b0 = torch.randn(5, generator=gen).to(device)
-            _, alpha, gain, _ = ACTIVATIONS[act]
-            clamp_value = -1.0 if clamp is None else clamp
+            config = (1, act, alpha, gain, -1.0 if clamp is None else clamp)
             results = []
-            for fn in (_bias_act_cuda(1, act, alpha, gain, clamp_value).apply,
-                       lambda x, b: _bias_act_ref(x, b, 1, act, alpha, gain, clamp_value)):
+            for fn in (_bias_act_cuda(*config).apply, lambda x, b: _bias_act_ref(x, b, *config)):
                 x, b = x0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
                 y = fn(x, b)
                 dy = torch.cos(torch.arange(y.numel(), device=device, dtype=y.dtype)).reshape(y.shape)
@@ -122,70 +87,58 @@ def _self_check(device):
             for name, a, want in zip(("forward", "dx", "db", "ddx", "ddb", "ddy"), *results):
                 err = (a - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
                 if not err < 1e-4:
-                    warn_once("bias_act-selfcheck",
-                              f"the CUDA bias_act disagrees with the reference ({act}, clamp={clamp}, {name}, "
-                              f"relative error {err:.2e}); using the reference implementation for the rest of this run.")
+                    warn_once("bias_act-selfcheck", f"the CUDA bias_act disagrees with the reference ({act}, "
+                              f"clamp={clamp}, {name}, relative error {err:.2e}); using the reference implementation "
+                              f"for the rest of this run.")
                     return False
     return True
 
 
-_EMPTY = {}
-
-
-def _empty(like):
+@functools.lru_cache(maxsize=None)
+def _empty(device, dtype):
     """A zero-element tensor standing for 'absent' in the kernel's argument list."""
-    key = (like.device, like.dtype)
-    if key not in _EMPTY:
-        _EMPTY[key] = torch.empty([0], device=like.device, dtype=like.dtype)
-    return _EMPTY[key]
+    return torch.empty([0], device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=None)
 def _bias_act_cuda(dim, act, alpha, gain, clamp):
     """autograd.Functions for one configuration: forward, gradient (itself differentiable), second derivative."""
     act_id, _, _, grad_from_y = ACTIVATIONS[act]
-    has_second_derivative = not grad_from_y
 
-    def kernel(x, b, xref, yref, dy, mode):
-        return _plugin().bias_act(x, _empty(x) if b is None else b, xref, yref, dy, mode, act_id, dim, alpha, gain, clamp)
+    def kernel(x, b, xref, yref, dy, mode):  # None = absent
+        b, xref, yref, dy = (_empty(x.device, x.dtype) if t is None else t for t in (b, xref, yref, dy))
+        return _plugin().bias_act(x, b, xref, yref, dy, mode, act_id, dim, alpha, gain, clamp)
 
-    def sum_to_bias(t, b):
-        return t.sum([i for i in range(t.ndim) if i != dim]) if b is not None else None
+    def sum_to_bias(t):
+        return t.sum([i for i in range(t.ndim) if i != dim])
 
     class BiasActCuda(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, b):
-            y = kernel(x, b, _empty(x), _empty(x), _empty(x), 0)
-            # Keep only what the gradient reads: the output for linear/relu/lrelu, the input otherwise.
-            ctx.save_for_backward(*((_empty(x), b, y) if grad_from_y else (x, b, _empty(x))))
-            ctx.has_bias = b is not None
+            y = kernel(x, b, None, None, None, 0)
+            ctx.save_for_backward(None if grad_from_y else x, b, y if grad_from_y else None)  # what the gradient reads
             return y
 
         @staticmethod
         def backward(ctx, dy):
-            x, b, y = ctx.saved_tensors
-            b = b if ctx.has_bias else None
-            dx = BiasActGradCuda.apply(dy, x, b, y)
-            return dx, sum_to_bias(dx, b) if ctx.needs_input_grad[1] else None
+            dx = BiasActGradCuda.apply(dy, *ctx.saved_tensors)
+            return dx, sum_to_bias(dx) if ctx.needs_input_grad[1] else None
 
     class BiasActGradCuda(torch.autograd.Function):
         @staticmethod
         def forward(ctx, dy, x, b, y):
             dy = dy.contiguous(memory_format=_memory_format(y if grad_from_y else x))
-            dx = kernel(dy, b, x, y, _empty(dy), 1)
             ctx.save_for_backward(dy, x, b, y)
-            ctx.has_bias = b is not None
-            return dx
+            return kernel(dy, b, x, y, None, 1)
 
         @staticmethod
         def backward(ctx, d_dx):
             dy, x, b, y = ctx.saved_tensors
-            b = b if ctx.has_bias else None
             d_dy = BiasActGradCuda.apply(d_dx, x, b, y) if ctx.needs_input_grad[0] else None
             d_x = d_b = None
-            if has_second_derivative and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            if not grad_from_y and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):  # else it is zero
                 d_x = kernel(d_dx.contiguous(memory_format=_memory_format(x)), b, x, y, dy, 2)
-                d_b = sum_to_bias(d_x, b) if ctx.needs_input_grad[2] else None
+                d_b = sum_to_bias(d_x) if ctx.needs_input_grad[2] else None
             return d_dy, d_x, d_b, None
 
     return BiasActCuda

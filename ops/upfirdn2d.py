@@ -7,19 +7,13 @@ For each image plane x of size H x W the op computes
     v = p (*) f                                                          (true convolution, "valid" part)
     y = gain * v[::down, ::down]
 
-so that out_h = (H*up + pad_y0 + pad_y1 - f_h) // down + 1. The filter is fixed (it gets no gradient);
-it is 2-D [f_h, f_w], or 1-D [f_n] for a separable filter applied along both axes.
+so out_h = (H*up + pad_y0 + pad_y1 - f_h) // down + 1. The filter is fixed (it gets no gradient); it is 2-D
+[f_h, f_w], or 1-D [f_n] for a separable filter applied along both axes.
 
-Two implementations with identical maths, chosen by `impl`:
-
-* 'ref'  - public PyTorch ops, so autograd gives every derivative order for free. Upsampling is a
-           depthwise transposed convolution (the zero-inserted tensor is never materialised),
-           downsampling a strided depthwise convolution.
-* 'cuda' - one fused kernel (upfirdn2d.cu). Its gradient is upfirdn2d again, with up and down swapped,
-           the filter flipped and the padding mirrored, so backward and double backward are the same
-           kernel and every order is differentiable.
-
-`impl=None` takes 'cuda' for CUDA tensors (unless SEMANTICGAN_OPS=ref) and 'ref' otherwise.
+`impl='ref'` uses public PyTorch ops, so autograd gives every derivative order: upsampling is a depthwise
+transposed convolution (the zero-inserted tensor is never materialised), downsampling a strided depthwise
+convolution. 'cuda' is one fused kernel (upfirdn2d.cu) whose gradient is upfirdn2d again, with up and down
+swapped, the filter flipped and the padding mirrored, so every derivative order is the same kernel.
 """
 
 import functools
@@ -28,9 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .cuda_loader import kernel_ok, load_plugin, use_cuda, warn_once
-
-# ----------------------------------------------------------------------------------------------------
-# Arguments
 
 
 def setup_filter(f, normalize=True, flip_filter=False, gain=1, separable=None, device=None):
@@ -75,35 +66,21 @@ def filter_size(f):
 
 def output_size(in_h, in_w, f, up=1, down=1, pad=0):
     """(out_h, out_w) that upfirdn2d produces for an input of in_h x in_w."""
-    upx, upy = _pair(up)
-    downx, downy = _pair(down)
-    px0, px1, py0, py1 = _parse_padding(pad)
+    (upx, upy), (downx, downy), (px0, px1, py0, py1) = _pair(up), _pair(down), _parse_padding(pad)
     fw, fh = filter_size(f)
     return (in_h * upy + py0 + py1 - fh) // downy + 1, (in_w * upx + px0 + px1 - fw) // downx + 1
-
-
-# ----------------------------------------------------------------------------------------------------
-# The op
 
 
 def upfirdn2d(x, f, up=1, down=1, pad=0, flip_filter=False, gain=1, impl=None):
     """Upsample, pad, filter and downsample a batch of images.
 
-    Args:
-        x:           [N, C, H, W] tensor (any float dtype, any memory format).
-        f:           filter, [f_h, f_w] or separable [f_n] (float32; see `setup_filter`), or None for identity.
-        up:          integer upsampling factor, an int or (up_x, up_y).
-        down:        integer downsampling factor, an int or (down_x, down_y).
-        pad:         padding after upsampling: int, (pad_x, pad_y) or (x0, x1, y0, y1); negative crops.
-        flip_filter: False (default) convolves with f; True correlates with it (the gradient uses this).
-        gain:        overall scaling of the output (1 by default).
-        impl:        'cuda', 'ref' or None (= 'cuda' for CUDA tensors unless SEMANTICGAN_OPS=ref).
-
-    Returns:
-        [N, C, out_h, out_w], out_* as in `output_size`.
+    x: [N, C, H, W], any float dtype and memory format. f: [f_h, f_w] or separable [f_n] (float32, see
+    `setup_filter`), or None for identity. up, down: integer factors, int or (x, y). pad: after upsampling,
+    int, (pad_x, pad_y) or (x0, x1, y0, y1); negative crops. flip_filter: False convolves with f, True
+    correlates (the gradient uses this). gain: scales the output. impl: 'cuda', 'ref' or None (= 'cuda' for
+    CUDA tensors unless SEMANTICGAN_OPS=ref). Returns [N, C, out_h, out_w] as in `output_size`.
     """
-    if f is None:
-        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+    f = torch.ones([1, 1], dtype=torch.float32, device=x.device) if f is None else f
     up, down, pad = _pair(up), _pair(down), _parse_padding(pad)
     if not (isinstance(x, torch.Tensor) and x.ndim == 4):
         raise ValueError(f"upfirdn2d expects an [N, C, H, W] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
@@ -113,7 +90,7 @@ def upfirdn2d(x, f, up=1, down=1, pad=0, flip_filter=False, gain=1, impl=None):
     if out_h < 1 or out_w < 1:
         raise ValueError(f"upfirdn2d: input {tuple(x.shape)} with up={up}, down={down}, pad={pad} "
                          f"and a {tuple(f.shape)} filter leaves no output")
-    if _use_cuda(x, impl):
+    if use_cuda(x, impl) and kernel_ok("upfirdn2d_plugin", x.device, _self_check):
         return _upfirdn2d_cuda(up, down, pad, bool(flip_filter), float(gain)).apply(x, f)
     return _upfirdn2d_ref(x, f, up, down, pad, flip_filter, gain)
 
@@ -153,14 +130,7 @@ def _pad_or_crop(x, left, right, top, bottom):
     return x[:, :, max(-top, 0):x.shape[2] - max(-bottom, 0), max(-left, 0):x.shape[3] - max(-right, 0)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# CUDA path
-
-
-def _use_cuda(x, impl):
-    return use_cuda(x, impl) and kernel_ok("upfirdn2d_plugin", x.device, _self_check)
-
-
+# The CUDA path
 def _plugin():
     return load_plugin("upfirdn2d_plugin")
 
@@ -220,23 +190,17 @@ def _upfirdn2d_cuda(up, down, pad, flip_filter, gain):
 
         @staticmethod
         def backward(ctx, dy):
-            f = ctx.f
-            fw, fh = filter_size(f)
-            in_h, in_w = ctx.in_size
-            out_h, out_w = dy.shape[2:]
+            fw, fh = filter_size(ctx.f)
+            (in_h, in_w), (out_h, out_w) = ctx.in_size, dy.shape[2:]
             # The adjoint: swap up/down, flip the filter, pad so the output has the input's size.
             grad_pad = (fw - px0 - 1, in_w * upx - out_w * downx + px0 - upx + 1,
                         fh - py0 - 1, in_h * upy - out_h * downy + py0 - upy + 1)
-            dx = _upfirdn2d_cuda(down, up, grad_pad, not flip_filter, gain).apply(dy, f)
-            return dx, None
+            return _upfirdn2d_cuda(down, up, grad_pad, not flip_filter, gain).apply(dy, ctx.f), None
 
     return Upfirdn2dCuda
 
 
-# ----------------------------------------------------------------------------------------------------
 # The resampling helpers the networks use
-
-
 def filter2d(x, f, padding=0, flip_filter=False, gain=1, impl=None):
     """Filter with f at the same resolution; `padding` is added to the size-preserving padding."""
     fw, fh = filter_size(f)
