@@ -1023,6 +1023,18 @@ def image_to_uint8(image):
     return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x
 
 
+def overlay(pixels, classes):
+    """The coloured mask laid half over the image [H, W, 3] uint8, where a class other than the background is."""
+    return np.where(classes[..., None] > 0, (0.5 * pixels + 0.5 * colour_mask(classes)).astype(np.uint8), pixels)
+
+
+def save_grid(rows, path):
+    """Rows of tiles [h, w, 3] stacked into one PNG, small demo resolutions enlarged (nearest) to be seen."""
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    zoom = max(1, 128 // rows[0].shape[0])
+    grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(path)
+
+
 def save_png(pixels, path):
     """An image (uint8 array or Pillow image) as PNG, written to a temporary name and then renamed: a run killed
     mid-write never leaves a truncated file under the final name, which a resumed run would take for a finished

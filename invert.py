@@ -239,11 +239,9 @@ def save_outputs(item, classes, reconstruction, paths, written):
         written.add(path)
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
     data.save_png(Image.fromarray(classes, "L"), paths["mask"])
-    coloured = data.colour_mask(classes)
-    data.save_png(coloured, paths["color"])
+    data.save_png(data.colour_mask(classes), paths["color"])
     original = np.asarray(data.to_channels(data.decode(data.open_image_file(item.path), item.path), 3))
-    data.save_png(np.where(classes[..., None] > 0, (0.5 * original + 0.5 * coloured).astype(np.uint8), original),
-                  paths["overlay"])
+    data.save_png(data.overlay(original, classes), paths["overlay"])
     if "recon" in paths:
         data.save_png(data.image_to_uint8(reconstruction), paths["recon"])
 

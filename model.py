@@ -705,14 +705,21 @@ def make_autocast(args, device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled), precision
 
 
+def list_checkpoints(folder):
+    """The complete checkpoint-STEP.pt in `folder`, oldest first (temporary files of interrupted writes ignored)."""
+    names = sorted(name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if re.fullmatch(r"checkpoint-\d{8}\.pt", name))
+    return [os.path.join(folder, name) for name in names]
+
+
 def resolve_checkpoint(path):
     """A checkpoint file, or the latest checkpoint-STEP.pt of a train_gan.py --out folder."""
     if os.path.isdir(path):
-        found = sorted(name for name in os.listdir(path) if re.fullmatch(r"checkpoint-\d{8}\.pt", name))
+        found = list_checkpoints(path)
         if not found:
             raise CheckpointError(f"{path}: no checkpoint-STEP.pt in this folder; pass a train_gan.py --out folder or "
                                   "a checkpoint")
-        return os.path.join(path, found[-1])
+        return found[-1]
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file; pass a checkpoint or a train_gan.py --out folder")
     return path

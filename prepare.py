@@ -3,13 +3,7 @@
     python prepare.py jsrt SRC OUT                 SRC: the folder the release was extracted to
     python prepare.py celebamask SRC OUT --size 256
     python prepare.py --help                       this text, the releases and their layouts, the options
-
-and the commands that look at a folder of that format, split it, or write demo scenes into one:
-
-    python prepare.py check --data PATH [...]             open every file once, list every problem
-    python prepare.py show  --data PATH --out grid.png    images with their masks, to look at
-    python prepare.py split --data LABELED --out DIR      seeded train.txt / val.txt / test.txt
-    python prepare.py demo OUT [--seed 1] [--count 100]   demo scenes as a labeled folder (seed 1: unseen)
+    python prepare.py check|show|split|demo ...    the commands on a folder of the format (datasets.py)
 
 SemanticGAN (Li et al., CVPR 2021, Sec. 4) trains and tests on faces, chest X-rays, skin lesions and liver CT/MRI,
 each downloaded from its authors in a layout of its own. Each converter reads one release as it is distributed and
@@ -30,8 +24,7 @@ What is read is checked to be the release named, so that another set in SRC is r
 nonsense: a binary mask (the chest X-ray and skin sets) holds 0 and one other value, with at most 1% of its pixels
 in between (an anti-aliased edge); a chest X-ray is grey; ChestX-ray14 takes only files named like its own. OUT must
 be a new or empty folder, outside SRC and not holding it. nibabel (lits) and pydicom (chaos) are optional, imported
-only by those converters. Every problem with the input raises a DataError, whose message is one line naming the file
-and what to do; the command prints it as `error: ...` and exits with status 2.
+only by those converters. Every problem with the input is a DataError: one line naming the file and what to do.
 
 The releases (NAME) and the layout each expects under SRC (the first paragraph of its converter's docstring):
 """
@@ -46,56 +39,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 import cli
 import data
+import datasets
 
 # ----------------------------------------------------------------------------------------------------
-# Writing the folder format: OUT/images/NAME.png (+ OUT/masks/NAME.png, classes.txt), files found by name
-
-
-class DatasetWriter:
-    """Writes images (and masks) into OUT in the folder format; counts what it wrote."""
-
-    def __init__(self, out, size=None, fit="pad"):
-        self.out, self.size, self.fit = Path(out), size, fit
-        self.names, self.pairs, self.images = set(), 0, 0
-
-    def claim(self, name):
-        if name in self.names:
-            raise data.DataError(f"{self.out}: two inputs would both be written as {name}.png; rename one")
-        self.names.add(name)
-
-    def save(self, folder, name, image, resample=Image.Resampling.LANCZOS):
-        (self.out / folder / name).parent.mkdir(parents=True, exist_ok=True)
-        image = image if self.size is None else data.fit_square(image, self.size, self.fit, resample)
-        image.save(self.out / folder / f"{name}.png")
-
-    def pair(self, name, image, mask):
-        """`image` a Pillow image; `mask` class indices [H, W]. An image of another size than its mask is
-        resized onto the mask's grid (area average when shrinking): the mask is the ground truth."""
-        self.claim(name)
-        mask = Image.fromarray(np.asarray(mask, dtype=np.uint8), "L")
-        if image.size != mask.size:
-            shrink = image.size[0] >= mask.size[0]
-            image = image.resize(mask.size, Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
-        self.save("images", name, image)
-        self.save("masks", name, mask, Image.Resampling.NEAREST)
-        self.pairs += 1
-
-    def image(self, name, image):
-        self.claim(name)
-        self.save("images", name, image)
-        self.images += 1
-
-    def classes(self, names):
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "classes.txt").write_text("".join(f"{n}\n" for n in names))
-
-    def summary(self, what, skipped=""):
-        wrote = f"{self.pairs} labeled pairs" if self.pairs else f"{self.images} unlabeled images"
-        return f"{what}: wrote {wrote} to {self.out}{skipped}"
+# Finding a release's files by name, and writing them (datasets.DatasetWriter), each checked
 
 
 def find(src, predicate):
@@ -163,7 +113,7 @@ def release_binary_mask(path, what, class_name):
 def write_binary_set(src, out, options, images, masks, what, layout, channels, class_name, read_mask=None):
     """The common case: images and binary masks (any non-zero pixel = class 1) matched by name, each checked
     (release_image, release_binary_mask, or `read_mask(mask source)` -> bool [H, W])."""
-    writer = DatasetWriter(out, options.size, options.fit)
+    writer = datasets.DatasetWriter(out, options.size, options.fit)
     pairs, no_mask, no_image = match_pairs(images, masks, src, what, layout)
     if pairs is None:
         for name in sorted(images):
@@ -183,7 +133,7 @@ def write_face_set(src, out, options, images, masks, what, layout, read_mask):
     pairs, no_mask, no_image = match_pairs(images, masks, src, release, layout)
     if pairs is None:
         raise data.DataError(f"{src}: no {kind} masks found; expected {layout}")
-    writer = DatasetWriter(out, options.size, options.fit)
+    writer = datasets.DatasetWriter(out, options.size, options.fit)
     writer.classes(data.FACE8_CLASSES)
     for name, image_path, mask_source in pairs:
         writer.pair(name, data.load_image(image_path, 3), read_mask(mask_source))
@@ -327,7 +277,7 @@ def convert_jsrt(src, out, options):
     for side in ("left lung", "right lung"):
         for path in find(src, lambda p: p.parent.name.lower() == side and p.suffix.lower() == ".gif"):
             lungs.setdefault(path.stem, {})[side] = path
-    writer = DatasetWriter(out, options.size, options.fit)
+    writer = datasets.DatasetWriter(out, options.size, options.fit)
     layout = "SRC/**/JPCLN001.IMG and SRC/**/left lung/JPCLN001.gif, SRC/**/right lung/JPCLN001.gif"
     pairs, no_mask, no_image = match_pairs(images, lungs, src, "JSRT .IMG", layout)
 
@@ -419,7 +369,7 @@ def convert_chestxray14(src, out, options):
         if path.stem in images:
             raise data.DataError(f"{path}: a second file named {path.name} (also {images[path.stem]}); remove one")
         images[path.stem] = path
-    writer = DatasetWriter(out, options.size, options.fit)
+    writer = datasets.DatasetWriter(out, options.size, options.fit)
     for name in sorted(images):
         writer.image(name, release_image(images[name], 1, "chestxray14"))
     others = len(pngs) - len(named)
@@ -592,7 +542,7 @@ def convert_lits(src, out, options):
         raise data.DataError(f"{src}: no LiTS volumes found; expected SRC/**/volume-N.nii and segmentation-N.nii")
     nibabel = optional_module("nibabel", "lits", "nibabel")
     low, high = options.window
-    writer = DatasetWriter(out, options.size, options.fit)
+    writer = datasets.DatasetWriter(out, options.size, options.fit)
     labeled, empty = {n: p for n, p in volumes.items() if n in segmentations}, 0
     if labeled:
         writer.classes(["background", "liver"])
@@ -668,7 +618,7 @@ def convert_chaos(src, out, options):
                              "SRC/**/MR/N/T1DUAL/DICOM_anon/InPhase/*.dcm")
     pydicom = optional_module("pydicom", "chaos", "'pydicom>=3'")
     labeled = [f for f in t1dual_folders if (f / "Ground").is_dir()]
-    writer = DatasetWriter(out, options.size, options.fit)
+    writer = datasets.DatasetWriter(out, options.size, options.fit)
     if labeled:
         writer.classes(["background", "liver"])
     empty = 0
@@ -729,118 +679,6 @@ def releases_help():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The data commands: look at a folder (check, show), split it (split), write demo scenes (demo)
-
-
-def command_check(args):
-    """Open every file once (in DataLoader workers) and list every problem, one line each."""
-    args.augment = False
-    labeled, unlabeled, info = data.build_datasets(args)
-    if isinstance(unlabeled, data.ImageFolder) and labeled is not None:  # each file once: pairs are checked whole
-        paired = {p.image.resolve() for p in labeled.pairs}
-        unlabeled = data.ImageFolder([p for p in unlabeled.paths if p.resolve() not in paired],
-                                     unlabeled.resolution, unlabeled.channels, unlabeled.fit)
-    problems, checked = [], 0
-    workers = data.default_workers() if args.workers is None else args.workers
-    for dataset in (labeled, unlabeled):
-        if dataset is None or len(dataset) == 0:
-            continue
-        for problem in DataLoader(Checked(dataset), batch_size=None, num_workers=workers):
-            checked += 1
-            if problem:
-                problems.append(problem)
-                print(f"error: {problem}", file=sys.stderr)
-    print(f"checked {checked} files or pairs ({info['labeled_count']} labeled pairs, {info['unlabeled_count']} "
-          f"images in all), {info['channels']} channels, {info['num_classes']} classes: {len(problems)} problems")
-    if problems:
-        sys.exit(2)
-
-
-class Checked(Dataset):
-    """A dataset's samples replaced by '' or the one-line data.DataError each raises."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            self.dataset[index]
-            return ""
-        except data.DataError as error:
-            return str(error)
-
-
-def command_show(args):
-    """A grid: per sample the image, the image with its mask laid over it, and the mask."""
-    args.augment = args.augment and args.show_augmented
-    if Path(args.out).exists():
-        raise data.DataError(f"--out {args.out} exists; pass another file name (or remove it)")
-    if args.data != "demo" and data.inside(args.out, args.data):
-        raise data.DataError(f"--out {args.out} lies inside --data, where the grid would be read as an image; "
-                             "pass a file outside the data")
-    labeled, unlabeled, info = data.build_datasets(args, augment=None if args.show_augmented else False)
-    rows = []
-    if labeled is not None:
-        for index in data.evenly_spaced(list(range(len(labeled))), args.count):
-            image, mask = labeled[(index, (args.seed, 0, index))]
-            pixels, colours = data.image_to_uint8(image), data.colour_mask(mask.numpy())
-            overlay = np.where(mask.numpy()[..., None] > 0, pixels // 2 + colours // 2, pixels)
-            rows.append(np.concatenate([pixels, overlay, colours], axis=1))
-    else:
-        for index in data.evenly_spaced(list(range(len(unlabeled))), args.count):
-            rows.append(data.image_to_uint8(unlabeled[index]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out)
-    names = info["class_names"] or list(range(info["num_classes"] or 0))
-    legend = ", ".join(f"{c}={n}" for c, n in enumerate(names) if c)
-    print(f"wrote {args.out}: {len(rows)} samples{f' (classes {legend})' if legend else ''}")
-
-
-def command_split(args):
-    """Seeded train/val/test name lists of a labeled folder: DIR/train.txt, val.txt, test.txt."""
-    folder = data.existing_folder(args.data, "--data")
-    if not data.is_labeled_folder(folder):
-        raise data.DataError(f"{folder}: not a labeled folder (images/ + masks/); split needs labeled pairs")
-    names = [p.name for p in data.index_labeled_folder(folder, args.skip_unpaired)]
-    if not (0 <= args.val and 0 <= args.test and args.val + args.test < 1):
-        raise data.DataError(f"--val {args.val} --test {args.test}: fractions must be >= 0 and sum below 1")
-    order = [names[i] for i in np.random.default_rng(args.seed).permutation(len(names))]
-    test_count, val_count = round(len(names) * args.test), round(len(names) * args.val)
-    parts = {"test": order[:test_count], "val": order[test_count:test_count + val_count],
-             "train": order[test_count + val_count:]}
-    out = Path(args.out)
-    existing = [out / f"{part}.txt" for part in parts if (out / f"{part}.txt").exists()]
-    if existing:  # runs may name it: a split is never redrawn under their feet
-        raise data.DataError(f"{existing[0]} exists; pass another --out (or remove the old split files first)")
-    out.mkdir(parents=True, exist_ok=True)
-    for part, chosen in parts.items():
-        (out / f"{part}.txt").write_text("".join(f"{n}\n" for n in sorted(chosen)), encoding="utf-8",
-                                         errors="surrogateescape")
-    print(f"wrote {out}/train.txt ({len(parts['train'])}), val.txt ({len(parts['val'])}), "
-          f"test.txt ({len(parts['test'])}) from {len(names)} pairs, seed {args.seed}")
-
-
-def command_demo(args):
-    """Write demo scenes as a labeled folder: with --seed other than 0 (the training scenes), scenes that
-    training never saw, to segment and score."""
-    demo = data.DemoDataset(args.resolution, args.channels, args.num_classes, args.count, args.seed)
-    out = Path(args.out)
-    if any(any((out / part).iterdir()) for part in ("images", "masks") if (out / part).is_dir()):
-        raise data.DataError(f"{out} already holds a data set; pass a new or empty folder")
-    writer = DatasetWriter(out)
-    writer.classes(demo.class_names)
-    for index in range(args.count):
-        picture, mask = demo.render(index)
-        pixels = (picture * 255 + 0.5).astype(np.uint8)
-        writer.pair(f"scene{index:05d}", Image.fromarray(pixels[..., 0] if args.channels == 1 else pixels), mask)
-    print(f"wrote {args.count} demo scenes (seed {args.seed}, {args.resolution} px, {args.num_classes} classes) "
-          f"to {out}")
-
-
-# ----------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -857,11 +695,7 @@ def check_out(src, out):
                                  "elsewhere")
     if out.exists() and not out.is_dir():
         raise data.DataError(f"{out}: OUT is a file; pass a new or empty folder")
-    for folder in ("images", "masks"):
-        count = sum(1 for p in (out / folder).rglob("*") if p.is_file())
-        if count:
-            raise data.DataError(f"{out}: OUT already holds a data set ({count} files in {out / folder}); pass a "
-                                 "new or empty folder")
+    datasets.refuse_a_data_set(out)
 
 
 def convert(args):
@@ -900,12 +734,12 @@ def build_parser():
         sub.add_argument("--phase", choices=("in", "out", "both"), default="both", help="chaos: T1 phase")
         sub.set_defaults(run=convert, name=name)
     check = data.add_data_args(commands.add_parser("check", help="open every file of a data set, list every problem"))
-    check.set_defaults(run=command_check)
+    check.set_defaults(run=datasets.command_check)
     show = data.add_data_args(commands.add_parser("show", help="write a grid of images with their masks"))
     show.add_argument("--out", default="grid.png")
     show.add_argument("--count", type=cli.POSITIVE_INT, default=8, help="samples (default 8)")
     show.add_argument("--show-augmented", action="store_true", help="show augmented pairs")
-    show.set_defaults(run=command_show)
+    show.set_defaults(run=datasets.command_show)
     split = commands.add_parser("split", help="seeded train/val/test name lists of a labeled folder")
     split.add_argument("--data", required=True, help="a labeled folder")
     split.add_argument("--out", required=True, help="folder for train.txt, val.txt, test.txt")
@@ -913,7 +747,7 @@ def build_parser():
     split.add_argument("--test", type=cli.FRACTION, default=0.2, help="fraction for test.txt (default 0.2)")
     split.add_argument("--seed", type=cli.COUNT, default=0)
     split.add_argument("--skip-unpaired", action="store_true")
-    split.set_defaults(run=command_split)
+    split.set_defaults(run=datasets.command_split)
     demo = commands.add_parser("demo", help="write demo scenes as a labeled folder")
     demo.add_argument("out", help="the folder to write (images/, masks/, classes.txt)")
     demo.add_argument("--count", type=cli.POSITIVE_INT, default=100)
@@ -921,7 +755,7 @@ def build_parser():
     demo.add_argument("--resolution", type=cli.number(int, low=4), default=256)
     demo.add_argument("--channels", type=int, choices=(1, 3), default=3)
     demo.add_argument("--num-classes", type=cli.number(int, low=2, high=data.MAX_CLASSES), default=4)
-    demo.set_defaults(run=command_demo)
+    demo.set_defaults(run=datasets.command_demo)
     return parser
 
 

@@ -48,7 +48,6 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import cli
 import data
@@ -204,9 +203,7 @@ def save_grid(E, G, labeled, unlabeled, path, batch, autocast):
                 rows.append(np.concatenate([data.image_to_uint8(image), data.image_to_uint8(rec),
                                             data.colour_mask(predicted.cpu().numpy()), truth], axis=1))
     E.train(was_training)
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    zoom = max(1, 128 // rows[0].shape[0])  # small demo resolutions are enlarged (nearest) to be seen
-    grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(path)
+    data.save_grid(rows, path)
 
 
 def fixed_samples(dataset, count):
@@ -350,14 +347,13 @@ def _train(args, ckpt, rank, world, device):
                 "optimizers": [o.state_dict() for o in optimizers], "best": best["score"]}
 
     def write(step, measured, checkpoint, stopping):
-        def bundle(validated=None):
-            return make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, step, validated, vars(args),
-                               ckpt["args"], report.labeled_errors(E, G, percept, plain_labeled, args.batch, device))
-        if measured and best["due"]:
-            best_bundle = bundle({k: v.item() for k, v in measured.items()})
-            training.save_checkpoint(best_bundle, os.path.join(args.out, "best.pt"))
-        if checkpoint:
-            training.save_checkpoint(bundle(), os.path.join(args.out, "model.pt"))
+        due = {"best.pt": {k: v.item() for k, v in measured.items()}} if measured and best["due"] else {}
+        due.update({"model.pt": None} if checkpoint else {})
+        errors = report.labeled_errors(E, G, percept, plain_labeled, args.batch, device) if due else None  # once
+        for name, validated in due.items():
+            training.save_checkpoint(make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, step,
+                                                 validated, vars(args), ckpt["args"], errors),
+                                     os.path.join(args.out, name))
         if checkpoint and not stopping:
             grid_path = os.path.join(args.out, f"samples-{step:08d}.png")
             save_grid(E, G, *grid, grid_path, args.batch, autocast)

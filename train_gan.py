@@ -60,7 +60,6 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
 
 import cli
 import data
@@ -182,10 +181,13 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     if not args.shared_fakes:
         with torch.no_grad(), autocast():
             fake_images, fake_masks = G(z(B))
-    # mismatched pairs: each real image with another labeled image's mask (none in a batch of one image repeated)
-    partners = mismatched_partners(identities[0] if identities else torch.arange(len(labeled_images)))
-    paired = (partners >= 0).nonzero()[:, 0].to(labeled_images.device)
-    partners = partners[partners >= 0].to(labeled_images.device)
+    # mismatched pairs: each real image with another labeled image's mask (none in a batch of one image repeated),
+    # for --dm-mismatched and, every --r1-every steps, for D_m_fit
+    paired = partners = torch.zeros(0, dtype=torch.long)
+    if args.dm_mismatched or r1_due:
+        partners = mismatched_partners(identities[0] if identities else torch.arange(len(labeled_images)))
+        paired = (partners >= 0).nonzero()[:, 0].to(labeled_images.device)
+        partners = partners[partners >= 0].to(labeled_images.device)
     with autocast():
         fake_pair = model.generated_pair(fake_images, fake_masks, args.dm_mask)
         real_outputs, fake_outputs = _float(D_m(labeled_images, real_pair_mask)), _float(D_m(*fake_pair))
@@ -332,14 +334,11 @@ def save_grid(G_ema, latents, path, batch, columns=4):
     for chunk in latents.split(batch):
         images, masks = G_ema(chunk, randomize_noise=False)
         for image, classes in zip(images, model.mask_classes(masks.float())):
-            rgb, coloured = data.image_to_uint8(image), data.colour_mask(classes.cpu().numpy())
-            overlay = np.where(classes.cpu().numpy()[..., None] > 0, (0.5 * rgb + 0.5 * coloured).astype(np.uint8), rgb)
-            tiles.append(np.concatenate([rgb, coloured, overlay], axis=1))
+            rgb, classes = data.image_to_uint8(image), classes.cpu().numpy()
+            tiles.append(np.concatenate([rgb, data.colour_mask(classes), data.overlay(rgb, classes)], axis=1))
     rows = [np.concatenate(tiles[i:i + columns] + [np.zeros_like(tiles[0])] * (columns - len(tiles[i:i + columns])),
                            axis=1) for i in range(0, len(tiles), columns)]
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    zoom = max(1, 128 // tiles[0].shape[0])  # small demo resolutions are enlarged (nearest) to be seen
-    grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(path)
+    data.save_grid(rows, path)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -96,12 +96,6 @@ def checkpoint_path(out_dir, step):
     return os.path.join(out_dir, f"checkpoint-{step:08d}.pt")
 
 
-def list_checkpoints(out_dir):
-    """Complete checkpoints in out_dir, oldest first (temporary files of interrupted writes are ignored)."""
-    paths = glob.glob(os.path.join(out_dir, "checkpoint-*.pt"))
-    return sorted(p for p in paths if re.fullmatch(r"checkpoint-\d{8}\.pt", os.path.basename(p)))
-
-
 def checkpoint_step(path):
     return int(re.search(r"-(\d{8})\.\w+$", path)[1])
 
@@ -119,7 +113,7 @@ def save_checkpoint(payload, path, keep=None):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        previous = [p for p in list_checkpoints(os.path.dirname(path)) if p != path]
+        previous = [p for p in model.list_checkpoints(os.path.dirname(path)) if p != path]
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise TrainingError(f"cannot write {path} ({model.short_error(error)}): {kept}; free space or fix the "
                             "folder, then continue with --resume auto") from None
@@ -127,7 +121,7 @@ def save_checkpoint(payload, path, keep=None):
         with contextlib.suppress(OSError):  # gone already after os.replace
             os.remove(tmp)
     if keep:
-        for old in list_checkpoints(os.path.dirname(path))[:-keep]:
+        for old in model.list_checkpoints(os.path.dirname(path))[:-keep]:
             os.remove(old)
 
 
@@ -154,7 +148,7 @@ def find_resume(args):
     """The checkpoint to resume from: --resume, for 'auto' the latest in --out, or None (a fresh start). A run never
     writes among another run's checkpoints (rotation would remove them, --resume auto would mix the two): a fresh
     start into an --out that holds some, or a resume from another folder into one, is a TrainingError."""
-    found = list_checkpoints(args.out)
+    found = model.list_checkpoints(args.out)
     resume = (found[-1] if found else None) if args.resume == "auto" else args.resume
     elsewhere = resume and os.path.isfile(resume) and not os.path.samefile(os.path.dirname(os.path.abspath(resume)),
                                                                          args.out)
@@ -214,7 +208,7 @@ def set_aside_later_snapshots(out, step, also=()):
     another run's: they move to OUT/abandoned-after-STEP/ (checkpoints, grids, the log's later records, and
     the files of `also`, e.g. model.pt, when they were written later), so that rotation and --resume auto
     follow the run that goes on and nothing is lost. Returns that folder, or None when there was none."""
-    later = [p for p in list_checkpoints(out) if checkpoint_step(p) > step]
+    later = [p for p in model.list_checkpoints(out) if checkpoint_step(p) > step]
     if not later:
         return None
     aside, n = os.path.join(out, f"abandoned-after-{step:08d}"), 1

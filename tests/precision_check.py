@@ -151,7 +151,7 @@ def networks(args, info, ckpt_path, model_path):
     if ckpt_path:
         path = ckpt_path
         if os.path.isdir(path):
-            path = training.list_checkpoints(path)[-1]
+            path = model.list_checkpoints(path)[-1]
         ckpt = model.load_checkpoint(path)
         for net, key in ((G, "G"), (G_ema, "G_ema"), (D_r, "D_r"), (D_m, "D_m")):
             net.load_state_dict(ckpt[key])

@@ -568,3 +568,13 @@ def test_colour_mask_background_black_classes_distinct_and_cycling():
 # The commands never write over what is there
 
 
+
+
+def test_overlay_lays_the_mask_colour_half_over_the_image_and_leaves_the_background():
+    pixels = np.full((2, 3, 3), 100, np.uint8)
+    classes = np.array([[0, 1, 2], [0, 0, 1]])
+    blended = data.overlay(pixels, classes)
+    colours = data.colour_mask(classes).astype(float)
+    for y, x in np.ndindex(classes.shape):
+        want = pixels[y, x] if classes[y, x] == 0 else ((100 + colours[y, x]) / 2).astype(np.uint8)
+        assert np.array_equal(blended[y, x], want), (y, x)

@@ -534,7 +534,7 @@ def test_a_rolled_back_run_moves_the_later_checkpoints_and_model_pt_aside(stage1
     assert f"moved to {aside}" in capsys.readouterr().out
     assert {name: (aside / name).read_bytes() for name in later} == later
     assert (aside / "best.pt").exists() == (best_step > 4)
-    assert training.list_checkpoints(str(out)) == [str(out / "checkpoint-00000004.pt"),
+    assert model.list_checkpoints(str(out)) == [str(out / "checkpoint-00000004.pt"),
                                                     str(out / "checkpoint-00000006.pt")]
     assert load(out / "model.pt")["step"] == 6
 

@@ -145,7 +145,7 @@ def test_a_checkpoint_write_killed_half_way_leaves_the_previous_one(tmp_path, mo
     assert not (tmp_path / "checkpoint-00000020.pt").exists()
     # a temporary file left by a SIGKILL (no chance to clean up) is never taken for a checkpoint
     (tmp_path / "checkpoint-00000020.pt.tmp-999").write_bytes(good[: len(good) // 2])
-    assert training.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000010.pt")]
+    assert model.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000010.pt")]
 
 
 def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -159,7 +159,7 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged" in err[0] and "D_r" in err[0]
     assert (tmp_path / "checkpoint-00000004.pt").read_bytes() == good
-    assert training.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000004.pt")]
+    assert model.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000004.pt")]
 
 
 @pytest.mark.parametrize("case", ["missing data", "missing checkpoint", "corrupt checkpoint", "other architecture"])
@@ -408,7 +408,7 @@ def test_a_signal_ends_the_step_with_a_checkpoint_and_the_resume_is_exact(twenty
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"stopped by {signal.Signals(signum).name} at step 7: checkpoint "
                    f"{tmp_path / 'checkpoint-00000007.pt'} written; continue with --resume auto"]
-    assert training.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000007.pt")]
+    assert model.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000007.pt")]
     assert signal.getsignal(signum) == before  # the handlers are put back
     monkeypatch.undo()
     run(tmp_path, "--iter", "20", "--snap-every", "10", "--resume", "auto")
@@ -441,7 +441,7 @@ def test_a_step_that_never_ends_still_stops_on_sigterm(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stopped by SIGTERM: the step under way had not ended"), err
     assert "no checkpoint was written" in err[0]
-    assert training.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000004.pt")]
+    assert model.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000004.pt")]
     assert load(tmp_path / "checkpoint-00000004.pt")["step"] == 4
 
 
@@ -492,7 +492,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_pat
     texts = [(stopped / f"stopped{rank}.txt").read_text() for rank in (0, 1)]
     assert "at step 4:" in texts[0] and "a signal to another process" in texts[0]
     assert "stopped by SIGTERM at step 4:" in texts[1]
-    assert training.list_checkpoints(str(stopped)) == [str(stopped / "checkpoint-00000004.pt")]
+    assert model.list_checkpoints(str(stopped)) == [str(stopped / "checkpoint-00000004.pt")]
     torchrun(tmp_path, "c.py", argv + ["--out", str(stopped), "--resume", "auto"], signal_rank_1=False)
     for rank in (0, 1):
         resumed, reference = load(stopped / f"rank{rank}.pt"), load(straight / f"rank{rank}.pt")
@@ -777,7 +777,7 @@ def test_a_rolled_back_run_is_followed_by_resume_auto_and_the_later_snapshots_ar
     assert f"moved to {aside}" in out
     assert (aside / "checkpoint-00000006.pt").read_bytes() == abandoned and (aside / "samples-00000006.png").is_file()
     assert [json.loads(line)["step"] for line in open(aside / "log.jsonl")] == [5, 6]
-    assert training.list_checkpoints(str(tmp_path)) == [str(tmp_path / f"checkpoint-0000000{s}.pt") for s in (5, 6)]
+    assert model.list_checkpoints(str(tmp_path)) == [str(tmp_path / f"checkpoint-0000000{s}.pt") for s in (5, 6)]
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 7))
     # --resume auto continues the run that went on, not the abandoned one
     run(tmp_path, "--iter", "7", "--snap-every", "1", "--keep", "2", "--resume", "auto")
