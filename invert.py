@@ -286,8 +286,11 @@ def run(args, argv):
     """The command: the model, the inputs, then batch after batch inverted and written; a namespace `r` holds
     what the steps share (report.write_summaries reads it too)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    r = argparse.Namespace(args=args, argv=argv, model_path=args.model or newest_model(), rows=[], files={},
-                           skipped=[], start=time.time())
+    model_path = args.model or newest_model()
+    if os.path.isfile(os.path.join(model_path, "model.pt")):  # a run folder, as the other scripts take
+        model_path = os.path.join(model_path, "model.pt")
+    r = argparse.Namespace(args=args, argv=argv, model_path=model_path, rows=[], files={}, skipped=[],
+                           start=time.time())
     if not args.model:
         print(f"using {data.printable(r.model_path)} (the newest model.pt under runs/; pass --model to choose)",
               flush=True)
@@ -398,7 +401,7 @@ def build_parser():
     p = cli.ArgumentParser(description="Segment images by inverting them into a SemanticGAN generator "
                             "(and score the masks).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or globs")
-    p.add_argument("--model", help="model.pt of train_encoder.py (default: the newest under runs/)")
+    p.add_argument("--model", help="model.pt of train_encoder.py, or its --out folder (default: the newest under runs/)")
     p.add_argument("--out", default="segmentations", help="output folder (inside an input folder is fine)")
     p.add_argument("--steps", type=cli.COUNT, default=100, help="optimisation steps (0: the encoder alone)")
     p.add_argument("--lr", type=cli.POSITIVE, default=0.1)

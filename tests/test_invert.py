@@ -339,6 +339,8 @@ def test_without_model_the_newest_under_runs_is_used(bundle, tmp_path, capsys, m
         os.utime(target, (os.path.getmtime(bundle) - age,) * 2)
     run("in", "--steps", 0, "--out", "out")
     assert "using runs/new/model.pt" in capsys.readouterr().out
+    run("in", "--model", "runs/old", "--steps", 0, "--out", "out_old")  # a run folder names its model.pt
+    assert "model runs/old/model.pt" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------
