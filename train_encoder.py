@@ -29,7 +29,7 @@ Ours: pSp's encoder (IR-SE body, feature pyramid, map2style heads) starting from
 one is a pyramid over a ResNet-50 starting from W = 0); best.pt at the best validation; exact resume; BN back in
 training mode after validation (the official code leaves it in eval mode after the first). Every validation
 also scores the encoder on G's own samples (`own_dice` / `own_miou`: G_y(w) against G_y(E(G_x(w)))), the
-upper bound of what it can recover.
+upper bound of what it can recover; far below the validation score it prints a warning (OWN_ERROR_RATIO_LIMIT).
 
 Outputs in --out: the progress line and log.jsonl; samples-STEP.png (input | reconstruction | predicted mask |
 true mask); checkpoint-STEP.pt (`--resume auto`); model.pt, the inference bundle invert.py reads (G_ema, E,
@@ -185,6 +185,28 @@ def own_sample_score(E, G, count, batch, device, autocast, seed=0):
             yield image.float().clamp(-1, 1), model.mask_classes(mask_logits.float()).cpu()
 
     return encoder_score(E, G, drawn(), autocast, "own")
+
+
+# The bound against the validation score (docs/mask-branch-stability.md, "The warning"): the encoder's error on G's
+# own samples, 1 - own, over its error on the held-out pairs, 1 - val. Generators whose masks fit their images gave
+# 1.4 (chest, a pool of the labels' source) and 1.7 (the demo); those whose masks had drifted off the anatomy 3.4-6.2
+# (chest, a pool of another source), while their validation scores were as good.
+OWN_ERROR_RATIO_LIMIT = 2.5
+
+
+def bound_warning(measured):
+    """The warning for an encoder that recovers G's own masks far worse than the held-out labels (a line), or None."""
+    kind = "dice" if "own_dice" in measured else "miou"
+    own, val = (float(measured[f"{k}_{kind}"]) if f"{k}_{kind}" in measured else None for k in ("own", "val"))
+    if own is None or val is None or (1 - own) <= OWN_ERROR_RATIO_LIMIT * (1 - val):  # NaN warns
+        return None
+    ratio = (1 - own) / max(1 - val, 1e-9)
+    return (f"own_{kind} {own:.3f} against val_{kind} {val:.3f}: the encoder misses {ratio:.2f} times as much of "
+            f"G's own masks as of the held-out labels (above {OWN_ERROR_RATIO_LIMIT}). G's masks do not fit its "
+            "images: the encoder reaches codes whose masks fit the labels, and the inversion's optimisation moves "
+            "away from them (invert.py --steps 0 may segment better). Check stage 1's mask_parts and mask_holes; "
+            "measured remedies: --dm-mask probabilities, an unlabeled pool from the labeled images' source "
+            "(docs/mask-branch-stability.md)")
 
 
 @torch.no_grad()
@@ -347,6 +369,9 @@ def _train(args, ckpt, rank, world, device):
                 "optimizers": [o.state_dict() for o in optimizers], "best": best["score"]}
 
     def write(step, measured, checkpoint, stopping):
+        warning = bound_warning(measured)
+        if warning:
+            progress.warn(f"at step {step}, {warning}", step)
         due = {"best.pt": {k: v.item() for k, v in measured.items()}} if measured and best["due"] else {}
         due.update({"model.pt": None} if checkpoint else {})
         errors = report.labeled_errors(E, G, percept, plain_labeled, args.batch, device) if due else None  # once

@@ -42,7 +42,8 @@ trained weights (beyond batch noise) and R1_D_r stays 1.5x the fp32 runs' for 10
 Mask quality at every snapshot, without an encoder: mask_area, mask_parts and mask_holes in the log are the
 mean area and number of regions of each class (holes: of the background) in the masks of 64 fixed latents of
 G_ema, over the same of the labeled masks as D_m sees them (1 = alike). Masks that shrink to slivers or break
-up while the images stay good show as mask_area falling or mask_parts rising.
+up while the images stay good show as mask_area falling or mask_parts rising; past 4 kimg, numbers outside the
+labels' range (MASK_BAND) print a warning that names the measured remedies.
 
 Every --snap-every steps a sample grid and a checkpoint (the networks, the optimisers, the path-length mean, the
 data streams' positions, every RNG): `--resume auto` continues the latest exactly as if the run had not stopped.
@@ -315,6 +316,29 @@ def mask_quality(G_ema, latents, batch, reference):
             "mask_holes": torch.tensor(background / max(reference[2], 1e-12))}
 
 
+# The labels' range, and the warning outside it (docs/mask-branch-stability.md, "The warning"). Past 4 kimg the runs
+# whose grids showed the labels' anatomy stayed at area 0.7-1.4 and regions and holes up to 1.3 times the labels';
+# the official input's break-up reached regions 3-11 and holes 3-20 or area 0.2-0.5, the pool's later drift regions
+# and holes of 1.5-2.2 with half the grid's masks off the lungs. Before 4 kimg the masks are still forming: every run
+# measured was outside the band there (holes up to 4, area up to 2), the ones that went on to fit the labels too.
+MASK_BAND = {"mask_area": (0.5, 2.0), "mask_parts": (0.0, 1.5), "mask_holes": (0.0, 1.5)}
+MASK_BAND_AFTER_KIMG = 4.0
+
+
+def mask_warning(measured, kimg):
+    """The warning for masks outside MASK_BAND (a line), or None: inside it, or not yet past MASK_BAND_AFTER_KIMG."""
+    values = {k: float(measured[k]) for k in MASK_BAND if k in measured}
+    outside = [k for k, v in values.items() if not MASK_BAND[k][0] <= v <= MASK_BAND[k][1]]  # NaN is outside
+    if kimg <= MASK_BAND_AFTER_KIMG or not outside:
+        return None
+    named = ", ".join(f"{k} {values[k]:.2f}" for k in outside)
+    return (f"at {kimg:.1f} kimg the generated masks left the labels' range ({named}; the band: mask_area 0.5-2, "
+            "mask_parts and mask_holes up to 1.5, 1 = like the labels): the mask branch is drifting off the anatomy, "
+            "which the images and D_m's loss do not show. Measured remedies: --dm-mask probabilities against the "
+            "early break-up, an unlabeled pool from the labeled images' source against the later drift; or keep the "
+            "last checkpoint before this one (docs/mask-branch-stability.md)")
+
+
 def labeled_mask_statistics(labeled, num_labels, batch, seed, count=64):
     """mask_statistics of `count` labeled masks as D_m sees them (augmented), from a stream of their own."""
     stream = iter(data.InfiniteLoader(labeled, batch, seed=seed, workers=0, name="labeled pairs"))
@@ -550,6 +574,9 @@ def _train(args, rank, world, device):
                 "num_classes": num_classes, "mask_channels": G_ema.num_classes}
 
     def write(step, measured, checkpoint, stopping):
+        warning = mask_warning(measured, step * args.batch * world / 1000) if measured else None
+        if warning:
+            progress.warn(warning, step)
         if checkpoint and not stopping:
             grid_path = os.path.join(args.out, f"samples-{step:08d}.png")
             save_grid(G_ema, grid_latents, grid_path, args.batch)

@@ -458,6 +458,13 @@ class Progress:
         self.sums, self.counts = {}, {}
         self.last_time, self.last_step = now, step
 
+    def warn(self, text, step):
+        """A warning about the run (rank 0): one line on the console (stderr) and, with --tensorboard, a text."""
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+        if self.tensorboard is not None:
+            self.tensorboard.add_text("warnings", text, step)
+            self.tensorboard.flush()
+
     def image(self, tag, path, step):
         """A sample grid, as written to `path`, to TensorBoard (rank 0, --tensorboard)."""
         if self.tensorboard is not None:

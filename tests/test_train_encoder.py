@@ -546,3 +546,33 @@ def test_resume_with_a_file_of_another_kind_and_an_out_of_another_run_are_one_li
     assert "tensor.pt is not a checkpoint of train_encoder.py" in line
     line = one_error_line(capsys, ["--ckpt", str(stage1), "--out", str(stage1.parent)] + STAGE2)
     assert "holds the checkpoints of another run" in line
+
+
+@pytest.mark.parametrize("own, val, warned", [
+    (0.38, 0.90, True),  # chest, a pool of another source: the bound the outside measurement found (issue 36)
+    (0.536, 0.915, True),  # the same pool, 3200 stage-2 steps
+    (0.623, 0.889, True),  # the same pool at 14.4 kimg, 200 steps: 3.4 times the error
+    (0.865, 0.902, False),  # chest, a pool of the labels' source: masks that fit the images
+    (0.436, 0.666, False),  # the README's demo at its end (mIoU): 1.7 times the error
+    (0.99, 0.995, False),  # both near perfect: 2 times a tiny error
+    (0.80, 0.95, True),  # 4 times the error, though only 0.15 apart: errors compare, not scores
+    (0.30, 0.55, False),  # a weak encoder, 0.25 apart: 1.6 times the error
+    (float("nan"), 0.9, True),
+])
+def test_the_bound_warning_fires_where_the_generators_masks_do_not_fit_its_images(own, val, warned):
+    for kind in ("dice", "miou"):
+        warning = train_encoder.bound_warning({f"val_{kind}": torch.tensor(val), f"own_{kind}": torch.tensor(own)})
+        assert (warning is not None) == warned
+        assert warning is None or warning.startswith(f"own_{kind} {own:.3f} against val_{kind} {val:.3f}")
+    assert train_encoder.bound_warning({"val_dice": torch.tensor(0.9)}) is None  # --own-samples 0: nothing to compare
+
+
+def test_a_bound_far_below_the_validation_score_is_warned_of_at_each_validation(stage1, tmp_path, monkeypatch,
+                                                                                capsys):
+    monkeypatch.setattr(train_encoder, "encoder_score", lambda E, G, batches, autocast, kind: {
+        f"{kind}_miou": {"val": 0.9, "own": 0.5}[kind]})
+    run(stage1, tmp_path, "--iter", "4", "--snap-every", "4", "--val-every", "2")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: at step {s}, own_miou 0.500 against val_miou 0.900: the encoder misses 5.00 times "
+                        "as much of G's own masks as of the held-out labels" + warnings[0].split("labels", 1)[1]
+                        for s in (2, 4)]

@@ -699,20 +699,65 @@ def test_mask_quality_is_logged_at_every_snapshot(twenty_steps):
 # Nothing a user types loses a checkpoint
 
 
-def test_a_collapsed_mask_branch_is_logged_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    """No labeled class in any generated mask: mask_parts is 0 (no region), not NaN, and neither it nor any
-    measurement stops the run or the checkpoint a SIGTERM asks for."""
+def test_a_collapsed_mask_branch_is_logged_warned_of_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """No labeled class in any generated mask: mask_parts is 0 (no region), not NaN, each snapshot prints the
+    warning (its warm-up set to 0 kimg: a test cannot train 4), and neither it nor any measurement stops the run or
+    the checkpoint a SIGTERM asks for."""
     monkeypatch.setattr(model, "mask_classes", lambda logits: torch.zeros(logits.shape[0], *logits.shape[2:],
                                                                          dtype=torch.long, device=logits.device))
+    monkeypatch.setattr(train_gan, "MASK_BAND_AFTER_KIMG", 0.0)
     signal_after(monkeypatch, 5, signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         run(tmp_path, "--iter", "20", "--snap-every", "4")
     assert stop.value.code == 128 + signal.SIGTERM
-    assert "checkpoint" in capsys.readouterr().err and (tmp_path / "checkpoint-00000006.pt").is_file()
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and (tmp_path / "checkpoint-00000006.pt").is_file()
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     collapsed = [r for r in records if "mask_area" in r]
     assert [r["step"] for r in collapsed] == [4, 6] and all(r["mask_area"] == 0 and r["mask_parts"] == 0
                                                             for r in collapsed)
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and all("range (mask_area 0.00;" in w and "--dm-mask probabilities" in w
+                                      for w in warnings)  # no region at all: no area, and parts 0 are no excess
+    assert "at 0.0 kimg" in warnings[0]  # step 4 of batch 2: 0.008 kimg
+
+
+@pytest.mark.parametrize("kimg, area, parts, holes, warned", [
+    (4.8, 0.70, 10.74, 9.77, ["mask_parts", "mask_holes"]),  # the official input's break-up (issue 36)
+    (8.0, 0.27, 5.42, 1.55, ["mask_area", "mask_parts", "mask_holes"]),  # shrunk to a fifth of the labels' area
+    (24.0, 0.73, 1.55, 1.30, ["mask_parts"]),  # the mixed pool's later drift: half the grid off the lungs
+    (43.2, 1.07, 1.73, 2.16, ["mask_parts", "mask_holes"]),
+    (4.8, 1.07, 1.08, 0.96, []),  # probabilities + mismatched, lungs in every grid sample
+    (24.0, 1.00, 0.90, 0.96, []),  # a pool of the labels' source at 24 kimg
+    (6.0, 0.61, 1.17, 0.92, []),  # the README's demo at its end
+    (4.0, 0.97, 1.50, 0.97, []),  # the demo at 4 kimg: still forming, and at the band's edge
+    (1.6, 1.47, 1.51, 4.18, []),  # every run is outside before 4 kimg, healthy ones too
+    (20.0, float("nan"), 1.0, 1.0, ["mask_area"]),
+])
+def test_the_mask_warning_names_what_left_the_labels_range(kimg, area, parts, holes, warned):
+    measured = {"mask_area": torch.tensor(area), "mask_parts": torch.tensor(parts), "mask_holes": torch.tensor(holes)}
+    warning = train_gan.mask_warning(measured, kimg)
+    if not warned:
+        assert warning is None
+    else:
+        named = warning[warning.index("(") + 1:warning.index(";")]
+        assert [part.split()[0] for part in named.split(", ")] == warned and f"at {kimg:.1f} kimg" in warning
+
+
+def test_a_warning_goes_to_the_console_and_to_tensorboard(tmp_path, capsys):
+    class Writer:  # what Progress uses of a SummaryWriter
+        texts = []
+
+        def add_text(self, tag, text, step):
+            self.texts.append((tag, text, step))
+
+        def flush(self):
+            pass
+
+    progress = training.Progress(str(tmp_path / "log.jsonl"), 2, 10, 0, torch.device("cpu"), tensorboard=Writer())
+    progress.warn("masks off the lungs", 7)
+    assert capsys.readouterr().err == "warning: masks off the lungs\n"
+    assert Writer.texts == [("warnings", "masks off the lungs", 7)]
 
 
 def test_a_measurement_that_is_not_finite_is_logged_as_null_and_a_loss_still_stops(tmp_path):
