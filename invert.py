@@ -312,7 +312,8 @@ def run(args, argv):
     print(f"semanticgan inversion: {len(inputs)} images, {args.steps} steps, batch {batch}, on {device.type} "
           f"({r.precision}); model {data.printable(r.model_path)} ({r.bundle['preprocessing']['resolution']} px, "
           f"{labels} classes); LPIPS {r.lpips_net}{note}", flush=True)
-    r.reference, r.why_not = report.flag_reference(r.bundle, r.lpips_net, r.model_path)
+    r.reference = report.error_reference(r.bundle, r.lpips_net)
+    r.limit, r.why_not = flag_limit(r, batch)
     if r.why_not:
         print(f"note: {data.printable(r.why_not)}: no image is flagged", flush=True)
     r.scores = {"optimised": losses.Scores(labels)}
@@ -340,6 +341,35 @@ def run(args, argv):
                              "run again with --overwrite")
     print(summary, flush=True)
     return r.scores
+
+
+def mask_agreements(result, num_labels):
+    """Per image of an Inversion: the mIoU of the encoder's and the optimised mask at the model's resolution (the
+    held-out images the flag is calibrated on have no other), 1 where the optimisation moved nothing."""
+    pairs = zip(model.mask_classes(result.mask_logits).cpu(), model.mask_classes(result.encoder_logits).cpu())
+    return [losses.mean_iou(*losses.intersection_union(final, encoder, num_labels)) for final, encoder in pairs]
+
+
+def flag_limit(r, batch):
+    """(limit, why not): the flag's limit, the lowest agreement of the encoder's and the optimised mask over the
+    held-out images model.pt holds, inverted as this run inverts (its settings, noise seeded by --seed), and None;
+    or None and why there is none."""
+    stored = r.bundle.get("flag_images")
+    if r.args.steps == 0:
+        return None, "--steps 0 leaves the encoder's masks as they are, and the flag measures how far they move"
+    if not stored:
+        return None, f"{r.model_path} holds no held-out images to calibrate the flag on (trained before " \
+                     "train_encoder.py stored them)"
+    images = stored["images"].float().div(127.5).sub(1).to(r.G.constant.device)
+    agreements = []
+    for first in range(0, len(images), batch):
+        chunk = images[first:first + batch]
+        seeds = [image_seed(r.args.seed, f"held-out image {first + k}") for k in range(len(chunk))]
+        agreements += mask_agreements(invert(r.G, r.E, r.percept, chunk, seeds, r.args, r.autocast), r.num_labels)
+    limit = min(agreements)
+    print(f"flag: calibrated on {len(agreements)} held-out images of {stored['source']} (their masks moved to an "
+          f"agreement mIoU of {limit:.4f} at the most): an image whose mask moves further is flagged", flush=True)
+    return limit, None
 
 
 def in_split(inputs, split):
@@ -378,13 +408,14 @@ def segment_chunk(chunk, r):
     result = invert(r.G, r.E, r.percept, images, seeds, args, r.autocast)
     errors = torch.stack([*losses.reconstruction_errors(r.percept, result.reconstruction, images),
                           *losses.reconstruction_errors(r.percept, result.encoder_reconstruction, images)], 1)
+    agreements = mask_agreements(result, r.num_labels)
     for k, item in enumerate(chunk):
         classes = to_input_geometry(result.mask_logits[k], item.size, fit)
         encoder_classes = classes if args.steps == 0 else to_input_geometry(result.encoder_logits[k], item.size, fit)
         paths = report.output_paths(args.out, item.name, args.save_reconstruction)
         save_outputs(item, classes, result.reconstruction[k], paths, r.written)
-        r.rows.append(report.trust_signals(item.name, classes, encoder_classes, errors[k].tolist(), r.num_labels,
-                                           r.reference, args.flag_factor))
+        r.rows.append(report.trust_signals(item.name, classes, agreements[k], errors[k].tolist(), r.num_labels,
+                                           r.reference, r.limit))
         r.files[item.name] = (item.path, paths)
         if r.truth is not None:
             path, values = r.truth[item.key]
@@ -418,8 +449,6 @@ def build_parser():
     p.add_argument("--eval", metavar="MASKS", help="score against a folder of true masks or a labeled folder")
     p.add_argument("--class-map", help="merge the ground-truth classes as in training")
     p.add_argument("--save-reconstruction", action="store_true", help="also write NAME_recon.png, G_x(w+*)")
-    p.add_argument("--flag-factor", type=cli.POSITIVE, default=1.5, help="flag an image whose encoder "
-                   "reconstruction error is above this many times the labeled training images' largest")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (the files it listed "
                    "in OUT/written.jsonl), never a file this tool did not write")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")

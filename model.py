@@ -676,7 +676,8 @@ def load_generator(ckpt, path, device):
 # "encoder" (their constructors' arguments), "mean_latent", "preprocessing" (resolution, channels, fit), "num_classes"
 # (background included), "class_names", "lpips" (the network stage 2 used), "step", "validation", "args" and
 # "stage1_args"; optional (older files lack it): "labeled_errors", the encoder's reconstruction errors of the labeled
-# training images ({"lpips_net", "lpips": [...], "mse": [...]}), what invert.py flags images against.
+# training images ({"lpips_net", "lpips": [...], "mse": [...]}), invert.py's error_ratio; "flag_images" ({"images":
+# uint8 [N, C, R, R], "source"}), held-out images invert.py calibrates its flag on.
 BUNDLE_FORMAT = "semanticgan-model-1"
 
 

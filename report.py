@@ -221,21 +221,23 @@ def write_metrics(out, scores, results, class_names, argv, model_path, steps, im
 
 # ----------------------------------------------------------------------------------------------------
 # Trust signals: how well the generator explains each image (segmentations.csv and the report): the final
-# reconstruction's LPIPS and MSE and the encoder's, how far the optimisation moved the mask (agreement_miou,
-# the encoder's mask against the optimised one; 1 with --steps 0) and each class's share of the mask.
+# reconstruction's LPIPS and MSE and the encoder's, error_ratio (the encoder's LPIPS or MSE over the labeled training
+# images' largest, stored in model.pt by stage 2: how far the image is out of the generator's reach), how far the
+# optimisation moved the mask (agreement_miou, the encoder's mask against the optimised one at the model's
+# resolution; 1 with --steps 0) and each class's share of the mask.
 #
-# The flag compares the encoder's error, not the final one, with the labeled training images' (stored in
-# model.pt by stage 2): it does not depend on this run's --steps or weights, and with W+ and the noise free the
-# optimisation fits much of any image. error_ratio is the larger of encoder LPIPS / the labeled images' largest
-# and encoder MSE / theirs; an image is flagged when error_ratio > --flag-factor (1.5).
+# The flag is the agreement: an image whose mask the optimisation moved further than it moved any of the held-out
+# images model.pt holds (invert.flag_limit inverts them with the run's own settings). Of the signals it alone ranks
+# the bad masks of another source's images as well as in domain (docs/flag.md: AUROC for "DICE in the set's worst
+# tenth"); error_ratio rises for every foreign image, good mask or bad.
 
 
-LABELED_ERRORS_MAX = 256  # labeled images measured for the flag's reference, the first in the data's order
+LABELED_ERRORS_MAX = 256  # labeled images measured for error_ratio's reference, the first in the data's order
 
 
 @torch.no_grad()
 def labeled_errors(E, G, percept, dataset, batch, device):
-    """The flag's reference, which train_encoder.py stores in model.pt: the encoder's reconstruction errors of
+    """error_ratio's reference, which train_encoder.py stores in model.pt: the encoder's reconstruction errors of
     the labeled training images, as invert.py measures a new image's at its step 0 (E in eval mode, fp32, 256 px
     at most; G's fixed noise maps where invert.py draws each image's own). {"lpips_net", "lpips", "mse"}."""
     was_training = E.training
@@ -251,19 +253,14 @@ def labeled_errors(E, G, percept, dataset, batch, device):
     return {"lpips_net": percept.net, "lpips": lpips_values, "mse": mses}
 
 
-def flag_reference(bundle, lpips_net, model_path):
-    """(reference, why not): the largest LPIPS and the largest MSE of the labeled training images' encoder
-    reconstructions, from model.pt, and None; or None and the reason: a model.pt written before they were
-    stored, or one that measured them with another LPIPS network than this run's (distances of different
-    backbones do not compare)."""
+def error_reference(bundle, lpips_net):
+    """The largest LPIPS and the largest MSE of the labeled training images' encoder reconstructions, from
+    model.pt; None for a model.pt written before they were stored, or measured with another LPIPS network than
+    this run's (distances of different backbones do not compare)."""
     stored = bundle.get("labeled_errors")
-    if not stored:
-        return None, f"{model_path} holds no reconstruction errors of its labeled images (trained before " \
-                     "train_encoder.py stored them)"
-    if stored["lpips_net"] != lpips_net:
-        return None, f"{model_path} measured its labeled images with LPIPS {stored['lpips_net']}, this run uses " \
-                     f"{lpips_net} (leave --lpips out to flag)"
-    return (max(stored["lpips"]), max(stored["mse"])), None
+    if not stored or stored["lpips_net"] != lpips_net:
+        return None
+    return max(stored["lpips"]), max(stored["mse"])
 
 
 def error_ratio(encoder_lpips, encoder_mse, reference):
@@ -271,36 +268,33 @@ def error_ratio(encoder_lpips, encoder_mse, reference):
     return max(encoder_lpips / max(reference[0], 1e-12), encoder_mse / max(reference[1], 1e-12))
 
 
-def trust_signals(name, classes, encoder_classes, errors, num_labels, reference, factor):
-    """One row of segmentations.csv (a dict): the errors (final LPIPS, MSE, the encoder's LPIPS, MSE), the
-    agreement of the two masks, the foreground classes' areas, error_ratio and the flag (None without a
-    reference)."""
+def trust_signals(name, classes, agreed, errors, num_labels, reference, limit):
+    """One row of segmentations.csv (a dict): the errors (final LPIPS, MSE, the encoder's LPIPS, MSE), error_ratio
+    (None without a reference), the agreement of the two masks (invert.mask_agreements), the foreground classes'
+    areas in the mask `classes`, and the flag: agreement below `limit` (None without one)."""
     lpips_value, mse, encoder_lpips, encoder_mse = (float(e) for e in errors)
-    agreement = losses.mean_iou(*losses.intersection_union(torch.from_numpy(classes),
-                                                           torch.from_numpy(encoder_classes), num_labels))
     areas = np.bincount(classes.ravel(), minlength=num_labels)[1:num_labels] / classes.size
-    ratio = error_ratio(encoder_lpips, encoder_mse, reference) if reference else None
-    return {"name": name, "flagged": None if ratio is None else ratio > factor, "error_ratio": ratio,
+    return {"name": name, "flagged": None if limit is None else agreed < limit,
+            "error_ratio": error_ratio(encoder_lpips, encoder_mse, reference) if reference else None,
             "encoder_lpips": encoder_lpips, "encoder_mse": encoder_mse, "lpips": lpips_value, "mse": mse,
-            "agreement_miou": agreement, "areas": areas.tolist()}
+            "agreement_miou": agreed, "areas": areas.tolist()}
 
 
-def flag_summary(rows, reference, why_not, factor):
+def flag_summary(rows, limit, why_not):
     """The line that says how many images are flagged and by which rule (or why none can be)."""
-    if reference is None:
+    if limit is None:
         return f"no image is flagged: {why_not}"
     flagged = sum(bool(r["flagged"]) for r in rows)
-    return (f"flagged: {flagged} of {len(rows)} images reconstruct far worse than the labeled training images "
-            f"(error ratio above {factor}: the encoder's LPIPS above {factor * reference[0]:.4f} or its MSE above "
-            f"{factor * reference[1]:.4f})")
+    return (f"flagged: {flagged} of {len(rows)} images, whose masks the optimisation moved further than any held-out "
+            f"image's (agreement mIoU of the encoder's and the optimised mask below {limit:.4f})")
 
 
 SIGNALS = ("error_ratio", "encoder_lpips", "encoder_mse", "lpips", "mse", "agreement_miou")
 
 
 def write_segmentations(out, rows, class_names, written):
-    """OUT/segmentations.csv: a row per image in the order segmented; flagged 1 or 0 (empty, like
-    error_ratio, when the model holds no reference)."""
+    """OUT/segmentations.csv: a row per image in the order segmented; flagged 1 or 0 (empty when there is no
+    flag), error_ratio empty when the model holds no reference."""
     with open(written.add(Path(out) / "segmentations.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["name", "flagged", *SIGNALS] + [f"area_{n}" for n in class_names[1:]])
@@ -328,9 +322,10 @@ tr.flagged td { background: #fde0dc; }
 
 
 REPORT_LEGEND = ("error ratio: the encoder's reconstruction error G_x(E(x)) against x, LPIPS or MSE (the larger "
-                 "ratio), over the largest of the labeled training images'; an image is flagged above the factor the "
-                 "flag line names. LPIPS, MSE: the final reconstruction's. agreement mIoU: the encoder's mask against "
-                 "the optimised one (1: the optimisation changed nothing). area: each class's share of the pixels.")
+                 "ratio), over the largest of the labeled training images' (high: out of the generator's reach). LPIPS, "
+                 "MSE: the final reconstruction's. agreement mIoU: the encoder's mask against the optimised one, at the "
+                 "model's resolution (1: the optimisation changed nothing); an image is flagged below the limit the flag line names. area: each "
+                 "class's share of the pixels.")
 
 
 def link(path, out):
@@ -344,12 +339,14 @@ def link(path, out):
 
 
 def worst_first(rows, scores):
-    """The rows sorted worst first, and by what: the optimised mask's mean DICE (lowest first) with --eval,
-    else error_ratio (the encoder's LPIPS where there is no reference), highest first."""
+    """The rows sorted worst first, and by what: the optimised mask's mean DICE (lowest first) with --eval, else
+    the flag's agreement (lowest first), else error_ratio (the encoder's LPIPS without a reference), highest first."""
     if scores is not None:
         per_image = scores["optimised"].rows
         mean_dice = {name: float(np.mean([dice for dice, _ in row.values()])) for name, row in per_image.items()}
         return sorted(rows, key=lambda r: (mean_dice[r["name"]], r["name"])), "mean DICE, lowest first"
+    if rows and rows[0]["flagged"] is not None:  # the flag's order: the flagged first
+        return sorted(rows, key=lambda r: (r["agreement_miou"], r["name"])), "agreement mIoU, lowest first"
     if rows and rows[0]["error_ratio"] is not None:
         return sorted(rows, key=lambda r: (-r["error_ratio"], r["name"])), "error ratio, highest first"
     return sorted(rows, key=lambda r: (-r["encoder_lpips"], r["name"])), "encoder LPIPS, highest first"
@@ -449,8 +446,8 @@ def write_summaries(r):
         write_metrics(args.out, r.scores, results, r.class_names, r.argv, r.model_path, args.steps, done, r.written)
         summary += "; metrics.csv and metrics.json written"
     if done:
-        flags = flag_summary(r.rows, r.reference, r.why_not, args.flag_factor)
-        if r.reference:
+        flags = flag_summary(r.rows, r.limit, r.why_not)
+        if r.limit is not None:
             print(flags, flush=True)
         write_segmentations(args.out, r.rows, r.class_names, r.written)
         write_report(args.out, r.rows, r.files, r.scores if results else None, r.class_names, report_settings(r, flags),

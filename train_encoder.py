@@ -33,8 +33,9 @@ upper bound of what it can recover; far below the validation score it prints a w
 
 Outputs in --out: the progress line and log.jsonl; samples-STEP.png (input | reconstruction | predicted mask |
 true mask); checkpoint-STEP.pt (`--resume auto`); model.pt, the inference bundle invert.py reads (G_ema, E,
-the preprocessing, the classes, the LPIPS network, and the flag's reference: report.labeled_errors); best.pt,
-the same at the best validation score. Long runs behave as train_gan.py's (training.py).
+the preprocessing, the classes, the LPIPS network, report.labeled_errors, and 8 held-out images invert.py
+calibrates its flag on); best.pt, the same at the best validation score. Long runs behave as train_gan.py's
+(training.py).
 
 Needs: training.py (the run machinery), model.py (the networks, reading checkpoints and model.pt), weights.py
 (an official checkpoint), report.py (the flag's reference), losses.py, data.py.
@@ -238,8 +239,18 @@ def fixed_samples(dataset, count):
 # The inference bundle
 
 
+FLAG_IMAGES = 8  # invert.py's flag: a new image of their kind moves further than all 8 with probability 1/9
+
+
+def flag_images(validation, labeled):
+    """The first FLAG_IMAGES validation images (the labeled ones without --val) as uint8 [N, C, R, R], and which."""
+    images = fixed_samples(validation if validation is not None else labeled, FLAG_IMAGES)[0]
+    source = "the validation split" if validation is not None else "the labeled training images"
+    return {"images": images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8), "source": source}
+
+
 def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=None, stage1_args=None,
-                labeled_errors=None):
+                labeled_errors=None, flag_images=None):
     """What invert.py needs and nothing else: state_dicts and plain data (weights_only=True loads it); the keys
     are listed at model.BUNDLE_FORMAT."""
     E = training.unwrap(E)
@@ -248,7 +259,7 @@ def make_bundle(G, E, fit, class_names, lpips, step=0, validation=None, args=Non
             "preprocessing": {"resolution": G.resolution, "channels": G.image_channels, "fit": fit},
             "num_classes": losses.label_count(G.num_classes), "class_names": class_names, "lpips": lpips, "step": step,
             "validation": validation, "args": args or {}, "stage1_args": stage1_args or {},
-            "labeled_errors": labeled_errors}
+            "labeled_errors": labeled_errors, "flag_images": flag_images}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,6 +352,7 @@ def _train(args, ckpt, rank, world, device):
     plain_labeled, plain_unlabeled, _ = data.build_datasets(args, augment=False)
     grid = (fixed_samples(validation if validation is not None else plain_labeled, args.grid),
             fixed_samples(plain_unlabeled, args.grid))
+    held_out = flag_images(validation, plain_labeled)
     if rank == 0:
         announce(args, info, G, E, world, device, precision, temperatures, validation_source)
     progress = training.Progress(os.path.join(args.out, "log.jsonl"), 2 * args.batch * world, args.iter, step,
@@ -377,7 +389,7 @@ def _train(args, ckpt, rank, world, device):
         errors = report.labeled_errors(E, G, percept, plain_labeled, args.batch, device) if due else None  # once
         for name, validated in due.items():
             training.save_checkpoint(make_bundle(G, E, info["fit"], info.get("class_names"), args.lpips, step,
-                                                 validated, vars(args), ckpt["args"], errors),
+                                                 validated, vars(args), ckpt["args"], errors, held_out),
                                      os.path.join(args.out, name))
         if checkpoint and not stopping:
             grid_path = os.path.join(args.out, f"samples-{step:08d}.png")
