@@ -322,10 +322,10 @@ tr.flagged td { background: #fde0dc; }
 
 
 REPORT_LEGEND = ("error ratio: the encoder's reconstruction error G_x(E(x)) against x, LPIPS or MSE (the larger "
-                 "ratio), over the largest of the labeled training images' (high: out of the generator's reach). LPIPS, "
-                 "MSE: the final reconstruction's. agreement mIoU: the encoder's mask against the optimised one, at the "
-                 "model's resolution (1: the optimisation changed nothing); an image is flagged below the limit the flag line names. area: each "
-                 "class's share of the pixels.")
+                 "ratio), over the largest of the labeled training images' (high: out of the generator's reach). "
+                 "LPIPS, MSE: the final reconstruction's. agreement mIoU: the encoder's mask against the optimised "
+                 "one, at the model's resolution (1: the optimisation changed nothing); an image is flagged below "
+                 "the limit the flag line names. area: each class's share of the pixels.")
 
 
 def link(path, out):
