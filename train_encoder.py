@@ -245,7 +245,7 @@ FLAG_IMAGES = 8  # invert.py's flag: a new image of their kind moves further tha
 def flag_images(validation, labeled):
     """The first FLAG_IMAGES validation images (the labeled ones without --val) as uint8 [N, C, R, R], and which."""
     images = fixed_samples(validation if validation is not None else labeled, FLAG_IMAGES)[0]
-    source = "the validation split" if validation is not None else "the labeled training images"
+    source = "the validation pairs" if validation is not None else "the labeled training images"
     return {"images": images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8), "source": source}
 
 

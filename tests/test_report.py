@@ -165,7 +165,7 @@ def test_the_signals_and_the_flag_recomputed_from_the_files_and_from_g_and_e(tra
     # the flag: agreement below the least agreement of the 8 held-out images (validation pairs) inverted as this
     # run inverts them, by hand from G and E
     held_out = bundle["flag_images"]
-    assert held_out["source"] == "the validation split" and held_out["images"].shape == (8, 3, 32, 32)
+    assert held_out["source"] == "the validation pairs" and held_out["images"].shape == (8, 3, 32, 32)
     images = held_out["images"].float() / 127.5 - 1
     args = invert.build_parser().parse_args(["x", "--steps", "3"])
     limit = 1.0
