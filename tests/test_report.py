@@ -213,7 +213,7 @@ def test_without_held_out_images_or_with_steps_0_nothing_is_flagged_with_one_not
 def test_another_lpips_network_leaves_error_ratio_empty_and_without_eval_the_flagged_come_first(trained, unseen,
                                                                                                  tmp_path):
     bundle = torch.load(trained / "encoder" / "model.pt", weights_only=True)
-    scenes = torch.stack([torch.from_numpy(np.asarray(Image.open(unseen / "images" / f"{s}.png"))).permute(2, 0, 1)
+    scenes = torch.stack([torch.from_numpy(np.array(Image.open(unseen / "images" / f"{s}.png"))).permute(2, 0, 1)
                           for s in SCENES])  # held-out images the checkerboard is not like
     other = dict(bundle, labeled_errors=dict(bundle["labeled_errors"], lpips_net="alex"),
                  flag_images={"images": scenes, "source": "three scenes"})
