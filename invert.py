@@ -23,8 +23,10 @@ own w+, noise seeded by --seed and its name, and loss): a mask does not depend o
 
 Outputs, in --out, keeping the inputs' sub-folders: NAME.png (the class-index mask), NAME_color.png,
 NAME_overlay.png, with --save-reconstruction NAME_recon.png; with --eval the scores of the optimised masks
-and of the encoder alone (losses.Scores); always the trust signals and a report (report.py). --out may lie
-inside an input folder, never be or hold an input; --overwrite replaces an earlier run whole and nothing else.
+and of the encoder alone (losses.Scores); always the trust signals, the flag (flag_limit: first the held-out
+images model.pt holds are inverted alike, and an image whose mask moves further than theirs is flagged) and a
+report (report.py). --out may lie inside an input folder, never be or hold an input; --overwrite replaces an
+earlier run whole and nothing else.
 
 Needs: model.py, losses.py, report.py and data.py; never the training scripts, so that this file can be
 copied with those and ops/.
