@@ -239,6 +239,15 @@ def fixed_samples(dataset, count):
 # The inference bundle
 
 
+def fixed_inputs(args, validation):
+    """The labeled pairs unaugmented (report.labeled_errors measures them), the sample grid's fixed inputs (the
+    validation or labeled pairs, and unlabeled images) and the flag's held-out images."""
+    plain_labeled, plain_unlabeled, _ = data.build_datasets(args, augment=False)
+    grid = (fixed_samples(validation if validation is not None else plain_labeled, args.grid),
+            fixed_samples(plain_unlabeled, args.grid))
+    return plain_labeled, grid, flag_images(validation, plain_labeled)
+
+
 FLAG_IMAGES = 8  # invert.py's flag: a new image of their kind moves further than all 8 with probability 1/9
 
 
@@ -349,10 +358,7 @@ def _train(args, ckpt, rank, world, device):
         training.resumed(args, resume, step, rank, also=("model.pt", "best.pt"))
     net = E if world == 1 else torch.nn.parallel.DistributedDataParallel(
         E, device_ids=[device.index] if device.type == "cuda" else None)
-    plain_labeled, plain_unlabeled, _ = data.build_datasets(args, augment=False)
-    grid = (fixed_samples(validation if validation is not None else plain_labeled, args.grid),
-            fixed_samples(plain_unlabeled, args.grid))
-    held_out = flag_images(validation, plain_labeled)
+    plain_labeled, grid, held_out = fixed_inputs(args, validation)
     if rank == 0:
         announce(args, info, G, E, world, device, precision, temperatures, validation_source)
     progress = training.Progress(os.path.join(args.out, "log.jsonl"), 2 * args.batch * world, args.iter, step,
