@@ -11,6 +11,8 @@ Every iteration (the official schedule, rosinality/stylegan2-pytorch as extended
                mask one-hot in {-1, +1} and the generated one as raw logits (--dm-mask).
                Ours, --dm-mismatched: each real image with another labeled image's mask is a second kind
                of fake (losses.d_hinge_loss_mismatched), so D_m must judge whether a mask fits its image.
+               On trial, --dm-look-augment: D_m's real and generated images get a random change of look alike
+               (look_augment), against a pool of another source than the labels (issue 36).
                Steps 1 and 2 share one generator forward: G is frozen in both, so one batch of fakes serves
                (--no-shared-fakes draws a second batch for step 2, as the official code does).
  3. R1         every 16 steps on D_r and on D_m (gamma 10), scaled by 16 (lazy regularisation); D_m's in
@@ -152,6 +154,30 @@ def mismatched_logits_for_the_log(D_m, images, masks):
     return outputs
 
 
+def look_augment(images, strength=1.0):
+    """A random change of look per image, the same distribution for D_m's real and generated images (--dm-look-
+    augment, issue 36 part 3): gamma and contrast in 2**[-s, s], a Gaussian blur of up to s * R / 64 pixels and
+    noise of up to 0.05 s (of the [0, 1] range), so that the look of the labeled images' source alone cannot tell
+    real pairs from generated ones. Images in [-1, 1], no gradient needed (D_m's images are detached)."""
+    B, C, H, W = images.shape
+    x, u = (images.float() + 1) / 2, torch.rand(B, 4, 1, 1, 1, device=images.device)
+    x = x.clamp(min=1e-4) ** (2 ** (strength * (2 * u[:, 0] - 1)))  # gamma
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = mean + (x - mean) * 2 ** (strength * (2 * u[:, 1] - 1))  # contrast
+    sigma = (strength * u[:, 2] * H / 64).clamp(min=1e-3).view(B, 1, 1)
+    radius = max(1, math.ceil(3 * strength * H / 64))
+    taps = torch.arange(-radius, radius + 1, device=images.device, dtype=x.dtype).view(1, 1, -1)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, 1, taps]
+    x = x.reshape(1, B * C, H, W)
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="reflect"),
+                                   kernel.unsqueeze(2), groups=B * C)
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, radius, radius), mode="reflect"),
+                                   kernel.unsqueeze(3), groups=B * C).reshape(B, C, H, W)
+    x = x + 0.05 * strength * u[:, 3] * torch.randn_like(x)  # noise
+    return (x * 2 - 1).to(images.dtype)
+
+
 def _update(optimizer, loss):
     """One optimiser step on `loss`; returns the loss detached."""
     optimizer.zero_grad(set_to_none=True)
@@ -167,6 +193,8 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     B, net, r1_due = real_images.shape[0], training.unwrap(G), step % args.r1_every == 0
     z = lambda n: sample_z(n, net.style_dim, args.mixing, real_images.device)  # noqa: E731
     real_pair_mask = model.real_mask_input(labeled_masks, net.num_classes, args.dm_mask)
+    look = look_augment if args.dm_look_augment else (lambda images: images)  # D_m's images only  # noqa: E731
+    labeled_images = look(labeled_images)
     images_train, out = args.train == "all", {}  # not --train seg (module docstring)
 
     # 1-2. discriminator steps on one batch of fakes, or one each (G frozen)
@@ -190,7 +218,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
         paired = (partners >= 0).nonzero()[:, 0].to(labeled_images.device)
         partners = partners[partners >= 0].to(labeled_images.device)
     with autocast():
-        fake_pair = model.generated_pair(fake_images, fake_masks, args.dm_mask)
+        fake_pair = model.generated_pair(look(fake_images), fake_masks, args.dm_mask)
         real_outputs, fake_outputs = _float(D_m(labeled_images, real_pair_mask)), _float(D_m(*fake_pair))
         mismatched_outputs = None
         if args.dm_mismatched and len(paired):  # a second kind of fake: D_m cannot judge by the image alone
@@ -231,7 +259,7 @@ def train_step(step, nets, optimizers, batch, args, state, autocast):
     with autocast():
         fake_images, fake_masks = G(z(B))
         adv_r = losses.g_nonsaturating_loss(D_r(fake_images).float()) if images_train else None
-        fake_outputs = _float(D_m(*model.generated_pair(fake_images, fake_masks, args.dm_mask)))
+        fake_outputs = _float(D_m(*model.generated_pair(look(fake_images.detach()), fake_masks, args.dm_mask)))
         with torch.no_grad():
             real_outputs = _float(D_m(labeled_images, real_pair_mask))
         adv_m = losses.g_hinge_loss(fake_outputs)
@@ -619,6 +647,9 @@ def build_parser():
     g.add_argument("--dm-mismatched", action="store_true",
                    help="ours: D_m also learns real images with another labeled image's mask as fakes, so that "
                         "it judges whether a mask fits its image (docs/mask-branch-stability.md)")
+    g.add_argument("--dm-look-augment", action="store_true",
+                   help="ours, on trial: a random gamma, contrast, blur and noise alike for D_m's real and generated "
+                        "images, against a pool of another source than the labels (issue 36)")
     g.add_argument("--shared-fakes", action=argparse.BooleanOptionalAction, default=True,
                    help="one generator forward serves the D_r and the D_m step (the official code runs two)")
     g.add_argument("--pl-mean-sync", action=argparse.BooleanOptionalAction, default=True,

@@ -248,8 +248,10 @@ def one_step(step, *extra, classes=3, batch=None):
     generated, seen = [], []
     G.register_forward_hook(lambda module, inputs, output: generated.append(output[1].detach()))
     D_m.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].detach()))
-    one_step.images = []
+    one_step.images, one_step.fakes, one_step.d_r_images = [], [], []
     D_m.register_forward_pre_hook(lambda module, inputs: one_step.images.append(inputs[0].detach()))
+    G.register_forward_hook(lambda module, inputs, output: one_step.fakes.append(output[0].detach()))
+    D_r.register_forward_pre_hook(lambda module, inputs: one_step.d_r_images.append(inputs[0].detach()))
     batch = batch or (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randint(0, classes, (2, 32, 32)))
     out = train_gan.train_step(step, (G, D_r, D_m), optimizers, batch, args, state, autocast)
     one_step.nets = (G, D_r, D_m)
@@ -291,6 +293,59 @@ def test_dm_mismatched_shows_d_m_each_real_image_with_another_ones_mask_as_a_fak
     torch.testing.assert_close(out["D_m_fit"], fit)
     out, _, _, _ = one_step(1, "--dm-mask", dm_mask, "--dm-mismatched")
     assert "D_m_fit" not in out
+
+
+def slow_look_augment(images, u, noise, strength=1.0):
+    """train_gan.look_augment written out per image and pixel in float64, from its random draws."""
+    images, u, noise = images.double().numpy(), u.double().numpy().reshape(-1, 4), noise.double().numpy()
+    B, C, H, W = images.shape
+    out = np.empty_like(images)
+    radius = max(1, math.ceil(3 * strength * H / 64))
+    for b in range(B):
+        x = ((images[b] + 1) / 2).clip(1e-4, None) ** (2 ** (strength * (2 * u[b, 0] - 1)))
+        x = x.mean() + (x - x.mean()) * 2 ** (strength * (2 * u[b, 1] - 1))
+        sigma = max(strength * u[b, 2] * H / 64, 1e-3)
+        taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+        taps /= taps.sum()
+        reflect = lambda i, n: -i if i < 0 else (2 * (n - 1) - i if i >= n else i)  # noqa: E731
+        blurred = np.zeros_like(x)
+        for c in range(C):
+            for i in range(H):
+                for j in range(W):
+                    blurred[c, i, j] = sum(taps[a + radius] * taps[k + radius] * x[c, reflect(i + a, H), reflect(j + k, W)]
+                                           for a in range(-radius, radius + 1) for k in range(-radius, radius + 1))
+        out[b] = (blurred + 0.05 * strength * u[b, 3] * noise[b]) * 2 - 1
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_look_augment_against_a_slow_reference(strength):
+    images = torch.rand(3, 2, 32, 32) * 2 - 1
+    torch.manual_seed(5)
+    looked = train_gan.look_augment(images, strength)
+    torch.manual_seed(5)  # the same draws: four uniforms per image, then the noise
+    u = torch.rand(3, 4, 1, 1, 1)
+    noise = torch.randn(3, 2, 32, 32)
+    torch.testing.assert_close(looked.double(), slow_look_augment(images, u, noise, strength), atol=1e-5, rtol=0)
+    assert not torch.allclose(looked, images, atol=0.05)
+    torch.testing.assert_close(train_gan.look_augment(images, 0.0), images, atol=1e-3, rtol=0)  # strength 0: none
+
+
+def test_dm_look_augment_changes_the_images_d_m_sees_and_nothing_else(monkeypatch):
+    monkeypatch.setattr(train_gan, "look_augment", lambda images: images + 10)  # a mark on every image it changes
+    batch = (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)))
+    for extra, mark in (([], 0), (["--dm-look-augment"], 10)):
+        one_step(4, "--dm-mismatched", *extra, batch=batch)  # an R1 step: D_m's R1 sees the real images too
+        seen, fakes = one_step.images, one_step.fakes
+        # D_m: real, generated, mismatched (the real images with the other's mask), R1's real, then the G step's
+        # generated and real; the shared fakes are G's first output, the G step's its second
+        assert len(seen) == 6
+        for images in (seen[0], seen[2], seen[3], seen[5]):
+            torch.testing.assert_close(images, batch[1] + mark)
+        torch.testing.assert_close(seen[1], fakes[0] + mark)
+        torch.testing.assert_close(seen[4], fakes[1] + mark)
+        assert all(images.abs().max() < 9 for images in one_step.d_r_images)  # D_r: real and generated, unmarked
+        assert len(one_step.d_r_images) == 4  # D step real and fake, R1, G step
 
 
 def test_mismatched_partners_are_other_images_by_identity():
