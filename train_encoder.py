@@ -206,7 +206,8 @@ def bound_warning(measured):
             f"G's own masks as of the held-out labels (above {OWN_ERROR_RATIO_LIMIT}). G's masks do not fit its "
             "images: the encoder reaches codes whose masks fit the labels, and the inversion's optimisation moves "
             "away from them (invert.py --steps 0 may segment better). Check stage 1's mask_parts and mask_holes; "
-            "measured remedies: --dm-mask probabilities, an unlabeled pool from the labeled images' source "
+            "measured remedies in stage 1: --dm-look-augment (D_m's images alike in look), "
+            "--dm-mask probabilities, an unlabeled pool from the labeled images' source "
             "(docs/mask-branch-stability.md)")
 
 

@@ -11,8 +11,9 @@ Every iteration (the official schedule, rosinality/stylegan2-pytorch as extended
                mask one-hot in {-1, +1} and the generated one as raw logits (--dm-mask).
                Ours, --dm-mismatched: each real image with another labeled image's mask is a second kind
                of fake (losses.d_hinge_loss_mismatched), so D_m must judge whether a mask fits its image.
-               On trial, --dm-look-augment: D_m's real and generated images get a random change of look alike
-               (look_augment), against a pool of another source than the labels (issue 36).
+               Ours, --dm-look-augment: D_m's real and generated images get a random change of look alike
+               (look_augment), so that a pool of another source than the labels cannot teach D_m to judge the
+               pairs by the source's look (issue 36).
                Steps 1 and 2 share one generator forward: G is frozen in both, so one batch of fakes serves
                (--no-shared-fakes draws a second batch for step 2, as the official code does).
  3. R1         every 16 steps on D_r and on D_m (gamma 10), scaled by 16 (lazy regularisation); D_m's in
@@ -156,9 +157,9 @@ def mismatched_logits_for_the_log(D_m, images, masks):
 
 def look_augment(images, strength=1.0):
     """A random change of look per image, the same distribution for D_m's real and generated images (--dm-look-
-    augment, issue 36 part 3): gamma and contrast in 2**[-s, s], a Gaussian blur of up to s * R / 64 pixels and
-    noise of up to 0.05 s (of the [0, 1] range), so that the look of the labeled images' source alone cannot tell
-    real pairs from generated ones. Images in [-1, 1], no gradient needed (D_m's images are detached)."""
+    augment, issue 36 part 3): gamma and contrast in 2**[-s, s], a Gaussian blur of up to s * R / 64
+    pixels and noise of up to 0.05 s (of the [0, 1] range), so that the look of the labeled images' source alone
+    cannot tell real pairs from generated ones. Images in [-1, 1], no gradient needed (D_m's images are detached)."""
     B, C, H, W = images.shape
     x, u = (images.float() + 1) / 2, torch.rand(B, 4, 1, 1, 1, device=images.device)
     x = x.clamp(min=1e-4) ** (2 ** (strength * (2 * u[:, 0] - 1)))  # gamma
@@ -363,8 +364,9 @@ def mask_warning(measured, kimg):
     return (f"at {kimg:.1f} kimg the generated masks left the labels' range ({named}; the band: mask_area 0.5-2, "
             "mask_parts and mask_holes up to 1.5, 1 = like the labels): the mask branch is drifting off the anatomy, "
             "which the images and D_m's loss do not show. Measured remedies: --dm-mask probabilities against the "
-            "early break-up, an unlabeled pool from the labeled images' source against the later drift; or keep the "
-            "last checkpoint before this one (docs/mask-branch-stability.md)")
+            "early break-up; against the later drift --dm-look-augment (D_m's images alike in look) or an unlabeled "
+            "pool from the labeled images' source; or keep the last checkpoint before this one "
+            "(docs/mask-branch-stability.md)")
 
 
 def labeled_mask_statistics(labeled, num_labels, batch, seed, count=64):
@@ -530,11 +532,13 @@ def announce(args, info, G, D_r, D_m, world, device, precision, label_statistics
     """The run's first lines (rank 0): what trains on what, and the labeled masks' statistics."""
     counts = f"{info['labeled_count']} labeled pairs and {info['unlabeled_count']} images from {info['source']}"
     masks = "one sigmoid mask channel" if G.num_classes == 1 else f"{G.num_classes} mask channels"
+    d_m = [f"D_m sees mask {args.dm_mask}"] + ["mismatched pairs"] * args.dm_mismatched + [
+        "the look augmented"] * args.dm_look_augment
     print(f"semanticgan stage 1: {args.resolution} px, {info['channels']} image channels, {info['num_classes']} "
           f"classes ({masks}); {world} process(es) on {device.type}, batch {args.batch} per process = "
           f"{args.batch * world} global; precision {precision}; {args.iter} steps = "
-          f"{args.iter * args.batch * world / 1000:.1f} kimg; snapshot every {args.snap_every} steps; data: {counts}",
-          flush=True)
+          f"{args.iter * args.batch * world / 1000:.1f} kimg; snapshot every {args.snap_every} steps; data: {counts}; "
+          + ", ".join(d_m), flush=True)
     print("labeled masks, per foreground class: area " + ", ".join(f"{a:.3f}" for a in label_statistics[0].tolist())
           + "; regions " + ", ".join(f"{p:.2f}" for p in label_statistics[1].tolist())
           + f"; background regions {label_statistics[2]:.2f} (at every snapshot, mask_area, mask_parts and "
@@ -648,8 +652,9 @@ def build_parser():
                    help="ours: D_m also learns real images with another labeled image's mask as fakes, so that "
                         "it judges whether a mask fits its image (docs/mask-branch-stability.md)")
     g.add_argument("--dm-look-augment", action="store_true",
-                   help="ours, on trial: a random gamma, contrast, blur and noise alike for D_m's real and generated "
-                        "images, against a pool of another source than the labels (issue 36)")
+                   help="ours: a random gamma, contrast, blur and noise alike for D_m's real and generated images, "
+                        "so that an unlabeled pool of another source than the labels does not untie the masks from "
+                        "the images (docs/mask-branch-stability.md)")
     g.add_argument("--shared-fakes", action=argparse.BooleanOptionalAction, default=True,
                    help="one generator forward serves the D_r and the D_m step (the official code runs two)")
     g.add_argument("--pl-mean-sync", action=argparse.BooleanOptionalAction, default=True,

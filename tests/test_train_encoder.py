@@ -564,6 +564,7 @@ def test_the_bound_warning_fires_where_the_generators_masks_do_not_fit_its_image
         warning = train_encoder.bound_warning({f"val_{kind}": torch.tensor(val), f"own_{kind}": torch.tensor(own)})
         assert (warning is not None) == warned
         assert warning is None or warning.startswith(f"own_{kind} {own:.3f} against val_{kind} {val:.3f}")
+        assert warning is None or "--dm-look-augment" in warning  # the remedy measured for a pool of another source
     assert train_encoder.bound_warning({"val_dice": torch.tensor(0.9)}) is None  # --own-samples 0: nothing to compare
 
 

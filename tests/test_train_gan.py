@@ -348,6 +348,15 @@ def test_dm_look_augment_changes_the_images_d_m_sees_and_nothing_else(monkeypatc
         assert len(one_step.d_r_images) == 4  # D step real and fake, R1, G step
 
 
+def test_the_first_line_says_what_d_m_sees(tmp_path, capsys):
+    run(tmp_path / "plain", "--iter", "1")
+    assert "; D_m sees mask logits\n" in capsys.readouterr().out
+    run(tmp_path / "look", "--iter", "1", "--dm-mask", "probabilities", "--dm-look-augment")
+    assert "; D_m sees mask probabilities, the look augmented\n" in capsys.readouterr().out
+    run(tmp_path / "mismatched", "--iter", "1", "--dm-mismatched")
+    assert "; D_m sees mask logits, mismatched pairs\n" in capsys.readouterr().out
+
+
 def test_mismatched_partners_are_other_images_by_identity():
     assert train_gan.mismatched_partners(torch.tensor([5, 5, 7, 7])).tolist() == [3, 3, 1, 1]
     assert train_gan.mismatched_partners(torch.tensor([3, 4, 5, 6])).tolist() == [3, 0, 1, 2]  # rolled by one
@@ -773,7 +782,7 @@ def test_a_collapsed_mask_branch_is_logged_warned_of_and_the_run_goes_on(tmp_pat
                                                             for r in collapsed)
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2 and all("range (mask_area 0.00;" in w and "--dm-mask probabilities" in w
-                                      for w in warnings)  # no region at all: no area, and parts 0 are no excess
+                                      and "--dm-look-augment" in w for w in warnings)  # no region at all: no area, and parts 0 are no excess
     assert "at 0.0 kimg" in warnings[0]  # step 4 of batch 2: 0.008 kimg
 
 
