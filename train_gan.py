@@ -157,9 +157,9 @@ def mismatched_logits_for_the_log(D_m, images, masks):
 
 def look_augment(images, strength=1.0):
     """A random change of look per image, the same distribution for D_m's real and generated images (--dm-look-
-    augment, issue 36 part 3): gamma and contrast in 2**[-s, s], a Gaussian blur of up to s * R / 64
-    pixels and noise of up to 0.05 s (of the [0, 1] range), so that the look of the labeled images' source alone
-    cannot tell real pairs from generated ones. Images in [-1, 1], no gradient needed (D_m's images are detached)."""
+    augment, issue 36 part 3): gamma and contrast in 2**[-s, s], a Gaussian blur of up to s * R / 64 pixels and
+    noise of up to 0.05 s (of the [0, 1] range), so that the look of the labeled images' source alone cannot tell
+    real pairs from generated ones. Images in [-1, 1], no gradient needed (D_m's images are detached)."""
     B, C, H, W = images.shape
     x, u = (images.float() + 1) / 2, torch.rand(B, 4, 1, 1, 1, device=images.device)
     x = x.clamp(min=1e-4) ** (2 ** (strength * (2 * u[:, 0] - 1)))  # gamma

@@ -781,8 +781,9 @@ def test_a_collapsed_mask_branch_is_logged_warned_of_and_the_run_goes_on(tmp_pat
     assert [r["step"] for r in collapsed] == [4, 6] and all(r["mask_area"] == 0 and r["mask_parts"] == 0
                                                             for r in collapsed)
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    # no region at all: no area, and parts 0 are no excess; both remedies named
     assert len(warnings) == 2 and all("range (mask_area 0.00;" in w and "--dm-mask probabilities" in w
-                                      and "--dm-look-augment" in w for w in warnings)  # no region at all: no area, and parts 0 are no excess
+                                      and "--dm-look-augment" in w for w in warnings)
     assert "at 0.0 kimg" in warnings[0]  # step 4 of batch 2: 0.008 kimg
 
 
